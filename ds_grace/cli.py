@@ -1,0 +1,40 @@
+"""`ds-grace` command line. Each subcommand lives in ds_grace/commands/<name>.py with
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when invoked."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module under ds_grace.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check-config": ("check_config", "validate a ds_config.json and print the resolved grace block"),
+    "baseline": ("baseline", "run vanilla DeepSpeed-MoE inference on local ranks and print its table"),
+}
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the `selected` subcommand's module is imported for its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="ds-grace",
+        description="GRACE-MoE for DeepSpeed-MoE: plan, check and run locality-aware MoE inference.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module)
+        if name == selected:
+            importlib.import_module(f"ds_grace.commands.{module}").add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    selected = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(selected).parse_args(argv)
+    return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

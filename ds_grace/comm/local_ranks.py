@@ -1,0 +1,160 @@
+"""Run a function on N local gloo ranks: the test harness and `ds-grace selfcheck` use it.
+
+Each rank is a spawned process that joins a file-based rendezvous, initialises DeepSpeed's
+communication backend (gloo on CPU) and calls ``fn(ctx, *args)``. The parent enforces a hard
+timeout, kills every rank on the first failure and re-raises with the failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ds_grace.topology import Topology
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised, died or timed out."""
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int
+    topology: Topology
+    workdir: str
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    rank: int,
+    topology: Topology,
+    workdir: str,
+    collective_timeout_s: float,
+    results: Any,
+) -> None:
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(topology.local_rank_of(rank)),
+        "WORLD_SIZE": str(topology.world_size),
+        "LOCAL_SIZE": str(topology.gpus_per_node),
+        "CROSS_RANK": str(topology.node_of(rank)),
+        "CROSS_SIZE": str(topology.num_nodes),
+        "OMP_NUM_THREADS": "1",
+    }
+    os.environ.update(env)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend="gloo",
+            init_method=f"file://{Path(workdir) / 'rendezvous'}",
+            rank=rank,
+            world_size=topology.world_size,
+            timeout=timedelta(seconds=collective_timeout_s),
+            verbose=False,
+            auto_mpi_discovery=False,
+        )
+        value = fn(RankContext(rank=rank, topology=topology, workdir=workdir), *args)
+        results.put((rank, "ok", value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    *,
+    topology: Topology,
+    args: tuple[Any, ...] = (),
+    timeout_s: float = 180.0,
+    collective_timeout_s: float = 60.0,
+    workdir: str | os.PathLike[str] | None = None,
+) -> list[Any]:
+    """Call ``fn(RankContext, *args)`` on every rank of `topology`; return values by rank.
+
+    `fn` must be importable at module level (it is sent to spawned processes by reference).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    own_tmp = None
+    if workdir is None:
+        own_tmp = tempfile.TemporaryDirectory(prefix="ds_grace_ranks_")
+        workdir = own_tmp.name
+    workdir = str(workdir)
+    Path(workdir, "rendezvous").unlink(missing_ok=True)
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, args, rank, topology, workdir, collective_timeout_s, results),
+            daemon=True,
+        )
+        for rank in range(topology.world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    values: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(values) + len(errors) < len(procs):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(len(procs))) - values.keys() - errors.keys())
+                errors.setdefault(-1, f"timed out after {timeout_s:.0f} s waiting for ranks {missing}")
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if not p.is_alive()
+                    and r not in values
+                    and r not in errors
+                    and p.exitcode not in (0, None)
+                ]
+                for r in dead:
+                    errors[r] = f"rank {r} exited with code {procs[r].exitcode} without reporting"
+                continue
+            if status == "ok":
+                values[rank] = payload
+            else:
+                errors[rank] = payload
+                break
+    finally:
+        for proc in procs:
+            if errors:
+                proc.kill()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        if own_tmp is not None:
+            own_tmp.cleanup()
+    if errors:
+        details = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
+        raise RankFailure(f"{len(errors)} rank(s) failed on {topology}:\n{details}")
+    return [values[r] for r in range(len(procs))]

@@ -1,0 +1,1 @@
+"""Subcommands of `ds-grace`; see ds_grace/cli.py."""

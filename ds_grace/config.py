@@ -1,0 +1,235 @@
+"""The "grace" block of ds_config.json: schema, validation and loading.
+
+Modelled on DeepSpeed's own pydantic config models (unknown keys forbidden). Every validation
+error names the full field path, the offending value and the rule, e.g.
+``grace.grouping.ratio (1.7) must be in [0, 1]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ds_grace.topology import Topology
+
+GRACE_KEY = "grace"
+
+
+class GraceConfigError(ValueError):
+    """A grace block (or the ds_config holding it) is invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+
+Auto = Literal["auto"]
+
+
+class TopologyConfig(_Section):
+    num_nodes: int | Auto = Field("auto", description='Nodes in the expert-parallel group, or "auto".')
+    gpus_per_node: int | Auto = Field("auto", description='Ranks per node, or "auto" (launcher LOCAL_SIZE).')
+
+    @field_validator("num_nodes", "gpus_per_node")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError('must be an integer >= 1 or "auto"')
+        return value
+
+
+class ProfileConfig(_Section):
+    trace: str | None = Field(None, description="RoutingTrace file to plan from when no plan is given.")
+    tokens: int = Field(8192, ge=1, description="Calibration tokens to record when profiling.")
+
+
+class GroupingConfig(_Section):
+    enabled: bool = True
+    ratio: float | Auto = Field("auto", description='GPU-level size slack r in [0, 1], or "auto" (knee).')
+    affinity: Literal["intra", "intra+inter"] = "intra"
+    max_experts_per_gpu: int | None = Field(None, ge=1, description="Memory cap: expert slots per GPU.")
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0.0 <= value <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return value
+
+
+class OnlineReplicationConfig(_Section):
+    enabled: bool = False
+    interval: int = Field(64, ge=1, description="Forward passes between load aggregations.")
+    threshold: float = Field(0.85, gt=0.0, le=1.0, description="Re-plan when balancedness falls below.")
+    window: int = Field(4, ge=1, description="Intervals of history the re-planner looks at.")
+    max_bytes_per_interval: int | None = Field(None, ge=0, description="Cap on replica bytes moved.")
+
+
+class ReplicationConfig(_Section):
+    enabled: bool = True
+    mode: Literal["paper", "budget"] = "budget"
+    extra_slots_per_gpu: int = Field(1, ge=0, description="Replica slots per GPU (budget mode).")
+    online: OnlineReplicationConfig = OnlineReplicationConfig()
+
+
+class RoutingConfig(_Section):
+    policy: Literal["tar", "wrr", "primary"] = "tar"
+
+
+class CommunicationConfig(_Section):
+    hierarchical: bool = True
+    dedup: bool = True
+    timeout_s: float = Field(300.0, gt=0.0, description="Collective timeout; a lost rank fails fast.")
+
+
+class PlanConfig(_Section):
+    path: str | None = Field(None, description="A saved GracePlan (JSON) to serve with.")
+
+
+class VanillaConfig(_Section):
+    """How the vanilla DeepSpeed-MoE comparison runs (used when grace.enabled is false)."""
+
+    drop_tokens: bool = Field(False, description="DeepSpeed's capacity-based dropping (lossy) or lossless.")
+    eval_capacity_factor: float = Field(1.0, gt=0.0, description="DeepSpeed's capacity factor at eval.")
+    min_capacity: int = Field(4, ge=0)
+
+
+class GraceConfig(_Section):
+    enabled: bool = True
+    topology: TopologyConfig = TopologyConfig()
+    profile: ProfileConfig = ProfileConfig()
+    grouping: GroupingConfig = GroupingConfig()
+    replication: ReplicationConfig = ReplicationConfig()
+    routing: RoutingConfig = RoutingConfig()
+    communication: CommunicationConfig = CommunicationConfig()
+    plan: PlanConfig = PlanConfig()
+    vanilla: VanillaConfig = VanillaConfig()
+
+    @model_validator(mode="after")
+    def _contradictions(self) -> GraceConfig:
+        if self.communication.hierarchical and not self.communication.dedup:
+            raise _Contradiction(
+                "grace.communication.dedup (false) must be true when grace.communication.hierarchical "
+                "is true: the hierarchical path sends each token once per node by construction"
+            )
+        if self.replication.online.enabled and not self.replication.enabled:
+            raise _Contradiction(
+                "grace.replication.online.enabled (true) requires grace.replication.enabled to be true"
+            )
+        if not self.grouping.enabled and self.grouping.ratio != "auto":
+            raise _Contradiction(
+                f"grace.grouping.ratio ({self.grouping.ratio}) is set but grace.grouping.enabled is false"
+            )
+        if (
+            self.replication.mode == "budget"
+            and self.replication.enabled
+            and self.replication.extra_slots_per_gpu == 0
+        ):
+            raise _Contradiction(
+                "grace.replication.extra_slots_per_gpu (0) must be >= 1 in budget mode while replication "
+                "is enabled; set grace.replication.enabled to false for no replicas"
+            )
+        return self
+
+    def resolve_topology(self, *, world_size: int, env: Mapping[str, str] | None = None) -> Topology:
+        """Fill "auto" fields from the launcher environment and check them against world_size.
+
+        DeepSpeed's launcher exports LOCAL_SIZE (ranks on this node) and CROSS_SIZE (nodes).
+        """
+        env = os.environ if env is None else env
+        gpus = self.topology.gpus_per_node
+        nodes = self.topology.num_nodes
+        if gpus == "auto":
+            if "LOCAL_SIZE" in env:
+                gpus = int(env["LOCAL_SIZE"])
+            elif nodes != "auto":
+                gpus = world_size // nodes if world_size % nodes == 0 else 0
+            else:
+                gpus = world_size
+        if nodes == "auto":
+            nodes = int(env["CROSS_SIZE"]) if "CROSS_SIZE" in env else (world_size // gpus if gpus else 0)
+        if nodes * gpus != world_size:
+            raise GraceConfigError(
+                f"grace.topology.num_nodes ({self.topology.num_nodes} -> {nodes}) x "
+                f"grace.topology.gpus_per_node ({self.topology.gpus_per_node} -> {gpus}) must equal the "
+                f"expert-parallel world size ({world_size})"
+            )
+        return Topology(num_nodes=nodes, gpus_per_node=gpus)
+
+
+class _Contradiction(ValueError):
+    """Raised inside model validation; its message is already complete."""
+
+
+def _format_error(error: Mapping[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))]
+    loc = [part for part in loc if part not in ("int", "float", "str", "bool", "dict")]
+    path = ".".join([GRACE_KEY, *loc]) if loc else GRACE_KEY
+    value = error.get("input")
+    shown = json.dumps(value) if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+    ctx_error = error.get("ctx", {}).get("error")
+    if isinstance(ctx_error, _Contradiction):
+        return str(ctx_error)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{path} ({shown}) is not a known field"
+    if kind == "missing":
+        return f"{path} is required"
+    message = str(ctx_error) if ctx_error is not None else error["msg"]
+    message = message.removeprefix("Value error, ")
+    if message.startswith("Input should be"):
+        message = "must be" + message[len("Input should be") :]
+    return f"{path} ({shown}) {message}"
+
+
+def _join_errors(exc: ValidationError) -> str:
+    """One message per field; alternatives of a union are joined with "or"."""
+    by_field: dict[str, list[str]] = {}
+    for err in exc.errors():
+        message = _format_error(err)
+        head, sep, rule = message.partition(") ")
+        key = head + sep if sep else message
+        rules = by_field.setdefault(key, [])
+        if rule and rule not in rules:
+            rules.append(rule)
+    return "; ".join(key + " or ".join(rules) if rules else key for key, rules in sorted(by_field.items()))
+
+
+def parse_grace_block(block: Any) -> GraceConfig:
+    if block is None:
+        return GraceConfig(enabled=False)
+    if not isinstance(block, Mapping):
+        raise GraceConfigError(f"grace ({block!r}) must be a JSON object")
+    try:
+        return GraceConfig.model_validate(dict(block))
+    except ValidationError as exc:
+        raise GraceConfigError(_join_errors(exc)) from None
+
+
+def load_ds_config(
+    path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+) -> tuple[dict[str, Any], GraceConfig]:
+    """Split a ds_config into (DeepSpeed config without "grace", validated GraceConfig).
+
+    A config with no "grace" block gives GraceConfig(enabled=False): vanilla DeepSpeed-MoE.
+    """
+    if isinstance(path_or_dict, Mapping):
+        ds_config = copy.deepcopy(dict(path_or_dict))
+    else:
+        path = Path(path_or_dict)
+        try:
+            ds_config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise GraceConfigError(f"ds_config file ({path}) does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise GraceConfigError(f"ds_config file ({path}) is not valid JSON: {exc}") from None
+        if not isinstance(ds_config, dict):
+            raise GraceConfigError(f"ds_config file ({path}) must hold a JSON object")
+    grace = parse_grace_block(ds_config.pop(GRACE_KEY, None))
+    return ds_config, grace

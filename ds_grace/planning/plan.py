@@ -1,0 +1,276 @@
+"""GracePlan: where every expert instance lives and how tokens pick one.
+
+Shape legend: L layers, E logical experts, R ranks (GPUs), S slots per rank (padded), I instances.
+
+A LayerPlan is the placement of one MoE layer:
+- ``slots[r]``: expert ids hosted by rank r, in local slot order (slot2expert per rank);
+- ``slot_weights[r]``: the WRR weight of each of those instances (> 0);
+- ``primary[e]``: the rank holding expert e's primary (grouping) instance; the others are replicas.
+
+Plans are plain data: building them is the planners' job (pure functions), applying them is the
+runtime's. JSON is the file format; ``content_hash`` identifies a plan across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ds_grace.topology import Topology
+
+PLAN_FORMAT_VERSION = 1
+RoutingPolicy = Literal["tar", "wrr", "primary"]
+
+
+class PlanError(ValueError):
+    """A plan is malformed or does not fit the topology it is used with."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    slots: tuple[tuple[int, ...], ...]
+    slot_weights: tuple[tuple[float, ...], ...]
+    primary: tuple[int, ...]
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        slots: list[list[int]],
+        primary: list[int],
+        slot_weights: list[list[float]] | None = None,
+    ) -> LayerPlan:
+        if slot_weights is None:
+            slot_weights = [[1.0] * len(s) for s in slots]
+        return cls(
+            slots=tuple(tuple(int(e) for e in s) for s in slots),
+            slot_weights=tuple(tuple(float(w) for w in ws) for ws in slot_weights),
+            primary=tuple(int(r) for r in primary),
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.primary)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.slots)
+
+    def instances(self, expert: int) -> tuple[int, ...]:
+        """Ranks hosting `expert`, primary first, then replicas by rank."""
+        hosts = [r for r, s in enumerate(self.slots) if expert in s and r != self.primary[expert]]
+        return (self.primary[expert], *hosts)
+
+    def instance_weights(self, expert: int) -> tuple[float, ...]:
+        """WRR weight of each instance, in the order of `instances(expert)`."""
+        return tuple(self.slot_weights[r][self.slots[r].index(expert)] for r in self.instances(expert))
+
+    def log2phy(self) -> list[list[int]]:
+        return [list(self.instances(e)) for e in range(self.num_experts)]
+
+    def replica_count(self) -> int:
+        return sum(len(s) for s in self.slots) - self.num_experts
+
+    def validate(self, *, where: str = "layer") -> None:
+        num_experts = self.num_experts
+        if len(self.slot_weights) != len(self.slots):
+            raise PlanError(
+                f"{where}.slot_weights has {len(self.slot_weights)} ranks, slots has {len(self.slots)}"
+            )
+        seen = np.zeros(num_experts, dtype=bool)
+        for rank, (experts, weights) in enumerate(zip(self.slots, self.slot_weights)):
+            if len(experts) != len(weights):
+                raise PlanError(
+                    f"{where}.slot_weights[{rank}] has {len(weights)} entries, slots[{rank}] has {len(experts)}"
+                )
+            if len(set(experts)) != len(experts):
+                raise PlanError(f"{where}.slots[{rank}] ({list(experts)}) hosts an expert twice")
+            for e in experts:
+                if not 0 <= e < num_experts:
+                    raise PlanError(f"{where}.slots[{rank}] expert id ({e}) must be in [0, {num_experts})")
+                seen[e] = True
+            for w in weights:
+                if not (w > 0 and np.isfinite(w)):
+                    raise PlanError(f"{where}.slot_weights[{rank}] weight ({w}) must be finite and > 0")
+        missing = np.flatnonzero(~seen).tolist()
+        if missing:
+            raise PlanError(f"{where}: experts {missing} have no instance; every expert needs >= 1")
+        for e, r in enumerate(self.primary):
+            if not 0 <= r < len(self.slots) or e not in self.slots[r]:
+                raise PlanError(f"{where}.primary[{e}] ({r}) must be a rank whose slots hold expert {e}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slots": [list(s) for s in self.slots],
+            "slot_weights": [list(w) for w in self.slot_weights],
+            "primary": list(self.primary),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        return cls.from_lists(
+            slots=data["slots"], primary=data["primary"], slot_weights=data.get("slot_weights")
+        )
+
+
+@dataclass(frozen=True)
+class GracePlan:
+    topology: Topology
+    layers: tuple[LayerPlan, ...]
+    policy: str = "grace"
+    trace_fingerprint: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].num_experts if self.layers else 0
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise PlanError("plan.layers is empty; a plan needs >= 1 MoE layer")
+        for i, layer in enumerate(self.layers):
+            if layer.num_ranks != self.topology.world_size:
+                raise PlanError(
+                    f"plan.layers[{i}] places experts on {layer.num_ranks} ranks but the plan's topology "
+                    f"({self.topology}) has {self.topology.world_size}"
+                )
+            layer.validate(where=f"plan.layers[{i}]")
+
+    def check_compatible(
+        self, *, topology: Topology, num_layers: int | None = None, num_experts: int | None = None
+    ) -> None:
+        """Raise PlanError unless this plan fits the model and cluster it is about to serve."""
+        if topology != self.topology:
+            raise PlanError(
+                f"plan topology ({self.topology}) does not match the cluster topology ({topology}); "
+                "re-plan for this cluster with `ds-grace plan`"
+            )
+        if num_layers is not None and num_layers != self.num_layers:
+            raise PlanError(f"plan has {self.num_layers} MoE layers but the model has {num_layers}")
+        if num_experts is not None and num_experts != self.num_experts:
+            raise PlanError(f"plan has {self.num_experts} experts per layer but the model has {num_experts}")
+
+    def content_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": PLAN_FORMAT_VERSION,
+            "topology": {"num_nodes": self.topology.num_nodes, "gpus_per_node": self.topology.gpus_per_node},
+            "policy": self.policy,
+            "trace_fingerprint": self.trace_fingerprint,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @property
+    def content_hash(self) -> str:
+        canonical = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.content_dict(), "meta": self.meta, "content_hash": self.content_hash}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GracePlan:
+        version = data.get("format_version")
+        if version != PLAN_FORMAT_VERSION:
+            raise PlanError(f"plan format_version ({version!r}) must be {PLAN_FORMAT_VERSION}")
+        try:
+            topo = Topology(**data["topology"])
+            plan = cls(
+                topology=topo,
+                layers=tuple(LayerPlan.from_dict(d) for d in data["layers"]),
+                policy=data.get("policy", "grace"),
+                trace_fingerprint=data.get("trace_fingerprint"),
+                meta=data.get("meta", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"plan file is missing or has a malformed field: {exc!r}") from exc
+        stored = data.get("content_hash")
+        if stored is not None and stored != plan.content_hash:
+            raise PlanError(f"plan content_hash ({stored}) does not match its content ({plan.content_hash})")
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> GracePlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise PlanError(f"plan file ({path}) does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file ({path}) is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_eplb(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Export in DeepSeek EPLB's form: (phy2log_LP, log2phy_LEI, logcnt_LE).
+
+        Physical slot p = rank * S + local slot, with S the largest slot count of any rank in any
+        layer; ranks with fewer slots are padded with -1 in phy2log. log2phy lists the physical
+        slot ids of each expert's instances (primary first), padded with -1 to the largest count.
+        """
+        max_slots = max(len(s) for layer in self.layers for s in layer.slots)
+        max_inst = max(len(layer.instances(e)) for layer in self.layers for e in range(layer.num_experts))
+        num_ranks = self.topology.world_size
+        phy2log = np.full((self.num_layers, num_ranks * max_slots), -1, dtype=np.int64)
+        log2phy = np.full((self.num_layers, self.num_experts, max_inst), -1, dtype=np.int64)
+        logcnt = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+        for li, layer in enumerate(self.layers):
+            for rank, experts in enumerate(layer.slots):
+                for slot, e in enumerate(experts):
+                    phy2log[li, rank * max_slots + slot] = e
+            for e in range(layer.num_experts):
+                phys = [r * max_slots + layer.slots[r].index(e) for r in layer.instances(e)]
+                log2phy[li, e, : len(phys)] = phys
+                logcnt[li, e] = len(phys)
+        return phy2log, log2phy, logcnt
+
+
+def route_table(layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate instances per (origin rank, expert) and their cumulative choice probabilities.
+
+    Returns (cand_rank_REI, cand_cdf_REI): for a token on origin rank g that chose expert e, the
+    instance on rank cand_rank_REI[g, e, j] is used with probability cdf[j] - cdf[j-1]. Padding
+    entries have rank -1 and cdf 1.0 (never chosen). Policies:
+    - "tar": own rank if it hosts e; else instances on g's node by WRR weight; else all by weight;
+    - "wrr": all instances by WRR weight, ignoring locality;
+    - "primary": always the primary instance (no replica is used).
+    """
+    if policy not in ("tar", "wrr", "primary"):
+        raise ValueError(f"grace.routing.policy ({policy!r}) must be one of 'tar', 'wrr', 'primary'")
+    num_ranks, num_experts = topology.world_size, layer.num_experts
+    insts = [layer.instances(e) for e in range(num_experts)]
+    weights = [layer.instance_weights(e) for e in range(num_experts)]
+    max_inst = max(len(i) for i in insts)
+    cand_rank = np.full((num_ranks, num_experts, max_inst), -1, dtype=np.int64)
+    cand_cdf = np.ones((num_ranks, num_experts, max_inst), dtype=np.float64)
+    for g in range(num_ranks):
+        node = topology.node_of(g)
+        for e in range(num_experts):
+            if policy == "primary":
+                chosen = [(insts[e][0], 1.0)]
+            elif policy == "wrr":
+                chosen = list(zip(insts[e], weights[e]))
+            elif g in insts[e]:
+                chosen = [(g, 1.0)]
+            else:
+                pairs = list(zip(insts[e], weights[e]))
+                local = [(r, w) for r, w in pairs if topology.node_of(r) == node]
+                chosen = local or pairs
+            total = sum(w for _, w in chosen)
+            cdf = np.cumsum([w / total for _, w in chosen])
+            cdf[-1] = 1.0
+            cand_rank[g, e, : len(chosen)] = [r for r, _ in chosen]
+            cand_cdf[g, e, : len(chosen)] = cdf
+    return cand_rank, cand_cdf
