@@ -139,6 +139,8 @@ def run_on_ranks(
                 ]
                 for r in dead:
                     errors[r] = f"rank {r} exited with code {procs[r].exitcode} without reporting"
+                if dead:
+                    break
                 continue
             if status == "ok":
                 values[rank] = payload

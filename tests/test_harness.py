@@ -1,0 +1,104 @@
+"""ds_grace.comm.local_ranks.run_on_ranks: results by rank, and every way a rank can fail."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from ds_grace.comm.local_ranks import RankContext, RankFailure, run_on_ranks
+from ds_grace.topology import Topology
+
+pytestmark = pytest.mark.multirank
+
+OTHER_RANKS_SLEEP_S = 120.0
+
+
+def _describe_rank(ctx: RankContext) -> dict[str, object]:
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([ctx.rank + 1])
+    dist.all_reduce(total)
+    return {
+        "rank": ctx.rank,
+        "dist_rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "local_rank": int(os.environ["LOCAL_RANK"]),
+        "node": int(os.environ["CROSS_RANK"]),
+        "local_size": int(os.environ["LOCAL_SIZE"]),
+        "sum_of_rank_plus_one": int(total.item()),
+        "pid": os.getpid(),
+    }
+
+
+def _raise_on_rank_one(ctx: RankContext) -> int:
+    if ctx.rank == 1:
+        raise ValueError("rank 1 refuses: sentinel-42")
+    time.sleep(OTHER_RANKS_SLEEP_S)
+    return ctx.rank
+
+
+def _hang_on_rank_one(ctx: RankContext) -> int:
+    if ctx.rank == 1:
+        time.sleep(3600)
+    return ctx.rank
+
+
+def _die_on_rank_one(ctx: RankContext) -> int:
+    if ctx.rank == 1:
+        os._exit(7)
+    time.sleep(OTHER_RANKS_SLEEP_S)
+    return ctx.rank
+
+
+def test_results_come_back_by_rank_with_comm_initialised():
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    results = run_on_ranks(_describe_rank, topology=topology, timeout_s=120)
+    assert [r["rank"] for r in results] == [0, 1, 2, 3]
+    assert [r["dist_rank"] for r in results] == [0, 1, 2, 3]
+    assert [r["world_size"] for r in results] == [4, 4, 4, 4]
+    assert [r["local_rank"] for r in results] == [0, 1, 0, 1]
+    assert [r["node"] for r in results] == [0, 0, 1, 1]
+    assert [r["local_size"] for r in results] == [2, 2, 2, 2]
+    assert [r["sum_of_rank_plus_one"] for r in results] == [10, 10, 10, 10]
+    assert len({r["pid"] for r in results}) == 4 and os.getpid() not in {r["pid"] for r in results}
+
+
+def test_raising_rank_traceback_reaches_parent_and_stops_the_others():
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as excinfo:
+        run_on_ranks(_raise_on_rank_one, topology=Topology(num_nodes=1, gpus_per_node=2), timeout_s=180)
+    elapsed = time.monotonic() - start
+    message = str(excinfo.value)
+    assert "1 rank(s) failed on 1 nodes x 2 GPUs" in message
+    assert "--- rank 1 ---" in message
+    assert "Traceback (most recent call last)" in message
+    assert "in _raise_on_rank_one" in message
+    assert "ValueError: rank 1 refuses: sentinel-42" in message
+    # rank 0 sleeps OTHER_RANKS_SLEEP_S; it must have been killed, not waited for
+    assert elapsed < OTHER_RANKS_SLEEP_S / 2, f"took {elapsed:.1f} s"
+
+
+def test_hanging_rank_hits_the_hard_timeout():
+    timeout_s = 10
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as excinfo:
+        run_on_ranks(_hang_on_rank_one, topology=Topology(num_nodes=1, gpus_per_node=2), timeout_s=timeout_s)
+    elapsed = time.monotonic() - start
+    message = str(excinfo.value)
+    assert re.search(r"timed out after 10 s waiting for ranks \[(0, )?1\]", message), message
+    assert timeout_s <= elapsed < timeout_s + 20, f"took {elapsed:.1f} s"
+
+
+def test_dying_rank_is_reported_with_its_exit_code():
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as excinfo:
+        run_on_ranks(_die_on_rank_one, topology=Topology(num_nodes=1, gpus_per_node=2), timeout_s=180)
+    elapsed = time.monotonic() - start
+    message = str(excinfo.value)
+    assert "--- rank 1 ---" in message
+    assert "rank 1 exited with code 7 without reporting" in message
+    assert elapsed < OTHER_RANKS_SLEEP_S / 2, f"took {elapsed:.1f} s"
