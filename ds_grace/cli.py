@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("check_config", "validate a ds_config.json and print the resolved grace block"),
     "baseline": ("baseline", "run vanilla DeepSpeed-MoE inference on local ranks and print its table"),
+    "selfcheck": ("selfcheck", "check GRACE's runtime for lossless parity on local gloo ranks"),
 }
 
 

@@ -1,0 +1,120 @@
+"""Traffic counters of one MoE layer: rows and bytes per stage, inside and across nodes.
+
+Stages, in the order they run:
+- "sizes": the row-count exchange that precedes the payload (one message per peer);
+- hierarchical: "dispatch.stage1" (cross-node, to the peer GPU of each remote node),
+  "dispatch.stage2" (inside the node), "combine.stage2", "combine.stage1";
+- flat: "dispatch", "combine".
+A row is one token's hidden vector (plus its route metadata in dispatch); bytes count the payload
+as sent. Rows a rank sends to itself never touch a link and are not counted. "expert_rows" counts,
+per local slot, the routes the rank's experts computed (its live expert load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ds_grace.topology import Topology
+
+
+@dataclass
+class StageTraffic:
+    rows_sent_intra: int = 0
+    rows_sent_inter: int = 0
+    rows_recv_intra: int = 0
+    rows_recv_inter: int = 0
+    bytes_sent_intra: int = 0
+    bytes_sent_inter: int = 0
+    bytes_recv_intra: int = 0
+    bytes_recv_inter: int = 0
+
+    def add(self, other: StageTraffic) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class TrafficCounters:
+    """Accumulates over forwards until ``reset()``; ``snapshot()`` gives plain data."""
+
+    stages: dict[str, StageTraffic] = field(default_factory=dict)
+    expert_rows: list[int] = field(default_factory=list)
+    forwards: int = 0
+
+    def record_exchange(
+        self,
+        stage: str,
+        *,
+        send_rows: Sequence[int],
+        recv_rows: Sequence[int],
+        peer_ep_ranks: Sequence[int],
+        ep_index: int,
+        topology: Topology,
+        bytes_per_row: int,
+    ) -> None:
+        """Add one all-to-all: send_rows[i] / recv_rows[i] rows to / from EP rank peer_ep_ranks[i]."""
+        traffic = self.stages.setdefault(stage, StageTraffic())
+        my_node = topology.node_of(ep_index)
+        for sent, received, peer in zip(send_rows, recv_rows, peer_ep_ranks):
+            if peer == ep_index:
+                continue
+            scope = "intra" if topology.node_of(peer) == my_node else "inter"
+            for direction, rows in (("sent", sent), ("recv", received)):
+                name = f"{direction}_{scope}"
+                setattr(traffic, f"rows_{name}", getattr(traffic, f"rows_{name}") + int(rows))
+                setattr(
+                    traffic, f"bytes_{name}", getattr(traffic, f"bytes_{name}") + int(rows) * bytes_per_row
+                )
+
+    def record_expert_rows(self, rows_per_slot: Sequence[int]) -> None:
+        if len(self.expert_rows) < len(rows_per_slot):
+            self.expert_rows.extend([0] * (len(rows_per_slot) - len(self.expert_rows)))
+        for slot, rows in enumerate(rows_per_slot):
+            self.expert_rows[slot] += int(rows)
+
+    def total(self, *, include_sizes: bool = False) -> StageTraffic:
+        out = StageTraffic()
+        for name, traffic in self.stages.items():
+            if include_sizes or name != "sizes":
+                out.add(traffic)
+        return out
+
+    def reset(self) -> None:
+        self.stages.clear()
+        self.expert_rows.clear()
+        self.forwards = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "forwards": self.forwards,
+            "stages": {name: traffic.as_dict() for name, traffic in self.stages.items()},
+            "expert_rows": list(self.expert_rows),
+            "total": self.total().as_dict(),
+        }
+
+
+def iter_counters(module: nn.Module) -> Iterator[tuple[str, TrafficCounters]]:
+    """(module name, counters) of every submodule that owns GRACE traffic counters."""
+    seen: set[int] = set()
+    for name, sub in module.named_modules():
+        counters = getattr(sub, "comm_counters", None)
+        if isinstance(counters, TrafficCounters) and id(counters) not in seen:
+            seen.add(id(counters))
+            yield name, counters
+
+
+def collect_counters(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Snapshots of all GRACE layers under `module`, keyed by module name."""
+    return {name: counters.snapshot() for name, counters in iter_counters(module)}
+
+
+def reset_counters(module: nn.Module) -> None:
+    for _, counters in iter_counters(module):
+        counters.reset()

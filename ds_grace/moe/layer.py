@@ -1,0 +1,465 @@
+"""GraceMoE: a drop-in deepspeed.moe.layer.MoE that serves one layer of a GracePlan.
+
+Shape legend: T tokens, D hidden, K top-k, E experts, Q routes computed on this rank.
+
+What DeepSpeed relies on stays in place: ``isinstance(m, MoE)``, the attributes ``deepspeed_moe``
+(a MOELayer subclass), ``deepspeed_moe.gate`` (a TopKGate subclass with ``wg``),
+``deepspeed_moe.experts.deepspeed_experts``, ``expert_group_name``, ``num_experts``,
+``num_local_experts`` (this rank's slot count; ranks may differ), expert parameters tagged
+``allreduce=False`` / ``group_name``, and ``forward`` returning ``(output, l_aux, exp_counts)``.
+
+What changes: the gate never drops or pads (any token count, including zero); each route picks an
+instance of its expert by the plan (TAR / WRR / primary, ds_grace.routing); tokens travel by the
+sparse flat or hierarchical all-to-all (ds_grace.comm.all_to_all); each slot's expert runs once on
+exactly its rows. For inference: the all-to-alls carry no gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer, TopKGate
+from torch import nn
+from torch.nn import functional as F
+
+from ds_grace.comm.all_to_all import combine, dispatch, redistribute_expert_tensors
+from ds_grace.comm.counters import TrafficCounters
+from ds_grace.comm.groups import GraceGroups, create_grace_groups
+from ds_grace.config import GraceConfig
+from ds_grace.moe.experts import GraceExperts, copy_slot_modules
+from ds_grace.moe.gate import GraceGate
+from ds_grace.planning.plan import LayerPlan, RoutingPolicy
+from ds_grace.routing import RouteTable, check_topk_ids, choose_instances
+from ds_grace.topology import Topology
+
+_POLICIES = ("tar", "wrr", "primary")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The runtime part of the grace config (routing policy, communication mode, timeout)."""
+
+    policy: RoutingPolicy = "tar"
+    hierarchical: bool = True
+    dedup: bool = True
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in _POLICIES:
+            raise ValueError(f"grace.routing.policy ({self.policy!r}) must be one of {', '.join(_POLICIES)}")
+        if self.hierarchical and not self.dedup:
+            raise ValueError(
+                "grace.communication.dedup (false) must be true when grace.communication.hierarchical is true"
+            )
+        if not self.timeout_s > 0:
+            raise ValueError(f"grace.communication.timeout_s ({self.timeout_s}) must be > 0")
+
+    @classmethod
+    def from_config(cls, config: GraceConfig) -> RuntimeOptions:
+        return cls(
+            policy=config.routing.policy,
+            hierarchical=config.communication.hierarchical,
+            dedup=config.communication.dedup,
+            timeout_s=config.communication.timeout_s,
+        )
+
+
+class GraceMOELayer(MOELayer):
+    """DeepSpeed's MOELayer with GRACE routing and sparse dispatch/combine.
+
+    Like DeepSpeed's, ``forward`` leaves the gate's ``l_aux`` and ``exp_counts`` on the module
+    (MoE.forward returns them); all dispatch state lives in the frozen DispatchMeta of one call.
+    """
+
+    def __init__(
+        self,
+        gate: GraceGate,
+        experts: GraceExperts,
+        *,
+        layer_plan: LayerPlan,
+        topology: Topology,
+        ep_index: int,
+        expert_group_name: str,
+        options: RuntimeOptions,
+    ) -> None:
+        super().__init__(gate, experts, expert_group_name, topology.world_size, experts.num_local_experts)
+        self.layer_plan = layer_plan
+        self.topology = topology
+        self.ep_index = ep_index
+        self.options = options
+        self.comm_counters = TrafficCounters()
+        self.grace_groups: GraceGroups | None = None
+        self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
+        self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, topology, options.policy)}
+
+    def set_grace_groups(self, groups: GraceGroups) -> None:
+        if groups.topology != self.topology or groups.ep_index != self.ep_index:
+            raise ValueError(
+                f"groups (topology {groups.topology}, ep_index {groups.ep_index}) do not match this layer "
+                f"(topology {self.topology}, ep_index {self.ep_index})"
+            )
+        self.grace_groups = groups
+
+    def _set_ep_group(self, ep_group: Any) -> None:
+        # DeepSpeed's own wiring hook: kept for its bookkeeping; GRACE traffic uses grace_groups.
+        self.ep_group = ep_group
+
+    def groups(self) -> GraceGroups:
+        """This layer's groups; created (collectively, cached) on first use if none were set."""
+        groups = self.grace_groups
+        if groups is None:
+            groups = create_grace_groups(
+                self.topology,
+                timeout_s=self.options.timeout_s,
+                ep_rank_lists=_ds_ep_rank_lists(self.topology),
+            )
+            self.set_grace_groups(groups)
+        return groups
+
+    def route_table(self, device: torch.device) -> RouteTable:
+        if device not in self._tables:
+            self._tables[device] = self._tables[torch.device("cpu")].to(device)
+        return self._tables[device]
+
+    def forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden_states = input[0]
+        used_token = input[1] if len(input) > 1 else None
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routing = self.gate(x_TD, used_token)
+        self.l_aux, self.exp_counts = routing.l_aux, routing.exp_counts_E
+        y_TD = self.forward_routed(x_TD, routing.topk_ids_TK, routing.topk_weights_TK)
+        return y_TD.reshape(hidden_states.shape)
+
+    def forward_routed(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        *,
+        route_offset: int = 0,
+    ) -> torch.Tensor:
+        """y_TD = sum_k topk_weights_TK[:, k] * expert[topk_ids_TK[:, k]](x_TD), over the plan's instances.
+
+        Ids of -1 mark routes not taken. Collective: every rank of the EP group must call it
+        (with its own tokens, possibly none). route_offset shifts the instance-choice sequence.
+        """
+        if x_TD.dim() != 2:
+            raise ValueError(f"x_TD (shape {tuple(x_TD.shape)}) must be 2-D [tokens, hidden]")
+        if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
+            raise ValueError(
+                f"topk_ids_TK (shape {tuple(topk_ids_TK.shape)}) must be [tokens={x_TD.shape[0]}, k]"
+            )
+        if topk_weights_TK.shape != topk_ids_TK.shape:
+            raise ValueError(
+                f"topk_weights_TK (shape {tuple(topk_weights_TK.shape)}) must match topk_ids_TK "
+                f"({tuple(topk_ids_TK.shape)})"
+            )
+        check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
+        table = self.route_table(x_TD.device)
+        rank_TK, slot_TK = choose_instances(
+            table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
+        )
+        groups = self.groups()
+        x_QD, meta = dispatch(
+            x_TD,
+            rank_TK,
+            slot_TK,
+            topk_weights_TK.to(x_TD.device),
+            groups=groups,
+            slot_stride=self._slot_stride,
+            num_local_slots=self.num_local_experts,
+            hierarchical=self.options.hierarchical,
+            dedup=self.options.dedup,
+            counters=self.comm_counters,
+        )
+        expert_out_QD = self.experts(x_QD, meta.slot_splits)
+        return combine(expert_out_QD, meta, groups=groups, counters=self.comm_counters)
+
+
+class GraceMoE(MoE):
+    """One MoE layer served by GRACE on this rank (EP index ``ep_index``) of `topology`."""
+
+    def __init__(
+        self,
+        *,
+        gate: GraceGate,
+        slot_modules: Sequence[nn.Module],
+        layer_plan: LayerPlan,
+        topology: Topology,
+        ep_index: int,
+        options: RuntimeOptions | None = None,
+        residual: tuple[nn.Module, nn.Linear] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        _check_plan(layer_plan, topology, num_experts=gate.num_experts)
+        if not 0 <= ep_index < topology.world_size:
+            raise ValueError(f"ep_index ({ep_index}) must be in [0, {topology.world_size})")
+        slots = layer_plan.slots[ep_index]
+        if len(slot_modules) != len(slots):
+            raise ValueError(
+                f"slot_modules has {len(slot_modules)} modules but the plan gives EP rank {ep_index} "
+                f"{len(slots)} slots ({list(slots)})"
+            )
+        options = options if options is not None else RuntimeOptions()
+        self.use_residual = residual is not None
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = topology.world_size
+        self.expert_group_name = f"ep_size_{self.ep_size}"
+        self.num_experts = layer_plan.num_experts
+        self.num_local_experts = len(slots)
+        experts = GraceExperts(slot_modules, slot2expert=slots, expert_group_name=self.expert_group_name)
+        self.deepspeed_moe = GraceMOELayer(
+            gate,
+            experts,
+            layer_plan=layer_plan,
+            topology=topology,
+            ep_index=ep_index,
+            expert_group_name=self.expert_group_name,
+            options=options,
+        )
+        if residual is not None:
+            self.mlp, self.coefficient = residual
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: Sequence[nn.Module],
+        *,
+        hidden_size: int,
+        k: int,
+        layer_plan: LayerPlan,
+        topology: Topology,
+        ep_index: int | None = None,
+        gate_weight: torch.Tensor | None = None,
+        options: RuntimeOptions | None = None,
+    ) -> GraceMoE:
+        """From the full list of E logical experts (every rank passes the same list).
+
+        Each slot of this rank gets its own deep copy of its expert. gate_weight ([E, hidden],
+        optional) initialises the gate; forward_routed does not use the gate.
+        """
+        if len(experts) != layer_plan.num_experts:
+            raise ValueError(
+                f"experts has {len(experts)} modules but the plan has {layer_plan.num_experts} experts"
+            )
+        ep_index = resolve_ep_index(ep_index, topology)
+        gate = GraceGate(hidden_size, layer_plan.num_experts, k)
+        if gate_weight is not None:
+            if tuple(gate_weight.shape) != (layer_plan.num_experts, hidden_size):
+                raise ValueError(
+                    f"gate_weight (shape {tuple(gate_weight.shape)}) must be [num_experts={layer_plan.num_experts}, "
+                    f"hidden_size={hidden_size}]"
+                )
+            gate.wg.to(device=gate_weight.device, dtype=gate_weight.dtype)
+            with torch.no_grad():
+                gate.wg.weight.copy_(gate_weight)
+        _check_plan(layer_plan, topology, num_experts=len(experts))
+        slot_modules = copy_slot_modules(experts, layer_plan.slots[ep_index])
+        return cls(
+            gate=gate,
+            slot_modules=slot_modules,
+            layer_plan=layer_plan,
+            topology=topology,
+            ep_index=ep_index,
+            options=options,
+        )
+
+    @classmethod
+    def from_deepspeed(
+        cls,
+        moe: MoE,
+        *,
+        layer_plan: LayerPlan,
+        topology: Topology,
+        ep_index: int | None = None,
+        options: RuntimeOptions | None = None,
+        ep_rank_lists: Sequence[Sequence[int]] | None = None,
+    ) -> GraceMoE:
+        """From a DeepSpeed MoE layer: same gate weights and k, same expert weights.
+
+        With moe.ep_size == 1 every rank holds all experts and copies its slots locally. With
+        moe.ep_size == topology.world_size (experts spread contiguously, DeepSpeed's placement)
+        the expert weights move to the ranks that need them in one all-to-all: then this is
+        collective and creates the GRACE groups.
+        """
+        source_gate = moe.deepspeed_moe.gate
+        if not isinstance(source_gate, TopKGate):
+            raise ValueError(f"moe.deepspeed_moe.gate ({type(source_gate).__name__}) must be a TopKGate")
+        if moe.enable_expert_tensor_parallelism:
+            raise ValueError("moe.enable_expert_tensor_parallelism (True) is not supported by GraceMoE")
+        _check_plan(layer_plan, topology, num_experts=moe.num_experts)
+        options = options if options is not None else RuntimeOptions()
+        ep_index = resolve_ep_index(ep_index, topology)
+        local = list(moe.deepspeed_moe.experts.deepspeed_experts)
+        slots = layer_plan.slots[ep_index]
+        groups = None
+        if moe.ep_size == 1:
+            slot_modules = copy_slot_modules(local, slots)
+        elif moe.ep_size == topology.world_size:
+            groups = create_grace_groups(
+                topology,
+                timeout_s=options.timeout_s,
+                ep_rank_lists=ep_rank_lists if ep_rank_lists is not None else _ds_ep_rank_lists(topology),
+            )
+            if groups.ep_index != ep_index:
+                raise ValueError(
+                    f"ep_index ({ep_index}) differs from this rank's EP index ({groups.ep_index})"
+                )
+            slot_modules = _fetch_slot_modules(local, layer_plan=layer_plan, groups=groups)
+        else:
+            raise ValueError(
+                f"moe.ep_size ({moe.ep_size}) must be 1 or the topology's world size ({topology.world_size})"
+            )
+        residual = None
+        if moe.use_residual:
+            residual = (copy.deepcopy(moe.mlp), copy.deepcopy(moe.coefficient))
+        layer = cls(
+            gate=GraceGate.from_deepspeed(source_gate),
+            slot_modules=slot_modules,
+            layer_plan=layer_plan,
+            topology=topology,
+            ep_index=ep_index,
+            options=options,
+            residual=residual,
+        )
+        if groups is not None:
+            layer.set_grace_groups(groups)
+        return layer
+
+    @property
+    def comm_counters(self) -> TrafficCounters:
+        return self.deepspeed_moe.comm_counters
+
+    @property
+    def layer_plan(self) -> LayerPlan:
+        return self.deepspeed_moe.layer_plan
+
+    def set_grace_groups(self, groups: GraceGroups) -> None:
+        self.deepspeed_moe.set_grace_groups(groups)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's wiring entry point: creates (collectively) and sets the GRACE groups."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_ (True) is not supported by GraceMoE")
+        layer = self.deepspeed_moe
+        layer.set_grace_groups(
+            create_grace_groups(
+                layer.topology,
+                timeout_s=layer.options.timeout_s,
+                ep_rank_lists=_ds_ep_rank_lists(layer.topology),
+            )
+        )
+
+    def forward_routed(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        *,
+        route_offset: int = 0,
+    ) -> torch.Tensor:
+        """The layer's output for an already computed routing (see GraceMOELayer.forward_routed)."""
+        y_TD = self.deepspeed_moe.forward_routed(
+            x_TD, topk_ids_TK, topk_weights_TK, route_offset=route_offset
+        )
+        if self.use_residual:
+            y_TD = self._mix_residual(x_TD, y_TD)
+        return y_TD
+
+    def _mix_residual(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        mlp_out = self.mlp(x_TD)
+        if isinstance(mlp_out, tuple):
+            mlp_out = mlp_out[0]
+        coef = F.softmax(self.coefficient(x_TD), dim=-1)
+        return y_TD * coef[..., 0:1] + mlp_out * coef[..., 1:]
+
+
+def resolve_ep_index(ep_index: int | None, topology: Topology) -> int:
+    """This process's expert-parallel index: given, or from torch.distributed.
+
+    Without an explicit index the EP groups are taken to be DeepSpeed's default: consecutive
+    blocks of topology.world_size global ranks, so the index is rank % world_size.
+    """
+    if ep_index is not None:
+        if not 0 <= ep_index < topology.world_size:
+            raise ValueError(f"ep_index ({ep_index}) must be in [0, {topology.world_size})")
+        return int(ep_index)
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world % topology.world_size != 0:
+            raise ValueError(
+                f"ep_index is required: the world size ({world}) is not a multiple of the topology's "
+                f"({topology}) {topology.world_size} ranks"
+            )
+        return dist.get_rank() % topology.world_size
+    if topology.world_size == 1:
+        return 0
+    raise ValueError(f"ep_index is required when torch.distributed is not initialised (topology {topology})")
+
+
+def _ds_ep_rank_lists(topology: Topology) -> list[list[int]] | None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world, ep = dist.get_world_size(), topology.world_size
+    if world % ep != 0:
+        raise ValueError(
+            f"the world size ({world}) must be a multiple of the topology's {ep} ranks ({topology})"
+        )
+    return [list(range(start, start + ep)) for start in range(0, world, ep)]
+
+
+def _check_plan(layer_plan: LayerPlan, topology: Topology, *, num_experts: int) -> None:
+    layer_plan.validate(where="layer_plan")
+    if layer_plan.num_ranks != topology.world_size:
+        raise ValueError(
+            f"layer_plan places experts on {layer_plan.num_ranks} ranks but the topology ({topology}) has "
+            f"{topology.world_size}"
+        )
+    if layer_plan.num_experts != num_experts:
+        raise ValueError(f"layer_plan has {layer_plan.num_experts} experts but the layer has {num_experts}")
+
+
+def _flat_state(module: nn.Module) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
+    state = module.state_dict()
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"expert tensors must share one dtype to be moved between ranks; found {sorted(map(str, dtypes))}"
+        )
+    shapes = [(name, t.shape) for name, t in state.items()]
+    return torch.cat([t.reshape(-1) for t in state.values()]), shapes
+
+
+def _fetch_slot_modules(
+    local: list[nn.Module], *, layer_plan: LayerPlan, groups: GraceGroups
+) -> list[nn.Module]:
+    """Copy this rank's slot experts from DeepSpeed's contiguous placement (one all-to-all)."""
+    num_local = len(local)
+    me = groups.ep_index
+    owned: dict[int, torch.Tensor] = {}
+    shapes: list[tuple[str, torch.Size]] = []
+    for i, module in enumerate(local):
+        owned[me * num_local + i], shapes = _flat_state(module)
+    sample = owned[me * num_local]
+    received = redistribute_expert_tensors(
+        owned,
+        owner_of_expert=[e // num_local for e in range(layer_plan.num_experts)],
+        needed_by_rank=layer_plan.slots,
+        numel=sample.numel(),
+        dtype=sample.dtype,
+        device=sample.device,
+        groups=groups,
+    )
+    slot_modules = []
+    for e in layer_plan.slots[me]:
+        module = copy.deepcopy(local[0])
+        chunks = received[e].split([shape.numel() for _, shape in shapes])
+        module.load_state_dict({name: chunk.view(shape) for (name, shape), chunk in zip(shapes, chunks)})
+        slot_modules.append(module)
+    return slot_modules

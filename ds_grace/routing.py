@@ -1,0 +1,149 @@
+"""Locality-aware instance choice (TAR / WRR / primary) as tensor ops; no communication.
+
+Shape legend: T tokens, K top-k, E experts, R ranks (expert-parallel), I instances per expert (padded).
+
+The gate's top-k choice is never changed; only the instance that computes each (token, expert)
+route is chosen here. The choice for a route of expert e on origin rank g is
+
+    j = first candidate with cdf[g, e, j] > u,    u = frac(offset[g, e] + n * PHI_INV)
+
+where n is the route's ordinal among the routes of this batch on rank g that chose e (token-major
+order, plus an optional caller-supplied ``route_offset``) and PHI_INV the golden-ratio conjugate.
+The sequence is low-discrepancy: over n consecutive routes the share each candidate gets differs
+from its WRR weight by O(log n / n), and it uses no random state, so every rank computes the same
+choice for the same batch, run after run. The per-(rank, expert) offset decorrelates the streams
+so that ranks with one token each do not all pick the same instance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ds_grace.planning.plan import LayerPlan, RoutingPolicy, route_table
+from ds_grace.topology import Topology
+
+PHI_INV = (math.sqrt(5.0) - 1.0) / 2.0
+_OFFSET_STEP = math.sqrt(2.0) - 1.0
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """One layer's routing data as tensors, identical on every rank.
+
+    cand_rank_REI / cand_cdf_REI come from ``route_table`` (padding: rank -1, cdf 1.0);
+    expert2slot_RE[r, e] is the local slot of expert e on rank r, or -1 if r does not host it.
+    """
+
+    cand_rank_REI: torch.Tensor
+    cand_cdf_REI: torch.Tensor
+    expert2slot_RE: torch.Tensor
+    stream_offset_RE: torch.Tensor
+    policy: str
+
+    @classmethod
+    def build(cls, layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> RouteTable:
+        if layer.num_ranks != topology.world_size:
+            raise ValueError(
+                f"layer_plan places experts on {layer.num_ranks} ranks but the topology ({topology}) "
+                f"has {topology.world_size}"
+            )
+        cand_rank, cand_cdf = route_table(layer, topology, policy)
+        num_ranks, num_experts = topology.world_size, layer.num_experts
+        expert2slot = np.full((num_ranks, num_experts), -1, dtype=np.int64)
+        for rank, experts in enumerate(layer.slots):
+            for slot, expert in enumerate(experts):
+                expert2slot[rank, expert] = slot
+        stream = np.arange(num_ranks * num_experts, dtype=np.float64).reshape(num_ranks, num_experts)
+        return cls(
+            cand_rank_REI=torch.from_numpy(cand_rank),
+            cand_cdf_REI=torch.from_numpy(cand_cdf),
+            expert2slot_RE=torch.from_numpy(expert2slot),
+            stream_offset_RE=torch.from_numpy(np.mod(stream * _OFFSET_STEP, 1.0)),
+            policy=policy,
+        )
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.cand_rank_REI.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.cand_rank_REI.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.cand_rank_REI.device
+
+    def to(self, device: torch.device | str) -> RouteTable:
+        return RouteTable(
+            cand_rank_REI=self.cand_rank_REI.to(device),
+            cand_cdf_REI=self.cand_cdf_REI.to(device),
+            expert2slot_RE=self.expert2slot_RE.to(device),
+            stream_offset_RE=self.stream_offset_RE.to(device),
+            policy=self.policy,
+        )
+
+
+def check_topk_ids(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids") -> None:
+    """Raise ValueError unless topk_ids is a [T, K] integer tensor with ids in [-1, num_experts).
+
+    -1 marks a route that is not taken (e.g. a masked token); it is skipped, not computed.
+    """
+    if topk_ids_TK.dim() != 2:
+        raise ValueError(f"{name} (shape {tuple(topk_ids_TK.shape)}) must be 2-D [tokens, k]")
+    if topk_ids_TK.dtype.is_floating_point or topk_ids_TK.dtype == torch.bool:
+        raise ValueError(f"{name} (dtype {topk_ids_TK.dtype}) must be an integer tensor")
+    if topk_ids_TK.numel():
+        low, high = (int(v) for v in torch.aminmax(topk_ids_TK))
+        if low < -1 or high >= num_experts:
+            bad = low if low < -1 else high
+            raise ValueError(
+                f"{name} holds expert id {bad}; ids must be in [0, {num_experts}) or -1 (no route)"
+            )
+
+
+def route_ordinals(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """ordinal_TK: position of each route among this batch's routes to the same expert (token-major)."""
+    flat_ids = topk_ids_TK.reshape(-1).long()
+    buckets = torch.where(flat_ids >= 0, flat_ids, torch.full_like(flat_ids, num_experts))
+    order = torch.argsort(buckets, stable=True)
+    counts = torch.bincount(buckets, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    positions = torch.arange(flat_ids.numel(), device=flat_ids.device)
+    ordinal = torch.empty_like(flat_ids)
+    ordinal[order] = positions - starts[buckets[order]]
+    return ordinal.view(topk_ids_TK.shape)
+
+
+def choose_instances(
+    table: RouteTable,
+    topk_ids_TK: torch.Tensor,
+    *,
+    origin_rank: int,
+    route_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the instance of every route: returns (rank_TK, slot_TK); -1 for routes with id -1.
+
+    rank_TK is the expert-parallel rank hosting the chosen instance, slot_TK its local slot there.
+    """
+    if not 0 <= origin_rank < table.num_ranks:
+        raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
+    ids_TK = topk_ids_TK.long()
+    valid_TK = ids_TK >= 0
+    experts_TK = ids_TK.clamp(min=0)
+    ordinal_TK = route_ordinals(ids_TK, table.num_experts) + route_offset
+    offset_TK = table.stream_offset_RE[origin_rank][experts_TK]
+    u_TK = torch.frac(offset_TK + ordinal_TK.to(torch.float64) * PHI_INV)
+    cdf_TKI = table.cand_cdf_REI[origin_rank][experts_TK]
+    pick_TK = torch.searchsorted(cdf_TKI, u_TK.unsqueeze(-1), right=True).squeeze(-1)
+    pick_TK = pick_TK.clamp(max=cdf_TKI.shape[-1] - 1)
+    rank_TK = torch.gather(table.cand_rank_REI[origin_rank][experts_TK], -1, pick_TK.unsqueeze(-1)).squeeze(
+        -1
+    )
+    slot_TK = table.expert2slot_RE[rank_TK.clamp(min=0), experts_TK]
+    missing = torch.full_like(rank_TK, -1)
+    return torch.where(valid_TK, rank_TK, missing), torch.where(valid_TK, slot_TK, missing)

@@ -1,0 +1,127 @@
+"""ds_grace.routing: TAR / WRR / primary instance choice as tensor ops (no processes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ds_grace.planning.plan import LayerPlan
+from ds_grace.routing import RouteTable, check_topk_ids, choose_instances, route_ordinals
+from ds_grace.topology import Topology
+
+TOPO_2X2 = Topology(num_nodes=2, gpus_per_node=2)
+
+
+def _plan() -> LayerPlan:
+    # expert 0: rank 0 (primary) + rank 3 (replica, weight 3); expert 1: rank 1 + rank 2 (weights 1, 1);
+    # expert 2: rank 2 only; expert 3: rank 3 + rank 0 + rank 1 (weights 1, 2, 1).
+    return LayerPlan.from_lists(
+        slots=[[0, 3], [1, 3], [2, 1], [3, 0]],
+        primary=[0, 1, 2, 3],
+        slot_weights=[[1.0, 2.0], [1.0, 1.0], [1.0, 1.0], [1.0, 3.0]],
+    )
+
+
+def _all_tokens_choose(expert: int, n: int, k: int = 1) -> torch.Tensor:
+    return torch.full((n, k), expert, dtype=torch.long)
+
+
+def test_tar_prefers_own_rank_then_own_node_then_remote_by_weight():
+    table = RouteTable.build(_plan(), TOPO_2X2, "tar")
+    # own rank hosts expert 0 -> always rank 0, slot 0
+    rank, slot = choose_instances(table, _all_tokens_choose(0, 50), origin_rank=0)
+    assert rank.unique().tolist() == [0] and slot.unique().tolist() == [0]
+    # rank 1 does not host expert 0; its node (ranks 0, 1) does: rank 0 only
+    rank, _ = choose_instances(table, _all_tokens_choose(0, 50), origin_rank=1)
+    assert rank.unique().tolist() == [0]
+    # rank 0 -> expert 2: only on rank 2 (other node)
+    rank, slot = choose_instances(table, _all_tokens_choose(2, 20), origin_rank=0)
+    assert rank.unique().tolist() == [2] and slot.unique().tolist() == [0]
+    # rank 3 -> expert 1: rank 2 is on its node -> always rank 2 (slot 1 there)
+    rank, slot = choose_instances(table, _all_tokens_choose(1, 20), origin_rank=3)
+    assert rank.unique().tolist() == [2] and slot.unique().tolist() == [1]
+
+
+def test_wrr_shares_follow_weights_with_low_discrepancy():
+    table = RouteTable.build(_plan(), TOPO_2X2, "wrr")
+    n = 1000
+    for origin in range(4):
+        rank, _ = choose_instances(table, _all_tokens_choose(3, n), origin_rank=origin)
+        counts = torch.bincount(rank.reshape(-1), minlength=4).tolist()
+        # expert 3: instances rank 3 (w 1), rank 0 (w 2), rank 1 (w 1) -> shares 1/4, 1/2, 1/4
+        expected = [n / 2, n / 4, 0, n / 4]
+        assert counts[2] == 0
+        assert max(abs(c - e) for c, e in zip(counts, expected)) <= 3, (origin, counts)
+
+
+def test_primary_policy_never_uses_replicas():
+    table = RouteTable.build(_plan(), TOPO_2X2, "primary")
+    ids = torch.tensor([[0, 1], [3, 2], [1, 3]] * 20)
+    for origin in range(4):
+        rank, slot = choose_instances(table, ids, origin_rank=origin)
+        assert torch.equal(rank, torch.tensor([[0, 1], [3, 2], [1, 3]] * 20))
+        assert torch.equal(slot, torch.tensor([[0, 0], [0, 0], [0, 0]] * 20))
+
+
+def test_choice_is_deterministic_and_points_at_a_hosting_slot():
+    plan = _plan()
+    table = RouteTable.build(plan, TOPO_2X2, "tar")
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.rand(200, 4, generator=generator).argsort(dim=1)[:, :2]
+    first = choose_instances(table, ids, origin_rank=1)
+    again = choose_instances(RouteTable.build(plan, TOPO_2X2, "tar"), ids.clone(), origin_rank=1)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for (r, s), e in zip(
+        zip(first[0].reshape(-1).tolist(), first[1].reshape(-1).tolist()), ids.reshape(-1).tolist()
+    ):
+        assert plan.slots[r][s] == e
+
+
+def test_masked_routes_stay_masked_and_empty_batches_work():
+    table = RouteTable.build(_plan(), TOPO_2X2, "tar")
+    rank, slot = choose_instances(table, torch.tensor([[0, -1], [-1, -1]]), origin_rank=2)
+    assert rank[:, 1].tolist() == [-1, -1] and slot[1].tolist() == [-1, -1]
+    assert rank[0, 0].item() in (0, 3)
+    rank, slot = choose_instances(table, torch.zeros(0, 3, dtype=torch.long), origin_rank=0)
+    assert rank.shape == (0, 3) and slot.shape == (0, 3)
+
+
+def test_route_offset_moves_along_the_sequence():
+    table = RouteTable.build(_plan(), TOPO_2X2, "wrr")
+    ids = _all_tokens_choose(1, 8)
+    full, _ = choose_instances(table, _all_tokens_choose(1, 16), origin_rank=0)
+    shifted, _ = choose_instances(table, ids, origin_rank=0, route_offset=8)
+    assert torch.equal(shifted, full[8:])
+
+
+def test_route_ordinals_count_per_expert_in_token_major_order():
+    ids = torch.tensor([[2, 0], [0, 1], [2, -1], [0, 2]])
+    assert route_ordinals(ids, 3).tolist() == [[0, 0], [1, 0], [1, 0], [2, 2]]
+
+
+def test_check_topk_ids_messages():
+    with pytest.raises(ValueError, match=r"topk_ids holds expert id 4; ids must be in \[0, 4\) or -1"):
+        check_topk_ids(torch.tensor([[0, 4]]), 4)
+    with pytest.raises(ValueError, match=r"topk_ids holds expert id -2"):
+        check_topk_ids(torch.tensor([[-2, 1]]), 4)
+    with pytest.raises(ValueError, match=r"topk_ids \(dtype torch.float32\) must be an integer tensor"):
+        check_topk_ids(torch.zeros(2, 1), 4)
+    with pytest.raises(ValueError, match=r"topk_ids \(shape \(3,\)\) must be 2-D"):
+        check_topk_ids(torch.zeros(3, dtype=torch.long), 4)
+
+
+def test_route_table_rejects_a_plan_for_another_topology():
+    with pytest.raises(
+        ValueError, match=r"layer_plan places experts on 4 ranks but the topology \(1 nodes x 2 GPUs\) has 2"
+    ):
+        RouteTable.build(_plan(), Topology(1, 2), "tar")
+
+
+def test_expert2slot_matches_plan():
+    table = RouteTable.build(_plan(), TOPO_2X2, "tar")
+    expected = np.full((4, 4), -1)
+    for r, experts in enumerate(_plan().slots):
+        for s, e in enumerate(experts):
+            expected[r, e] = s
+    assert table.expert2slot_RE.tolist() == expected.tolist()
