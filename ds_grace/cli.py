@@ -12,6 +12,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("check_config", "validate a ds_config.json and print the resolved grace block"),
     "baseline": ("baseline", "run vanilla DeepSpeed-MoE inference on local ranks and print its table"),
     "selfcheck": ("selfcheck", "check GRACE's runtime for lossless parity on local gloo ranks"),
+    "plan": ("plan", "build a GRACE (or baseline) expert placement plan from a routing trace"),
+    "evaluate": ("evaluate", "metrics of a plan on a routing trace (cross-node copies, balance)"),
+    "report": ("report", "plots and a markdown summary of a plan on a routing trace"),
 }
 
 

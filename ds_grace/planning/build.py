@@ -1,0 +1,319 @@
+"""``build_plan``: the single planning entry point, from routing data to a GracePlan.
+
+Shape legend: L layers, E experts, R ranks.
+
+Policies (same interface):
+- "grace": hierarchical grouping by affinity (grace.grouping.*), then replication
+  (grace.replication.*) with WRR weights for the routing policy (grace.routing.policy). By default
+  (load_slack=0.0, beyond the paper) groups are also evened out by load and primaries and
+  replicas are refined jointly: a replica budget of ~12 % of the experts cannot even out an
+  affinity-only grouping (on the OLMoE loads balancedness fell to ~0.5-0.65 without this);
+  load_slack=None keeps the paper's affinity-only grouping;
+- "contiguous": DeepSpeed-MoE's placement, one instance per expert;
+- "occult": equal-size co-activation groups (nodes, then GPUs), one instance per expert;
+- "eplb": load-only hierarchical replication and packing, ceil(E / D) + extra slots on every GPU,
+  evaluated with an even split over instances ("wrr" with equal weights).
+Pure and deterministic: no torch, no torch.distributed, no global state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from ds_grace.config import GraceConfig, parse_grace_block
+from ds_grace.planning.baselines import contiguous_primary, eplb_layer, single_instance_layer
+from ds_grace.planning.grouping import check_fits, hierarchical_grouping, rebalance_primaries
+from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
+from ds_grace.planning.replication import ReplicaPlacement, instance_loads, layer_plan_from, replicate
+from ds_grace.planning.stats import LoadSource, affinity_matrices, expert_loads, grouping_affinities
+from ds_grace.topology import Topology
+from ds_grace.trace import ExpertLoads, RoutingTrace
+
+PlannerPolicy = Literal["grace", "contiguous", "occult", "eplb"]
+PLANNER_POLICIES: tuple[str, ...] = ("grace", "contiguous", "occult", "eplb")
+DEFAULT_LOAD_SLACK = 0.0
+REBALANCE_ROUNDS = 2
+
+
+def resolve_config(
+    config: GraceConfig | None = None,
+    *,
+    grouping: Mapping[str, Any] | None = None,
+    replication: Mapping[str, Any] | None = None,
+    routing_policy: RoutingPolicy | None = None,
+) -> GraceConfig:
+    """`config` (default: GraceConfig()) with overrides of grace.grouping.* / grace.replication.*
+    fields, validated like a ds_config (errors are GraceConfigError naming the field)."""
+    base = GraceConfig() if config is None else config
+    if not grouping and not replication and routing_policy is None:
+        return base
+    block = base.model_dump()
+    block["grouping"].update(dict(grouping or {}))
+    block["replication"].update(dict(replication or {}))
+    if routing_policy is not None:
+        block["routing"]["policy"] = routing_policy
+    return parse_grace_block(block)
+
+
+def _fingerprint(source: LoadSource) -> str:
+    if isinstance(source, (RoutingTrace, ExpertLoads)):
+        return source.fingerprint
+    loads = np.ascontiguousarray(expert_loads(source))
+    return hashlib.sha256(loads.tobytes() + str(loads.shape).encode()).hexdigest()[:32]
+
+
+def _needs_tokens(source: LoadSource, policy: str) -> RoutingTrace:
+    if not isinstance(source, RoutingTrace):
+        raise PlanError(
+            f"policy {policy!r} groups experts by co-activation and needs per-token routing, but the source "
+            "holds loads only; derive a per-token trace (ds_grace.trace.derive_trace_from_loads), disable "
+            "grace.grouping.enabled, or use policy 'eplb' or 'contiguous'"
+        )
+    return source
+
+
+def build_plan(
+    source: LoadSource,
+    *,
+    topology: Topology,
+    policy: PlannerPolicy = "grace",
+    config: GraceConfig | None = None,
+    grouping: Mapping[str, Any] | None = None,
+    replication: Mapping[str, Any] | None = None,
+    routing_policy: RoutingPolicy | None = None,
+    eplb_num_groups: int | None = None,
+    load_slack: float | None = DEFAULT_LOAD_SLACK,
+) -> GracePlan:
+    """Plan expert placement for `topology` from a RoutingTrace, ExpertLoads or loads_LE array.
+
+    Options come from `config` (a GraceConfig; default GraceConfig()), overridden field by field by
+    `grouping` (grace.grouping.*: enabled, ratio, affinity, max_experts_per_gpu), `replication`
+    (grace.replication.*: enabled, mode, extra_slots_per_gpu) and `routing_policy`
+    (grace.routing.policy). grace.grouping.max_experts_per_gpu caps the slots of every GPU for all
+    policies. `eplb_num_groups` sets EPLB's expert groups (default: one expert per group).
+    `load_slack` (grace only, beyond the paper): after clustering, groups are evened out by load
+    until none carries more than (1 + load_slack) x the mean; None keeps the paper's pure
+    affinity grouping.
+    """
+    if policy not in PLANNER_POLICIES:
+        raise PlanError(f"policy ({policy!r}) must be one of {', '.join(map(repr, PLANNER_POLICIES))}")
+    cfg = resolve_config(config, grouping=grouping, replication=replication, routing_policy=routing_policy)
+    loads_LE = expert_loads(source)
+    num_layers, num_experts = loads_LE.shape
+    world = topology.world_size
+    cap = cfg.grouping.max_experts_per_gpu
+    meta: dict[str, Any] = {"max_experts_per_gpu": cap}
+    layers: list[LayerPlan]
+    if policy == "contiguous":
+        check_fits(num_experts, topology, cap)
+        layer = single_instance_layer(contiguous_primary(num_experts, world), world)
+        layers = [layer] * num_layers
+        meta["routing_policy"] = "tar"
+    elif policy == "occult":
+        trace = _needs_tokens(source, policy)
+        result = hierarchical_grouping(
+            affinity_matrices(trace), topology, max_experts_per_gpu=cap, equal_sizes=True
+        )
+        layers = [single_instance_layer(primary, world) for primary in result.expert2rank_LE]
+        meta.update(
+            routing_policy="tar",
+            kept_node_affinity=result.kept_node_affinity,
+            kept_gpu_affinity=result.kept_gpu_affinity,
+        )
+    elif policy == "eplb":
+        extra = cfg.replication.extra_slots_per_gpu if cfg.replication.enabled else 0
+        layers = [
+            eplb_layer(
+                loads,
+                topology,
+                extra_slots_per_gpu=extra,
+                num_groups=eplb_num_groups,
+                max_experts_per_gpu=cap,
+            )
+            for loads in loads_LE
+        ]
+        meta.update(routing_policy="wrr", extra_slots_per_gpu=extra)
+    else:
+        layers = _grace_layers(source, loads_LE, topology, cfg, meta, load_slack)
+    return GracePlan(
+        topology=topology,
+        layers=tuple(layers),
+        policy=policy,
+        trace_fingerprint=_fingerprint(source),
+        meta=meta,
+    )
+
+
+def _grace_layers(
+    source: LoadSource,
+    loads_LE: np.ndarray,
+    topology: Topology,
+    cfg: GraceConfig,
+    meta: dict[str, Any],
+    load_slack: float | None,
+) -> list[LayerPlan]:
+    world, cap = topology.world_size, cfg.grouping.max_experts_per_gpu
+    num_layers, num_experts = loads_LE.shape
+    routing: RoutingPolicy = cfg.routing.policy
+    intra: list[np.ndarray] | None = None
+    if cfg.grouping.enabled:
+        trace = _needs_tokens(source, "grace")
+        affinities = grouping_affinities(trace, cfg.grouping.affinity)
+        intra = affinities if cfg.grouping.affinity == "intra" else affinity_matrices(trace)
+        result = hierarchical_grouping(
+            affinities,
+            topology,
+            ratio=cfg.grouping.ratio,
+            max_experts_per_gpu=cap,
+            loads_LE=loads_LE,
+            load_slack=load_slack,
+        )
+        primaries = result.expert2rank_LE
+        meta["grouping"] = {
+            "affinity": cfg.grouping.affinity,
+            "ratio": result.ratio,
+            "ratio_curve": [list(point) for point in result.ratio_curve],
+            "kept_node_affinity": result.kept_node_affinity,
+            "kept_gpu_affinity": result.kept_gpu_affinity,
+            "load_slack": load_slack,
+        }
+    else:
+        check_fits(num_experts, topology, cap)
+        primaries = np.tile(contiguous_primary(num_experts, world), (num_layers, 1))
+        if isinstance(source, RoutingTrace):
+            intra = affinity_matrices(source)
+    rep = cfg.replication
+    layers, predicted_balance = [], []
+    for index in range(num_layers):
+        if not rep.enabled:
+            layers.append(single_instance_layer(primaries[index], world))
+            continue
+        options = dict(
+            mode=rep.mode,
+            extra_slots_per_gpu=rep.extra_slots_per_gpu,
+            max_experts_per_gpu=cap,
+            routing_policy=routing,
+            affinity_EE=None if intra is None else intra[index],
+        )
+        primary = primaries[index]
+        if cfg.grouping.enabled and load_slack is not None:
+            primary, placement = _rebalance(
+                loads_LE[index],
+                primary,
+                affinities[index],
+                topology,
+                cfg,
+                load_slack,
+                meta["grouping"]["ratio"],
+                options,
+            )
+        else:
+            placement = replicate(loads_LE[index], primary, topology, **options)
+        layers.append(layer_plan_from(primary, placement, num_ranks=world))
+        gpu = np.asarray(placement.predicted_gpu_loads)
+        predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
+    meta["routing_policy"] = routing
+    meta["replication"] = {
+        "enabled": rep.enabled,
+        "mode": rep.mode,
+        "extra_slots_per_gpu": rep.extra_slots_per_gpu,
+        "replicas": sum(layer.replica_count() for layer in layers),
+        "predicted_balancedness": float(np.mean(predicted_balance)) if predicted_balance else None,
+    }
+    return layers
+
+
+def _max_load(placement: ReplicaPlacement) -> float:
+    return max(placement.predicted_gpu_loads)
+
+
+def _seed_replicas(
+    loads_E: np.ndarray, primary: np.ndarray, topology: Topology, extra: int, cap: int | None
+) -> list[tuple[int, int]]:
+    """Load-only replica guess for the joint refinement: copies go, one at a time, to the expert
+    with the largest load per copy (as EPLB counts them), each on the least-loaded GPU of a node
+    that does not yet hold that expert (else any node), so primaries can make room around them."""
+    world, gpus = topology.world_size, topology.gpus_per_node
+    copies = np.ones(len(loads_E))
+    hosts = np.zeros((len(loads_E), world), dtype=bool)
+    hosts[np.arange(len(loads_E)), primary] = True
+    free_R = (
+        np.full(world, extra)
+        if cap is None
+        else np.minimum(extra, cap - np.bincount(primary, minlength=world))
+    )
+    gpu = np.bincount(primary, weights=loads_E, minlength=world)
+    pairs: list[tuple[int, int]] = []
+    while free_R.sum() > 0:
+        e = int(np.argmax(np.where(hosts.sum(axis=1) < world, loads_E / copies, -1.0)))
+        node_has = hosts[e].reshape(topology.num_nodes, gpus).any(axis=1)
+        open_R = (free_R > 0) & ~hosts[e]
+        preferred = open_R & ~np.repeat(node_has, gpus)
+        targets = np.flatnonzero(preferred if preferred.any() else open_R)
+        if loads_E[e] <= 0 or len(targets) == 0:
+            break
+        t = int(targets[np.argmin(gpu[targets])])
+        copies[e] += 1
+        hosts[e, t] = True
+        free_R[t] -= 1
+        gpu[t] += loads_E[e] / copies[e]
+        pairs.append((e, t))
+    return pairs
+
+
+def _rebalance(
+    loads_E: np.ndarray,
+    primary: np.ndarray,
+    affinity: np.ndarray,
+    topology: Topology,
+    cfg: GraceConfig,
+    load_slack: float,
+    ratio: float | None,
+    options: dict[str, Any],
+) -> tuple[np.ndarray, ReplicaPlacement]:
+    """Primaries and replicas, jointly (beyond the paper): start from a load-only replica guess
+    (budget mode) or the paper's replicas, move primaries away from where replicas are, replicate
+    again starting from the replicas that still fit; keep the round with the lowest max GPU load."""
+    budget = cfg.replication.mode == "budget"
+    rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
+    if budget:
+        pairs = _seed_replicas(
+            loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cfg.grouping.max_experts_per_gpu
+        )
+    else:
+        rounds.append((primary, replicate(loads_E, primary, topology, **options)))
+        pairs = rounds[0][1].pairs()
+    weights = np.ones(topology.world_size)
+    for _ in range(REBALANCE_ROUNDS):
+        hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
+        hosts[np.arange(len(loads_E)), primary] = True
+        replica_hosts = np.zeros_like(hosts)
+        for e, r in pairs:
+            replica_hosts[e, r] = True
+        instance_ER = instance_loads(
+            loads_E, hosts | replica_hosts, weights, topology, cfg.routing.policy, primary
+        )
+        moved = rebalance_primaries(
+            primary,
+            affinity,
+            instance_ER,
+            replica_hosts,
+            topology,
+            ratio=ratio,
+            max_experts_per_gpu=cfg.grouping.max_experts_per_gpu,
+            slack=load_slack,
+        )
+        kept = [(e, r) for e, r in pairs if moved[e] != r]
+        if budget:  # start from the replicas that still fit, spend what is left
+            candidate = replicate(loads_E, moved, topology, initial=kept, **options)
+        else:  # the paper's rule again, preferring the replicas already placed
+            candidate = replicate(loads_E, moved, topology, previous=kept, **options)
+        rounds.append((moved, candidate))
+        if np.array_equal(moved, primary) and set(candidate.pairs()) == set(pairs):
+            break
+        primary, pairs, weights = moved, candidate.pairs(), np.asarray(candidate.rank_weights)
+    return min(rounds, key=lambda round_: _max_load(round_[1]))

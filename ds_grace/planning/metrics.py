@@ -1,0 +1,150 @@
+"""Plan quality from a trace: expectations over every origin GPU equally likely (deterministic).
+
+Shape legend: T tokens, K top-k, E experts, R ranks (GPUs), N nodes, G origin ranks.
+
+For a token on origin rank g that chose expert e, the instance on rank r computes it with the
+probability given by ``route_table`` (plan.py, the tables the runtime applies). Instance choices of
+a token's experts are independent. Per MoE layer and token, averaged over tokens, then over layers:
+
+- cross_node_copies_per_token: distinct remote nodes the token must reach (one copy per node: HSC);
+- cross_gpu_copies_per_token: distinct GPUs other than its origin it must reach (one copy per GPU);
+- balancedness: mean / max of the expected GPU loads (1.0 = perfect), averaged over layers;
+- max_gpu_load_ratio: max / mean of the expected GPU loads, of the worst layer;
+- vanilla_cross_node_copies_per_token: DeepSpeed's reference, contiguous placement and no dedup:
+  every (token, expert) pair whose expert sits on another node.
+Copies need per-token routing; from aggregate loads they are None. Loads-only sources still give
+the balance metrics and, when top_k is known, the vanilla reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy, route_table
+from ds_grace.planning.stats import expert_loads
+from ds_grace.topology import Topology
+from ds_grace.trace import ExpertLoads, RoutingTrace
+
+METRIC_KEYS = (
+    "cross_node_copies_per_token",
+    "cross_gpu_copies_per_token",
+    "balancedness",
+    "max_gpu_load_ratio",
+    "vanilla_cross_node_copies_per_token",
+)
+TOKEN_CHUNK = 4096
+
+
+def routing_probabilities(layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> np.ndarray:
+    """prob_GER[g, e, r]: probability that a token on rank g has expert e computed on rank r."""
+    cand_rank_GEI, cand_cdf_GEI = route_table(layer, topology, policy)
+    prob_GEI = np.diff(cand_cdf_GEI, axis=2, prepend=0.0)
+    num_ranks, num_experts, _ = cand_rank_GEI.shape
+    prob_GER = np.zeros((num_ranks, num_experts, num_ranks))
+    valid = cand_rank_GEI >= 0
+    g_idx, e_idx, _ = np.nonzero(valid)
+    np.add.at(prob_GER, (g_idx, e_idx, cand_rank_GEI[valid]), prob_GEI[valid])
+    return prob_GER
+
+
+def expected_gpu_loads(
+    loads_E: np.ndarray,
+    layer: LayerPlan,
+    topology: Topology,
+    policy: RoutingPolicy,
+    prob_GER: np.ndarray | None = None,
+) -> np.ndarray:
+    """load_R: expected (token, expert) assignments each rank computes, origins uniform."""
+    prob = routing_probabilities(layer, topology, policy) if prob_GER is None else prob_GER
+    return np.asarray(loads_E, dtype=np.float64) @ prob.mean(axis=0)
+
+
+def _expected_distinct(topk_ids_TK: np.ndarray, reach_EX: np.ndarray) -> float:
+    """Mean over tokens of the expected number of destinations x reached by >= 1 of its experts."""
+    total = 0.0
+    for start in range(0, len(topk_ids_TK), TOKEN_CHUNK):
+        ids = topk_ids_TK[start : start + TOKEN_CHUNK]
+        missed_TX = np.prod(1.0 - reach_EX[ids], axis=1)
+        total += float((1.0 - missed_TX).sum())
+    return total / max(1, len(topk_ids_TK))
+
+
+def _copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -> float:
+    """Average over origins of expected distinct non-own destinations (origins with equal rows share work)."""
+    by_row: dict[bytes, list[int]] = {}
+    for g in range(reach_GEX.shape[0]):
+        reach = reach_GEX[g].copy()
+        reach[:, own_G[g]] = 0.0
+        by_row.setdefault(reach.tobytes(), []).append(g)
+    total = 0.0
+    for origins in by_row.values():
+        reach = reach_GEX[origins[0]].copy()
+        reach[:, own_G[origins[0]]] = 0.0
+        total += len(origins) * _expected_distinct(topk_ids_TK, reach)
+    return total / reach_GEX.shape[0]
+
+
+def evaluate_plan(
+    trace: RoutingTrace | ExpertLoads | np.ndarray,
+    plan: GracePlan,
+    *,
+    routing_policy: RoutingPolicy | None = None,
+    per_layer: bool = False,
+) -> dict[str, Any]:
+    """The metrics of METRIC_KEYS (None where the trace cannot give one), plus the routing policy.
+
+    routing_policy defaults to the one the plan was built for (plan.meta["routing_policy"], else "tar").
+    With per_layer=True, a "per_layer" entry lists each layer's values.
+    """
+    policy: RoutingPolicy = routing_policy or plan.meta.get("routing_policy", "tar")
+    loads_LE = expert_loads(trace)
+    per_token = isinstance(trace, RoutingTrace)
+    if loads_LE.shape[0] != plan.num_layers:
+        raise PlanError(f"trace has {loads_LE.shape[0]} MoE layers but the plan has {plan.num_layers}")
+    if loads_LE.shape[1] != plan.num_experts:
+        raise PlanError(
+            f"trace has {loads_LE.shape[1]} experts per layer but the plan has {plan.num_experts}"
+        )
+    topo = plan.topology
+    node_of_R = np.arange(topo.world_size) // topo.gpus_per_node
+    layers: list[dict[str, float | None]] = []
+    for index, layer in enumerate(plan.layers):
+        prob_GER = routing_probabilities(layer, topo, policy)
+        gpu_R = expected_gpu_loads(loads_LE[index], layer, topo, policy, prob_GER)
+        row: dict[str, float | None] = {
+            "balancedness": float(gpu_R.mean() / gpu_R.max()) if gpu_R.max() > 0 else 1.0,
+            "max_gpu_load_ratio": float(gpu_R.max() / gpu_R.mean()) if gpu_R.mean() > 0 else 1.0,
+            "cross_node_copies_per_token": None,
+            "cross_gpu_copies_per_token": None,
+        }
+        if per_token:
+            ids = trace.topk_ids[index]
+            node_prob_GEN = prob_GER.reshape(*prob_GER.shape[:2], topo.num_nodes, topo.gpus_per_node).sum(
+                axis=3
+            )
+            row["cross_node_copies_per_token"] = _copies(ids, node_prob_GEN, node_of_R)
+            row["cross_gpu_copies_per_token"] = _copies(ids, prob_GER, np.arange(topo.world_size))
+        layers.append(row)
+    top_k = trace.top_k if isinstance(trace, (RoutingTrace, ExpertLoads)) else None
+    # Without replicas each expert is local to exactly 1/N of the uniformly drawn origins, so the
+    # contiguous, undeduplicated reference is K * (N - 1) / N whatever the expert ids.
+    vanilla = None if top_k is None else top_k * (topo.num_nodes - 1) / topo.num_nodes
+
+    def mean_of(key: str) -> float | None:
+        values = [row[key] for row in layers]
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    result: dict[str, Any] = {
+        "cross_node_copies_per_token": mean_of("cross_node_copies_per_token"),
+        "cross_gpu_copies_per_token": mean_of("cross_gpu_copies_per_token"),
+        "balancedness": mean_of("balancedness"),
+        "max_gpu_load_ratio": float(max(row["max_gpu_load_ratio"] for row in layers)),  # type: ignore[type-var]
+        "vanilla_cross_node_copies_per_token": vanilla,
+        "routing_policy": policy,
+        "policy": plan.policy,
+    }
+    if per_layer:
+        result["per_layer"] = layers
+    return result

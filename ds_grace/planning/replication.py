@@ -1,0 +1,519 @@
+"""Expert replication (GRACE.md section 3) and WRR weights (section 4) as pure functions of one layer.
+
+Shape legend: E experts, R ranks (GPUs), N nodes, G GPUs per node, X candidate rows.
+
+``replicate(loads_E, primary_E, topology, ...)`` keeps the primary placement fixed and adds replicas:
+- mode "paper": the paper's rule: rho = W_max / W_mean, n_rep = min(max(1, floor(rho)), D - 1); the
+  heaviest GPU's experts, by load, until their load reaches W_max * n_rep / (1 + n_rep), each get
+  n_rep replicas on the least-loaded GPUs (predicted with an even split); WRR weight of an instance
+  = 1 / predicted load of its GPU.
+- mode "budget": up to ``extra_slots_per_gpu`` replicas per GPU, placed one at a time where they
+  lower the expected max GPU load most (ties within ``locality_tolerance``: keep a replica that
+  exists in ``previous``, then put it where its co-activated experts are), then the per-GPU WRR
+  weights are refined toward equal expected loads (beyond the paper).
+Expected loads follow the routing policy exactly as the runtime's ``route_table`` applies it with
+every origin GPU equally likely (``instance_loads``), so the planner balances what will run.
+No GPU ever holds two instances of one expert, and no GPU exceeds ``max_experts_per_gpu`` slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ds_grace.planning.plan import LayerPlan, RoutingPolicy
+from ds_grace.topology import Topology
+
+ReplicationMode = Literal["paper", "budget"]
+WEIGHT_REFINE_STEPS = 8
+
+
+class ReplicationError(ValueError):
+    """Replication inputs are inconsistent (shapes, ranks, modes)."""
+
+
+def instance_loads(
+    loads_X: np.ndarray,
+    hosts_XR: np.ndarray,
+    weight_R: np.ndarray,
+    topology: Topology,
+    policy: RoutingPolicy,
+    primary_X: np.ndarray | None = None,
+) -> np.ndarray:
+    """load_XR: expected load each instance receives, every origin rank equally likely.
+
+    Row x describes one expert (load loads_X[x], instances where hosts_XR[x]). Under "tar" an origin
+    hosting the expert keeps it, an origin whose node hosts it splits over that node's instances by
+    weight, any other origin splits over all instances by weight; "wrr" always splits over all
+    instances by weight; "primary" sends everything to primary_X.
+    """
+    hosts = hosts_XR.astype(np.float64)
+    if policy == "primary":
+        if primary_X is None:
+            raise ReplicationError("primary_X is required for the 'primary' routing policy")
+        out = np.zeros_like(hosts)
+        out[np.arange(len(loads_X)), primary_X] = loads_X
+        return out
+    weighted_XR = hosts * weight_R[None, :]
+    total_X = weighted_XR.sum(axis=1)
+    if policy == "wrr":
+        return loads_X[:, None] * weighted_XR / total_X[:, None]
+    num_x, num_nodes, gpus = len(loads_X), topology.num_nodes, topology.gpus_per_node
+    weighted_XNG = weighted_XR.reshape(num_x, num_nodes, gpus)
+    node_weight_XN = weighted_XNG.sum(axis=2)
+    hosted_XN = hosts.reshape(num_x, num_nodes, gpus).sum(axis=2)
+    homeless_origins_X = gpus * (hosted_XN == 0).sum(axis=1)
+    local_share_XNG = np.divide(
+        (gpus - hosted_XN)[:, :, None] * weighted_XNG,
+        node_weight_XN[:, :, None],
+        out=np.zeros_like(weighted_XNG),
+        where=node_weight_XN[:, :, None] > 0,
+    )
+    share_XR = (
+        hosts
+        + local_share_XNG.reshape(num_x, -1)
+        + homeless_origins_X[:, None] * weighted_XR / total_X[:, None]
+    )
+    return loads_X[:, None] * share_XR / topology.world_size
+
+
+@dataclass(frozen=True)
+class ReplicaPlacement:
+    """Replicas of one layer on top of fixed primaries.
+
+    replica_ranks[e]: ranks of expert e's replicas (primary excluded), in placement order;
+    rank_weights[r]: WRR weight of every instance on rank r; predicted_gpu_loads[r]: expected load of
+    rank r under the routing policy; moved: replicas not present in ``previous``.
+    """
+
+    replica_ranks: tuple[tuple[int, ...], ...]
+    rank_weights: tuple[float, ...]
+    predicted_gpu_loads: tuple[float, ...]
+    moved: int
+
+    @property
+    def num_replicas(self) -> int:
+        return sum(len(ranks) for ranks in self.replica_ranks)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(expert, rank) of every replica."""
+        return [(e, r) for e, ranks in enumerate(self.replica_ranks) for r in ranks]
+
+
+def _refine_weights(
+    loads_E: np.ndarray,
+    hosts_ER: np.ndarray,
+    weight_R: np.ndarray,
+    topology: Topology,
+    policy: RoutingPolicy,
+    primary_E: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multiplicative updates of per-rank weights toward equal expected GPU loads; keeps the best."""
+    best_w = weight_R
+    best_gpu = instance_loads(loads_E, hosts_ER, weight_R, topology, policy, primary_E).sum(axis=0)
+    if policy == "primary":
+        return best_w, best_gpu
+    gpu = best_gpu
+    w = weight_R
+    for _ in range(WEIGHT_REFINE_STEPS):
+        mean = gpu.mean()
+        w = w * np.sqrt(np.divide(mean, gpu, out=np.full_like(gpu, 2.0), where=gpu > 0))
+        w = np.clip(w / w.mean(), 1e-3, 1e3)
+        gpu = instance_loads(loads_E, hosts_ER, w, topology, policy, primary_E).sum(axis=0)
+        if (gpu.max(), float((gpu**2).sum())) < (best_gpu.max() - 1e-12 * mean, float((best_gpu**2).sum())):
+            best_w, best_gpu = w, gpu
+    return best_w, best_gpu
+
+
+def _check_inputs(loads_E: np.ndarray, primary_E: np.ndarray, topology: Topology) -> None:
+    if loads_E.ndim != 1 or primary_E.shape != loads_E.shape:
+        raise ReplicationError(f"loads_E {loads_E.shape} and primary_E {primary_E.shape} must be [E] arrays")
+    if not np.all(np.isfinite(loads_E)) or (loads_E < 0).any():
+        raise ReplicationError("loads_E must be finite and >= 0")
+    if primary_E.size and (primary_E.min() < 0 or primary_E.max() >= topology.world_size):
+        raise ReplicationError(f"primary_E ranks must be in [0, {topology.world_size}) for {topology}")
+
+
+def replicate(
+    loads_E: Sequence[float] | np.ndarray,
+    primary_E: Sequence[int] | np.ndarray,
+    topology: Topology,
+    *,
+    mode: ReplicationMode = "budget",
+    extra_slots_per_gpu: int = 1,
+    max_experts_per_gpu: int | None = None,
+    routing_policy: RoutingPolicy = "tar",
+    affinity_EE: np.ndarray | None = None,
+    previous: Iterable[tuple[int, int]] | None = None,
+    initial: Iterable[tuple[int, int]] | None = None,
+    locality_tolerance: float = 0.002,
+) -> ReplicaPlacement:
+    """Replicas for one layer given per-expert loads and the fixed primary rank of every expert.
+
+    ``previous`` lists (expert, rank) replicas currently deployed (online re-planning), preferred
+    among near-equal choices so that few replicas move. ``initial`` lists (expert, rank) replicas
+    placed first, as given (those that would duplicate an instance or break a limit are skipped);
+    the modes then spend what is left. ``locality_tolerance`` is the fraction of
+    the mean GPU load within which placements count as equally good in budget mode.
+    """
+    loads = np.asarray(loads_E, dtype=np.float64)
+    primary = np.asarray(primary_E, dtype=np.int64)
+    _check_inputs(loads, primary, topology)
+    if mode not in ("paper", "budget"):
+        raise ReplicationError(f"grace.replication.mode ({mode!r}) must be 'paper' or 'budget'")
+    if extra_slots_per_gpu < 0:
+        raise ReplicationError(f"grace.replication.extra_slots_per_gpu ({extra_slots_per_gpu}) must be >= 0")
+    num_experts, world = len(loads), topology.world_size
+    hosts = np.zeros((num_experts, world), dtype=bool)
+    hosts[np.arange(num_experts), primary] = True
+    slots_R = hosts.sum(axis=0)
+    cap = np.inf if max_experts_per_gpu is None else max_experts_per_gpu
+    if slots_R.max(initial=0) > cap:
+        raise ReplicationError(
+            f"grace.grouping.max_experts_per_gpu ({max_experts_per_gpu}) is below the {int(slots_R.max())} "
+            "primaries already on one GPU"
+        )
+    previous_set = set() if previous is None else {(int(e), int(r)) for e, r in previous}
+    order: list[tuple[int, int]] = []
+    extra_R = np.full(world, extra_slots_per_gpu if mode == "budget" else num_experts)
+    for e, r in initial or ():
+        if (
+            0 <= e < num_experts
+            and 0 <= r < world
+            and not hosts[e, r]
+            and slots_R[r] < cap
+            and extra_R[r] > 0
+        ):
+            hosts[e, r] = True
+            slots_R[r] += 1
+            extra_R[r] -= 1
+            order.append((int(e), int(r)))
+    weight = np.ones(world)
+    if loads.sum() > 0 and world > 1:
+        if mode == "paper":
+            weight = _paper(loads, primary, hosts, slots_R, cap, order)
+        else:
+            weight = _budget(
+                loads,
+                primary,
+                hosts,
+                slots_R,
+                cap,
+                order,
+                topology=topology,
+                policy=routing_policy,
+                extra_R=extra_R,
+                affinity=affinity_EE,
+                previous=previous_set,
+                tolerance=locality_tolerance,
+            )
+    if mode == "budget":
+        weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary)
+    else:
+        gpu = instance_loads(loads, hosts, weight, topology, routing_policy, primary).sum(axis=0)
+    replica_ranks: list[list[int]] = [[] for _ in range(num_experts)]
+    for e, r in order:
+        replica_ranks[e].append(r)
+    return ReplicaPlacement(
+        replica_ranks=tuple(tuple(ranks) for ranks in replica_ranks),
+        rank_weights=tuple(float(w) for w in weight / weight.mean()),
+        predicted_gpu_loads=tuple(float(x) for x in gpu),
+        moved=sum((e, r) not in previous_set for e, r in order),
+    )
+
+
+def _paper(
+    loads: np.ndarray,
+    primary: np.ndarray,
+    hosts: np.ndarray,
+    slots_R: np.ndarray,
+    cap: float,
+    order: list[tuple[int, int]],
+) -> np.ndarray:
+    world = hosts.shape[1]
+    gpu = np.bincount(primary, weights=loads, minlength=world)
+    heaviest = int(np.argmax(gpu))
+    rho = gpu[heaviest] / gpu.mean()
+    n_rep = min(max(1, int(np.floor(rho))), world - 1)
+    members = np.flatnonzero(primary == heaviest)
+    members = members[np.lexsort((members, -loads[members]))]
+    cumulative = np.cumsum(loads[members])
+    goal = gpu[heaviest] * n_rep / (1 + n_rep)
+    hot = members[: int(np.searchsorted(cumulative, goal - 1e-12 * gpu[heaviest])) + 1]
+    predicted = gpu.copy()
+    for e in hot:
+        free = np.flatnonzero(~hosts[e] & (slots_R < cap))
+        targets = free[np.lexsort((free, predicted[free]))][:n_rep]
+        if len(targets) == 0:
+            continue
+        share = loads[e] / (len(targets) + 1)
+        predicted[heaviest] -= loads[e] - share
+        predicted[targets] += share
+        for r in targets:
+            hosts[e, r] = True
+            slots_R[r] += 1
+            order.append((int(e), int(r)))
+    return np.divide(predicted.mean(), predicted, out=np.ones_like(predicted), where=predicted > 0)
+
+
+def _budget(
+    loads: np.ndarray,
+    primary: np.ndarray,
+    hosts: np.ndarray,
+    slots_R: np.ndarray,
+    cap: float,
+    order: list[tuple[int, int]],
+    *,
+    topology: Topology,
+    policy: RoutingPolicy,
+    extra_R: np.ndarray,
+    affinity: np.ndarray | None,
+    previous: set[tuple[int, int]],
+    tolerance: float,
+) -> np.ndarray:
+    """Phase 1: add the replica that lowers the expected max GPU load most, repeatedly.
+    Phase 2: move a replica (off the heaviest GPU, or of an expert on it) where that lowers the max.
+    Phase 3: slots left over go to nodes where the expert's co-activated experts are (saving
+    cross-node copies) while the max GPU load rises by no more than the tolerance. Returns the
+    per-rank WRR weights it ended with."""
+    if policy == "primary":
+        return np.ones(hosts.shape[1])
+    num_experts, world = hosts.shape
+    num_nodes, gpus = topology.num_nodes, topology.gpus_per_node
+    node_of_R = np.arange(world) // gpus
+    replicas_R = np.zeros(world, dtype=np.int64)
+    previous_ER = np.zeros((num_experts, world), dtype=bool)
+    for e, r in previous:
+        if 0 <= e < num_experts and 0 <= r < world:
+            previous_ER[e, r] = True
+    hosted_EN = hosts.reshape(num_experts, num_nodes, gpus).any(axis=2)
+    weight = np.ones(world)
+    load_ER = instance_loads(loads, hosts, weight, topology, policy, primary)
+    gpu = load_ER.sum(axis=0)
+    slack = tolerance * gpu.mean()
+    scale = 1e-12 * max(gpu.mean(), 1e-300)
+
+    def row_loads(e: int, hosts_R: np.ndarray) -> np.ndarray:
+        return instance_loads(
+            loads[e : e + 1], hosts_R[None, :], weight, topology, policy, primary[e : e + 1]
+        )[0]
+
+    def closeness_EN(rows: np.ndarray) -> np.ndarray:
+        """Co-activation of experts `rows` with the experts each node hosts (load without A)."""
+        if affinity is None:
+            return np.repeat(loads[rows][:, None], num_nodes, axis=1)
+        return affinity[rows] @ hosted_EN
+
+    def best_addition(base_gpu: np.ndarray, room_R: np.ndarray, skip: tuple[int, int] | None = None):
+        """The replica that lowers max (then sum of squares) of base_gpu most; within the tolerance
+        a kept replica first, then a node without a copy, then co-activated neighbours. None if
+        nothing improves."""
+        heaviest = int(np.argmax(base_gpu))
+        experts = np.flatnonzero((load_ER[:, heaviest] > 0) | hosts[:, heaviest])
+        rows_e, cand_t = np.nonzero(~hosts[experts] & room_R[None, :])
+        cand_e = experts[rows_e]
+        if skip is not None:
+            keep = ~((cand_e == skip[0]) & (cand_t == skip[1]))
+            cand_e, cand_t = cand_e[keep], cand_t[keep]
+        if len(cand_e) == 0:
+            return None
+        cand_hosts = hosts[cand_e].copy()
+        cand_hosts[np.arange(len(cand_e)), cand_t] = True
+        new_XR = instance_loads(loads[cand_e], cand_hosts, weight, topology, policy, primary[cand_e])
+        gpu_XR = base_gpu[None, :] - load_ER[cand_e] + new_XR
+        new_max = gpu_XR.max(axis=1)
+        new_sq = (gpu_XR**2).sum(axis=1)
+        base_max, base_sq = base_gpu.max(), float((base_gpu**2).sum())
+        improves = (new_max < base_max - scale) | (
+            (new_max <= base_max + scale) & (new_sq < base_sq * (1 - 1e-12))
+        )
+        if not improves.any():
+            return None
+        pick = np.flatnonzero(improves & (new_max <= new_max[improves].min() + slack))
+        close = closeness_EN(cand_e[pick])[np.arange(len(pick)), node_of_R[cand_t[pick]]]
+        kept = previous_ER[cand_e[pick], cand_t[pick]]
+        new_node = ~hosted_EN[cand_e[pick], node_of_R[cand_t[pick]]]  # a first copy on that node
+        best = int(pick[np.lexsort((pick, new_sq[pick], -close, ~new_node, ~kept))[0]])
+        return int(cand_e[best]), int(cand_t[best]), new_XR[best], gpu_XR[best]
+
+    def place(e: int, t: int, new_R: np.ndarray) -> None:
+        nonlocal gpu, load_ER, weight
+        hosts[e, t] = hosted_EN[e, node_of_R[t]] = True
+        slots_R[t] += 1
+        replicas_R[t] += 1
+        order.append((e, t))
+        load_ER[e] = new_R
+        gpu = load_ER.sum(axis=0)
+        # one damped step toward weights inversely proportional to GPU load; kept if it helps
+        trial = weight * np.sqrt(np.divide(gpu.mean(), gpu, out=np.full(world, 2.0), where=gpu > 0))
+        trial /= trial.mean()
+        trial_ER = instance_loads(loads, hosts, trial, topology, policy, primary)
+        trial_gpu = trial_ER.sum(axis=0)
+        if trial_gpu.max() < gpu.max():
+            weight, load_ER, gpu = trial, trial_ER, trial_gpu
+
+    def unplace(e: int, t: int, new_R: np.ndarray) -> None:
+        nonlocal gpu
+        hosts[e, t] = False
+        hosted_EN[e, node_of_R[t]] = hosts[e, node_of_R == node_of_R[t]].any()
+        slots_R[t] -= 1
+        replicas_R[t] -= 1
+        order.remove((e, t))
+        load_ER[e] = new_R
+        gpu = load_ER.sum(axis=0)
+
+    def room() -> np.ndarray:
+        return (replicas_R < extra_R) & (slots_R < cap)
+
+    while (found := best_addition(gpu, room())) is not None:  # phase 1
+        place(found[0], found[1], found[2])
+
+    for _ in range(len(order)):  # phase 2
+        heaviest, current = int(np.argmax(gpu)), gpu.max()
+        best_move = None
+        for e, r in [(e, r) for e, r in order if r == heaviest or hosts[e, heaviest]]:
+            without = hosts[e].copy()
+            without[r] = False
+            row = row_loads(e, without)
+            saved = load_ER[e].copy()
+            hosts[e, r] = False
+            load_ER[e] = row
+            freed = room()
+            freed[r] = slots_R[r] - 1 < cap
+            found = best_addition(gpu - saved + row, freed, skip=(e, r))
+            hosts[e, r] = True
+            load_ER[e] = saved
+            if (
+                found is not None
+                and found[3].max() < current - scale
+                and (best_move is None or found[3].max() < best_move[1][3].max())
+            ):
+                best_move = ((e, r, row), found)
+        if best_move is None:
+            break
+        (e, r, row), (add_e, add_t, add_row, _) = best_move
+        unplace(e, r, row)
+        place(
+            add_e,
+            add_t,
+            add_row if add_e != e else row_loads(add_e, hosts[add_e] | (np.arange(world) == add_t)),
+        )
+
+    limit = gpu.max() + slack
+    shortlist_size = 2 * num_nodes
+    while True:  # phase 3: locality with the slots left
+        room_R = room()
+        room_N = room_R.reshape(num_nodes, gpus).any(axis=1)
+        score_EN = closeness_EN(np.arange(num_experts))
+        open_EN = ~hosted_EN & room_N[None, :] & (loads[:, None] > 0)
+        if not open_EN.any():
+            return weight
+        pair_e, pair_n = np.nonzero(open_EN)
+        top = np.lexsort((np.arange(len(pair_e)), -score_EN[pair_e, pair_n]))[:shortlist_size]
+        pair_e, pair_n = pair_e[top], pair_n[top]
+        cand_e = np.repeat(pair_e, gpus)
+        cand_t = (pair_n[:, None] * gpus + np.arange(gpus)[None, :]).ravel()
+        usable = room_R[cand_t]
+        cand_e, cand_t = cand_e[usable], cand_t[usable]
+        close = score_EN[cand_e, node_of_R[cand_t]]
+        cand_hosts = hosts[cand_e].copy()
+        cand_hosts[np.arange(len(cand_e)), cand_t] = True
+        new_XR = instance_loads(loads[cand_e], cand_hosts, weight, topology, policy, primary[cand_e])
+        new_max = (gpu[None, :] - load_ER[cand_e] + new_XR).max(axis=1)
+        allowed = np.flatnonzero(new_max <= limit)
+        if len(allowed) == 0:
+            return weight
+        kept = previous_ER[cand_e[allowed], cand_t[allowed]]
+        best = int(allowed[np.lexsort((allowed, new_max[allowed], -close[allowed], ~kept))[0]])
+        place(int(cand_e[best]), int(cand_t[best]), new_XR[best])
+
+
+def slot_lists(
+    primary_E: Sequence[int] | np.ndarray,
+    placement: ReplicaPlacement,
+    *,
+    num_ranks: int,
+    previous_slots: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
+    """Per-rank slot lists: primaries first, then replicas.
+
+    With ``previous_slots`` (the layer's current slot lists), primaries keep their slot order and a
+    replica that stays keeps its slot index where it can, so the runtime moves as little as possible.
+    """
+    primary = np.asarray(primary_E, dtype=np.int64)
+    replicas: list[list[int]] = [[] for _ in range(num_ranks)]
+    for e, ranks in enumerate(placement.replica_ranks):
+        for r in ranks:
+            replicas[r].append(e)
+    slots: list[list[int]] = []
+    for rank in range(num_ranks):
+        primaries = sorted(np.flatnonzero(primary == rank).tolist())
+        if previous_slots is None:
+            slots.append(primaries + sorted(replicas[rank]))
+            continue
+        old = list(previous_slots[rank])
+        own = set(primaries)
+        ordered_primaries = [e for e in old if e in own] + [e for e in primaries if e not in set(old)]
+        old_replicas = [e for e in old if e not in own]
+        new = set(replicas[rank])
+        kept = [e if e in new else None for e in old_replicas]
+        incoming = [e for e in sorted(new) if e not in set(old_replicas)]
+        merged = [e if e is not None else (incoming.pop(0) if incoming else None) for e in kept]
+        slots.append(ordered_primaries + [e for e in merged if e is not None] + incoming)
+    return slots
+
+
+def layer_plan_from(
+    primary_E: Sequence[int] | np.ndarray,
+    placement: ReplicaPlacement,
+    *,
+    num_ranks: int,
+    previous_slots: Sequence[Sequence[int]] | None = None,
+) -> LayerPlan:
+    """A LayerPlan holding the primaries, the replicas and the per-rank WRR weights."""
+    slots = slot_lists(primary_E, placement, num_ranks=num_ranks, previous_slots=previous_slots)
+    return LayerPlan.from_lists(
+        slots=slots,
+        primary=[int(r) for r in np.asarray(primary_E)],
+        slot_weights=[[placement.rank_weights[r]] * len(s) for r, s in enumerate(slots)],
+    )
+
+
+def replan_layer(
+    layer: LayerPlan,
+    loads_E: Sequence[float] | np.ndarray,
+    topology: Topology,
+    *,
+    mode: ReplicationMode = "budget",
+    extra_slots_per_gpu: int = 1,
+    max_experts_per_gpu: int | None = None,
+    routing_policy: RoutingPolicy = "tar",
+    affinity_EE: np.ndarray | None = None,
+) -> tuple[LayerPlan, ReplicaPlacement]:
+    """Re-place one layer's replicas for new loads, primaries fixed, moving few replicas.
+
+    For the online re-planner: returns the new LayerPlan (kept replicas keep their slot index) and
+    the placement (its ``moved`` counts replicas to copy onto new ranks).
+    """
+    if layer.num_ranks != topology.world_size:
+        raise ReplicationError(
+            f"layer has {layer.num_ranks} ranks but the topology ({topology}) has {topology.world_size}"
+        )
+    primary = np.array(layer.primary, dtype=np.int64)
+    current = [(e, r) for r, experts in enumerate(layer.slots) for e in experts if layer.primary[e] != r]
+    placement = replicate(
+        loads_E,
+        primary,
+        topology,
+        mode=mode,
+        extra_slots_per_gpu=extra_slots_per_gpu,
+        max_experts_per_gpu=max_experts_per_gpu,
+        routing_policy=routing_policy,
+        affinity_EE=affinity_EE,
+        previous=current,
+    )
+    plan = layer_plan_from(primary, placement, num_ranks=topology.world_size, previous_slots=layer.slots)
+    return plan, placement

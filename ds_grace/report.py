@@ -1,0 +1,180 @@
+"""Plots and a markdown summary of a GracePlan on a routing trace (``ds-grace report``).
+
+Shape legend: E experts, R ranks (GPUs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ds_grace.planning.baselines import contiguous_primary, single_instance_layer  # noqa: E402
+from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan, expected_gpu_loads  # noqa: E402
+from ds_grace.planning.plan import GracePlan, PlanError  # noqa: E402
+from ds_grace.planning.stats import expert_loads, intra_layer_affinity  # noqa: E402
+from ds_grace.trace import ExpertLoads, RoutingTrace  # noqa: E402
+
+
+def _expert_order(plan: GracePlan, layer: int) -> np.ndarray:
+    """Experts sorted by primary rank (so by node, then GPU), then id."""
+    primary_E = np.array(plan.layers[layer].primary)
+    return np.lexsort((np.arange(len(primary_E)), primary_E))
+
+
+def _boundaries(plan: GracePlan, layer: int, order_E: np.ndarray) -> tuple[list[float], list[float]]:
+    primary_E = np.array(plan.layers[layer].primary)[order_E]
+    gpu_cuts = [i - 0.5 for i in range(1, len(primary_E)) if primary_E[i] != primary_E[i - 1]]
+    node_of = primary_E // plan.topology.gpus_per_node
+    node_cuts = [i - 0.5 for i in range(1, len(node_of)) if node_of[i] != node_of[i - 1]]
+    return gpu_cuts, node_cuts
+
+
+def plot_affinity(plan: GracePlan, trace: RoutingTrace, layer: int, path: Path) -> None:
+    affinity_EE = intra_layer_affinity(trace.topk_ids[layer], trace.num_experts)
+    order = _expert_order(plan, layer)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(affinity_EE[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+    gpu_cuts, node_cuts = _boundaries(plan, layer, order)
+    for cut in gpu_cuts:
+        ax.axhline(cut, color="white", lw=0.4)
+        ax.axvline(cut, color="white", lw=0.4)
+    for cut in node_cuts:
+        ax.axhline(cut, color="red", lw=1.2)
+        ax.axvline(cut, color="red", lw=1.2)
+    ticks = np.arange(len(order)) if len(order) <= 32 else np.arange(0, len(order), max(1, len(order) // 16))
+    ax.set_xticks(ticks, [str(order[i]) for i in ticks], fontsize=6, rotation=90)
+    ax.set_yticks(ticks, [str(order[i]) for i in ticks], fontsize=6)
+    ax.set_title(f"layer {layer}: co-activation, experts by GPU (white) and node (red)")
+    fig.colorbar(image, ax=ax, label="tokens choosing both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_gpu_load(plan: GracePlan, loads_E: np.ndarray, layer: int, path: Path, routing: str) -> None:
+    layer_plan = plan.layers[layer]
+    world = plan.topology.world_size
+    contiguous = single_instance_layer(contiguous_primary(len(loads_E), world), world)
+    rows = {
+        "contiguous (DeepSpeed)": expected_gpu_loads(loads_E, contiguous, plan.topology, "primary"),
+        f"{plan.policy} primaries only": expected_gpu_loads(loads_E, layer_plan, plan.topology, "primary"),
+        f"{plan.policy} with replicas ({routing})": expected_gpu_loads(
+            loads_E, layer_plan, plan.topology, routing
+        ),
+    }
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * world + 3), 4))
+    width = 0.8 / len(rows)
+    mean = loads_E.sum() / world
+    for i, (label, gpu_R) in enumerate(rows.items()):
+        ax.bar(
+            np.arange(world) + (i - 1) * width,
+            gpu_R / mean,
+            width,
+            label=f"{label}: mean/max {gpu_R.mean() / gpu_R.max():.3f}",
+        )
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(world))
+    ax.set_xlabel("GPU (rank)")
+    ax.set_ylabel("expected load / mean")
+    ax.set_title(f"layer {layer}: per-GPU load before and after replication")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_placement(plan: GracePlan, layer: int, path: Path) -> None:
+    layer_plan = plan.layers[layer]
+    grid_RE = np.zeros((layer_plan.num_ranks, layer_plan.num_experts))
+    for rank, experts in enumerate(layer_plan.slots):
+        for e in experts:
+            grid_RE[rank, e] = 2.0 if layer_plan.primary[e] == rank else 1.0
+    fig, ax = plt.subplots(
+        figsize=(max(6.0, 0.12 * layer_plan.num_experts + 2), max(3.0, 0.3 * layer_plan.num_ranks + 1.5))
+    )
+    colors = matplotlib.colors.ListedColormap(["white", "tab:orange", "tab:blue"])
+    ax.imshow(grid_RE, cmap=colors, vmin=0, vmax=2, aspect="auto", interpolation="nearest")
+    for node in range(1, plan.topology.num_nodes):
+        ax.axhline(node * plan.topology.gpus_per_node - 0.5, color="red", lw=1.2)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("GPU (rank)")
+    ax.set_title(f"layer {layer}: primaries (blue) and replicas (orange); red lines split nodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(plan: GracePlan, trace: RoutingTrace | ExpertLoads, layer: int) -> str:
+    world = plan.topology.world_size
+    contiguous = GracePlan(
+        topology=plan.topology,
+        layers=tuple(
+            single_instance_layer(contiguous_primary(plan.num_experts, world), world) for _ in plan.layers
+        ),
+        policy="contiguous",
+    )
+    ours = evaluate_plan(trace, plan)
+    base = evaluate_plan(trace, contiguous, routing_policy="primary")
+    lines = [
+        f"# Plan report: {plan.policy} on {plan.topology}",
+        "",
+        f"- layers: {plan.num_layers}, experts per layer: {plan.num_experts}, "
+        f"replicas: {sum(layer_plan.replica_count() for layer_plan in plan.layers)}",
+        f"- routing: {ours['routing_policy']}; content hash `{plan.content_hash[:16]}`; "
+        f"trace fingerprint `{plan.trace_fingerprint}` (this trace: `{trace.fingerprint}`)",
+    ]
+    grouping = plan.meta.get("grouping")
+    if grouping:
+        lines.append(
+            f"- grouping: ratio r = {grouping.get('ratio')}, affinity kept inside nodes "
+            f"{grouping.get('kept_node_affinity', 0):.3f}, inside GPUs {grouping.get('kept_gpu_affinity', 0):.3f}"
+        )
+    lines += ["", "| metric | this plan | contiguous (DeepSpeed) |", "| --- | --- | --- |"]
+    lines += [f"| {key} | {_fmt(ours[key])} | {_fmt(base[key])} |" for key in METRIC_KEYS]
+    lines += [
+        "",
+        f"Plots show layer {layer}: `gpu_load.png` (expected load per GPU, every origin GPU equally likely), "
+        "`placement.png` (primaries and replicas)"
+        + (
+            ", `affinity.png` (co-activation ordered by GPU and node)."
+            if isinstance(trace, RoutingTrace)
+            else "; the trace holds loads only, so there is no affinity heatmap."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    plan: GracePlan, trace: RoutingTrace | ExpertLoads, out_dir: str | Path, *, layer: int = 0
+) -> list[Path]:
+    """Write the plots and summary.md into out_dir; return the written paths."""
+    loads_LE = expert_loads(trace)
+    if loads_LE.shape != (plan.num_layers, plan.num_experts):
+        raise PlanError(
+            f"trace has {loads_LE.shape[0]} layers of {loads_LE.shape[1]} experts but the plan has "
+            f"{plan.num_layers} of {plan.num_experts}"
+        )
+    if not 0 <= layer < plan.num_layers:
+        raise ValueError(f"--layer ({layer}) must be in [0, {plan.num_layers})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if isinstance(trace, RoutingTrace):
+        plot_affinity(plan, trace, layer, out / "affinity.png")
+        written.append(out / "affinity.png")
+    routing = plan.meta.get("routing_policy", "tar")
+    plot_gpu_load(plan, loads_LE[layer], layer, out / "gpu_load.png", routing)
+    plot_placement(plan, layer, out / "placement.png")
+    (out / "summary.md").write_text(summary_markdown(plan, trace, layer))
+    written += [out / "gpu_load.png", out / "placement.png", out / "summary.md"]
+    return written
