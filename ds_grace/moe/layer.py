@@ -17,7 +17,7 @@ exactly its rows. For inference: the all-to-alls carry no gradient.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,18 @@ class GraceMOELayer(MOELayer):
         self.grace_groups: GraceGroups | None = None
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
         self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, topology, options.policy)}
+        self.route_observer: Callable[[torch.Tensor], None] | None = None
+
+    def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
+        """Serve `layer_plan` with `experts` (this rank's slots under it) from the next forward on.
+
+        Every rank must swap between the same two forwards (ds_grace.online decides when).
+        """
+        self.experts = experts
+        self.num_local_experts = experts.num_local_experts
+        self.layer_plan = layer_plan
+        self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
+        self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, self.topology, self.options.policy)}
 
     def set_grace_groups(self, groups: GraceGroups) -> None:
         if groups.topology != self.topology or groups.ep_index != self.ep_index:
@@ -161,6 +173,8 @@ class GraceMOELayer(MOELayer):
                 f"({tuple(topk_ids_TK.shape)})"
             )
         check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
+        if self.route_observer is not None:
+            self.route_observer(topk_ids_TK)
         table = self.route_table(x_TD.device)
         rank_TK, slot_TK = choose_instances(
             table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
@@ -342,6 +356,30 @@ class GraceMoE(MoE):
 
     def set_grace_groups(self, groups: GraceGroups) -> None:
         self.deepspeed_moe.set_grace_groups(groups)
+
+    def set_route_observer(self, observer: Callable[[torch.Tensor], None] | None) -> None:
+        """Call observer(topk_ids_TK) on every forward's routing (the online load monitor's hook)."""
+        self.deepspeed_moe.route_observer = observer
+
+    def swap_layer_plan(self, layer_plan: LayerPlan, slot_modules: Sequence[nn.Module]) -> None:
+        """Switch to `layer_plan` with `slot_modules` (one per slot of this rank under it), between
+        forwards; modules no longer referenced are freed. Primaries may not move (same grouping)."""
+        layer = self.deepspeed_moe
+        _check_plan(layer_plan, layer.topology, num_experts=self.num_experts)
+        if layer_plan.primary != layer.layer_plan.primary:
+            raise ValueError(
+                f"layer_plan.primary ({list(layer_plan.primary)}) must equal the served plan's "
+                f"({list(layer.layer_plan.primary)}); only replicas may change"
+            )
+        slots = layer_plan.slots[layer.ep_index]
+        if len(slot_modules) != len(slots):
+            raise ValueError(
+                f"slot_modules has {len(slot_modules)} modules but the plan gives EP rank {layer.ep_index} "
+                f"{len(slots)} slots ({list(slots)})"
+            )
+        experts = GraceExperts(slot_modules, slot2expert=slots, expert_group_name=self.expert_group_name)
+        layer.swap_layer_plan(layer_plan, experts)
+        self.num_local_experts = len(slots)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """DeepSpeed's wiring entry point: creates (collectively) and sets the GRACE groups."""

@@ -1,0 +1,378 @@
+"""OnlineReplicator: replication that follows the load while serving (monitor, re-plan, migrate).
+
+Shape legend: L MoE layers, E logical experts, R expert-parallel ranks, W intervals in the window.
+
+Call ``step()`` on every rank once after every forward pass. Every ``interval`` steps, at a
+boundary between two forwards, all ranks run the same sequence:
+1. wait for the replica transfers started at the previous boundary (they overlapped the forwards);
+2. one all-gather of each rank's fields: its expert counts of the interval (L x E), its computed
+   routes per layer, the hashes of its live and pending plans; the counts are summed into the
+   window (the last ``window`` intervals), identical on every rank;
+3. a pending migration whose bytes have all arrived goes live now, on every rank (its hash was
+   gathered in 2: a mismatch raises PlanMismatchError on every rank, nothing switches); layers swap
+   their plan and slots, dropped replicas are freed;
+4. with no migration pending, a layer whose predicted balancedness on the window is below
+   ``threshold`` is re-planned (primaries fixed, few replicas moved); the new plan's hash is
+   checked across ranks before any byte moves;
+5. the next chunks of a pending migration, up to ``max_bytes_per_interval`` in total, start
+   point-to-point into staging buffers beside the live experts.
+Outputs never change: a token's experts and gate weights are the gate's, only the instance that
+computes them moves, and every instance is a byte-exact copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ds_grace.comm.groups import GraceGroups
+from ds_grace.comm.migration import (
+    HASH_WORDS,
+    TransferBatch,
+    check_same_hash,
+    gather_fields,
+    hash_words,
+    raise_on_hash_mismatch,
+    start_transfers,
+)
+from ds_grace.config import GraceConfig, OnlineReplicationConfig, ReplicationConfig
+from ds_grace.moe.layer import GraceMoE
+from ds_grace.online.replan import ReplanResult, predicted_balancedness, replan
+from ds_grace.online.schedule import ReplicaCopy, cross_node_bytes, freed_replicas, next_chunks, plan_copies
+from ds_grace.planning.plan import GracePlan
+
+Replanner = Callable[[GracePlan, np.ndarray], ReplanResult]
+
+
+def module_bytes(module: nn.Module) -> torch.Tensor:
+    """The flat uint8 image of a module's state (state_dict order)."""
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in module.state_dict().values()]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def module_from_bytes(template: nn.Module, image: torch.Tensor) -> nn.Module:
+    """A fresh copy of `template` whose state is `image` (as made by module_bytes)."""
+    template_state = template.state_dict()
+    needed = sum(t.numel() * t.element_size() for t in template_state.values())
+    if needed != image.numel():
+        raise ValueError(f"replica image has {image.numel()} bytes; the expert's state needs {needed}")
+    module = copy.deepcopy(template)
+    state, offset = {}, 0
+    for name, tensor in template_state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        raw = image[offset : offset + nbytes].to(tensor.device)
+        state[name] = raw.view(tensor.dtype).view(tensor.shape)
+        offset += nbytes
+    module.load_state_dict(state)
+    return module
+
+
+class OnlineReplicator:
+    """Online replication for the GraceMoE layers of one model on this rank (see module doc)."""
+
+    def __init__(
+        self,
+        layers: Sequence[GraceMoE],
+        *,
+        config: OnlineReplicationConfig,
+        replication: ReplicationConfig | None = None,
+        max_experts_per_gpu: int | None = None,
+        plan: GracePlan | None = None,
+        groups: GraceGroups | None = None,
+    ) -> None:
+        if not layers:
+            raise ValueError("layers is empty; online replication needs >= 1 GraceMoE layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, GraceMoE):
+                raise ValueError(f"layers[{i}] ({type(layer).__name__}) must be a GraceMoE")
+        self.layers = tuple(layers)
+        first = self.layers[0].deepspeed_moe
+        self.topology = first.topology
+        self.policy = first.options.policy
+        live_layers = tuple(layer.layer_plan for layer in self.layers)
+        if plan is None:
+            plan = GracePlan(topology=self.topology, layers=live_layers, policy="online")
+        elif plan.layers != live_layers:
+            raise ValueError("plan.layers differ from the layers' served plans")
+        self.config = config
+        self.replication = replication if replication is not None else ReplicationConfig()
+        self.max_experts_per_gpu = max_experts_per_gpu
+        self.groups = groups if groups is not None else first.groups()
+        self.ep_index = self.groups.ep_index
+        self.num_layers, self.num_experts = len(self.layers), plan.num_experts
+        self.replanner: Replanner = self._default_replanner
+        self._plan = plan
+        self._step = 0
+        self._counts_LE: torch.Tensor = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
+        self._window: deque[np.ndarray] = deque(maxlen=config.window)
+        self._routes_seen = [0] * self.num_layers
+        self._pending: dict[str, Any] | None = None
+        self._in_flight: TransferBatch | None = None
+        self._intervals: list[dict[str, Any]] = []
+        self._migrations: list[dict[str, Any]] = []
+        self._blocked_replans = 0
+        for index, layer in enumerate(self.layers):
+            layer.set_route_observer(self._observer(index))
+
+    @classmethod
+    def from_config(
+        cls, layers: Sequence[GraceMoE], grace: GraceConfig, **kwargs: Any
+    ) -> OnlineReplicator | None:
+        """The replicator grace.replication.online asks for, or None when it is disabled."""
+        if not (grace.replication.enabled and grace.replication.online.enabled):
+            return None
+        return cls(
+            layers,
+            config=grace.replication.online,
+            replication=grace.replication,
+            max_experts_per_gpu=grace.grouping.max_experts_per_gpu,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_served(cls, served: Any, grace: GraceConfig) -> OnlineReplicator | None:
+        """For what init_inference set up (``engine.grace``: its GraceMoE ``layers`` and ``plan``)."""
+        layers = [layer for layer in served.layers if isinstance(layer, GraceMoE)]
+        if len(layers) != len(served.layers):
+            raise ValueError("engine.grace.layers must all be GraceMoE (online replication needs grace mode)")
+        return cls.from_config(layers, grace, plan=served.plan)
+
+    # ---- monitor ----
+
+    def _observer(self, index: int) -> Callable[[torch.Tensor], None]:
+        def observe(topk_ids_TK: torch.Tensor) -> None:
+            ids = topk_ids_TK.reshape(-1)
+            ids = ids[ids >= 0].to("cpu", torch.int64)
+            self._counts_LE[index] += torch.bincount(ids, minlength=self.num_experts)
+
+        return observe
+
+    @property
+    def plan(self) -> GracePlan:
+        """The plan live on this rank now."""
+        return self._plan
+
+    @property
+    def migrating(self) -> bool:
+        return self._pending is not None
+
+    def window_loads(self) -> np.ndarray:
+        """loads_LE summed over the window (identical on every rank)."""
+        if not self._window:
+            return np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+        return np.sum(np.stack(self._window), axis=0)
+
+    # ---- the boundary ----
+
+    def step(self) -> None:
+        """Count one forward pass; at every `interval`-th, run the boundary (collective)."""
+        self._step += 1
+        if self._step % self.config.interval == 0:
+            self._boundary()
+
+    def _boundary(self) -> None:
+        begin = time.perf_counter()
+        stall_s = self._in_flight.wait() if self._in_flight is not None else 0.0
+        if self._pending is not None and self._in_flight is not None:
+            self._pending["transfer_s"] += time.perf_counter() - self._in_flight.started_at
+        self._in_flight = None
+        fields_RF = gather_fields(self._local_fields(), groups=self.groups)
+        ne = self.num_layers * self.num_experts
+        counts_LE = fields_RF[:, :ne].sum(dim=0).reshape(self.num_layers, self.num_experts).numpy()
+        routes_RL = fields_RF[:, ne : ne + self.num_layers].numpy()
+        live_words = fields_RF[:, ne + self.num_layers : ne + self.num_layers + HASH_WORDS]
+        pending_words = fields_RF[:, ne + self.num_layers + HASH_WORDS :]
+        raise_on_hash_mismatch(live_words, what=f"step {self._step}: live plan")
+        self._window.append(counts_LE)
+        record: dict[str, Any] = {
+            "step": self._step,
+            "balancedness": self._balancedness(counts_LE),
+            "measured_balancedness": [
+                float(col.mean() / col.max()) if col.max() > 0 else 1.0
+                for col in routes_RL.T.astype(np.float64)
+            ],
+            "bytes_moved": 0,
+            "switched": False,
+        }
+        if self._pending is not None and self._pending["cursor"] == self._pending["total_bytes"]:
+            raise_on_hash_mismatch(pending_words, what=f"step {self._step}: switch")
+            self._pending["stall_s"] += stall_s
+            self._switch()
+            record["switched"] = True
+        elif self._pending is not None:
+            self._pending["stall_s"] += stall_s
+        if self._pending is None:
+            self._maybe_replan()
+        if self._pending is not None:
+            record["bytes_moved"] = self._send_next()
+        record["window_balancedness"] = self._balancedness(self.window_loads())
+        record["plan_hash"] = self._plan.content_hash
+        record["boundary_s"] = time.perf_counter() - begin
+        self._intervals.append(record)
+
+    def _local_fields(self) -> torch.Tensor:
+        counts = self._counts_LE.reshape(-1).clone()
+        self._counts_LE.zero_()
+        routes = []
+        for index, layer in enumerate(self.layers):
+            total = sum(layer.comm_counters.expert_rows)
+            seen = self._routes_seen[index]
+            routes.append(total - seen if total >= seen else total)  # counters may have been reset
+            self._routes_seen[index] = total
+        pending = self._pending["plan"].content_hash if self._pending is not None else None
+        return torch.cat(
+            [
+                counts,
+                torch.tensor(routes, dtype=torch.int64),
+                hash_words(self._plan.content_hash),
+                hash_words(pending) if pending is not None else torch.zeros(HASH_WORDS, dtype=torch.int64),
+            ]
+        )
+
+    def _balancedness(self, loads_LE: np.ndarray) -> list[float]:
+        return [
+            predicted_balancedness(loads_LE[i], layer, self.topology, self.policy)
+            for i, layer in enumerate(self._plan.layers)
+        ]
+
+    # ---- re-planning ----
+
+    def _default_replanner(self, plan: GracePlan, loads_LE: np.ndarray) -> ReplanResult:
+        return replan(
+            plan,
+            loads_LE,
+            threshold=self.config.threshold,
+            policy=self.policy,
+            mode=self.replication.mode,
+            extra_slots_per_gpu=self.replication.extra_slots_per_gpu,
+            max_experts_per_gpu=self.max_experts_per_gpu,
+        )
+
+    def _maybe_replan(self) -> None:
+        result = self.replanner(self._plan, self.window_loads())
+        if result.plan is None:
+            return
+        if self.config.max_bytes_per_interval == 0:
+            self._blocked_replans += 1
+            return
+        check_same_hash(result.plan.content_hash, groups=self.groups, what=f"step {self._step}: re-plan")
+        copies = plan_copies(self._plan, result.plan, expert_nbytes=self._expert_nbytes())
+        staging = {c.key: torch.empty(c.nbytes, dtype=torch.uint8) for c in copies if c.dst == self.ep_index}
+        self._pending = {
+            "plan": result.plan,
+            "result": result,
+            "copies": copies,
+            "staging": staging,
+            "cursor": 0,
+            "total_bytes": sum(c.nbytes for c in copies),
+            "decided_at_step": self._step,
+            "intervals": 0,
+            "cross_node_bytes": 0,
+            "transfer_s": 0.0,
+            "stall_s": 0.0,
+        }
+
+    def _expert_nbytes(self) -> list[int]:
+        sizes = []
+        for index, layer in enumerate(self.layers):
+            modules = list(layer.deepspeed_moe.experts.deepspeed_experts)
+            if not modules:
+                raise ValueError(
+                    f"layer {index} has no expert slot on EP rank {self.ep_index} to size replicas by"
+                )
+            sizes.append(int(module_bytes(modules[0]).numel()))
+        return sizes
+
+    # ---- migration ----
+
+    def _send_next(self) -> int:
+        pending = self._pending
+        assert pending is not None
+        chunks, pending["cursor"] = next_chunks(
+            pending["copies"], cursor=pending["cursor"], budget=self.config.max_bytes_per_interval
+        )
+        sources = {c.key: module_bytes(self._live_module(*c.key)) for c in chunks if c.src == self.ep_index}
+        self._in_flight = start_transfers(
+            chunks, source_bytes=sources, staging_bytes=pending["staging"], groups=self.groups
+        )
+        moved = sum(c.nbytes for c in chunks)
+        pending["intervals"] += 1
+        pending["cross_node_bytes"] += cross_node_bytes(chunks, self.topology)
+        return moved
+
+    def _live_module(self, layer_index: int, expert: int) -> nn.Module:
+        layer = self.layers[layer_index]
+        slots = layer.layer_plan.slots[self.ep_index]
+        return layer.deepspeed_moe.experts.deepspeed_experts[slots.index(expert)]
+
+    def _switch(self) -> None:
+        pending = self._pending
+        assert pending is not None
+        begin = time.perf_counter()
+        target: GracePlan = pending["plan"]
+        result: ReplanResult = pending["result"]
+        freed = freed_replicas(self._plan, target)
+        for index in result.layers:
+            layer = self.layers[index]
+            live_slots = layer.layer_plan.slots[self.ep_index]
+            live_modules = list(layer.deepspeed_moe.experts.deepspeed_experts)
+            template = live_modules[0]
+            modules = []
+            for e in target.layers[index].slots[self.ep_index]:
+                if e in live_slots:
+                    modules.append(live_modules[live_slots.index(e)])
+                else:
+                    modules.append(module_from_bytes(template, pending["staging"].pop((index, e))))
+            layer.swap_layer_plan(target.layers[index], modules)
+        self._plan = target
+        copies: list[ReplicaCopy] = pending["copies"]
+        self._migrations.append(
+            {
+                "decided_at_step": pending["decided_at_step"],
+                "switched_at_step": self._step,
+                "layers": list(result.layers),
+                "replicas_added": len(copies),
+                "replicas_freed": len(freed),
+                "bytes_moved": pending["total_bytes"],
+                "cross_node_bytes": pending["cross_node_bytes"],
+                "transfer_intervals": pending["intervals"],
+                "transfer_s": pending["transfer_s"],
+                "stall_s": pending["stall_s"] + time.perf_counter() - begin,
+                "balancedness_before": [result.balancedness_before[i] for i in result.layers],
+                "balancedness_predicted": [result.balancedness_after[i] for i in result.layers],
+                "plan_hash": target.content_hash,
+            }
+        )
+        self._pending = None
+
+    # ---- reporting ----
+
+    def metrics(self) -> dict[str, Any]:
+        """Plain data: per-interval balancedness and bytes, every migration's cost, totals."""
+        return {
+            "step": self._step,
+            "interval": self.config.interval,
+            "threshold": self.config.threshold,
+            "plan_hash": self._plan.content_hash,
+            "migrating": self.migrating,
+            "replans": len(self._migrations) + int(self.migrating),
+            "blocked_replans": self._blocked_replans,
+            "bytes_moved_total": sum(r["bytes_moved"] for r in self._intervals),
+            "intervals": [dict(r) for r in self._intervals],
+            "migrations": [dict(m) for m in self._migrations],
+        }
+
+    def close(self) -> None:
+        """Finish transfers in flight and detach the load monitor from the layers."""
+        if self._in_flight is not None:
+            self._in_flight.wait()
+            self._in_flight = None
+        for layer in self.layers:
+            layer.set_route_observer(None)
