@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "build a GRACE (or baseline) expert placement plan from a routing trace"),
     "evaluate": ("evaluate", "metrics of a plan on a routing trace (cross-node copies, balance)"),
     "report": ("report", "plots and a markdown summary of a plan on a routing trace"),
+    "profile": ("profile", "record MoE routing of a checkpoint on calibration text into a trace"),
     "cluster": ("cluster", "run a script on an emulated multi-node cluster (netns + tc) or on local ranks"),
 }
 

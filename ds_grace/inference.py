@@ -1,0 +1,792 @@
+"""``ds_grace.init_inference``: DeepSpeed inference whose MoE layers run GRACE-MoE (or vanilla DeepSpeed-MoE).
+
+Shape legend: T tokens, S tokens a gate sees, D hidden, K top-k, E experts, C expert capacity.
+
+``init_inference(model, config=PATH_OR_DICT, **kwargs)`` mirrors ``deepspeed.init_inference`` and returns
+DeepSpeed's InferenceEngine. Steps, in this order:
+
+1. Local validation, before any collective: the ds_config (DeepSpeed's part and the grace block), the model
+   (a supported family; a checkpoint folder must exist and name one), the topology against the world
+   size, and, with grace enabled, the plan (the file exists, or is built from grace.profile.trace, and
+   fits the topology, the model's MoE layer count and expert count).
+2. torch.distributed is initialised if it is not yet: env:// under a launcher, else one local rank.
+3. ``deepspeed.init_inference`` with the grace block split off.
+4. MoE blocks are converted and their process groups wired:
+   - grace enabled: every MoE layer becomes a GraceMoE holding this rank's expert instances of the plan.
+     Transformers families keep their router in a RoutedMoEBlock and hand it the routing; models made of
+     deepspeed.moe.layer.MoE get each layer replaced by ``GraceMoE.from_deepspeed``.
+   - grace absent or ``enabled: false``: vanilla DeepSpeed-MoE. Models made of deepspeed.moe.layer.MoE go
+     through ``ds_grace.vanilla.serve_vanilla``. Transformers families keep their router too, and hand
+     the routing to a real DeepSpeed MoE layer (:class:`DeepSpeedRoutedExperts`): contiguous placement
+     (rank r holds experts r*E/D ..), DeepSpeed's MOELayer with its capacity-padded dense all-to-all over
+     the one flat expert-parallel group DeepSpeed's engine creates, and a gate that applies DeepSpeed's
+     capacity rule to the model's own routing (lossless or capacity-dropping, per grace.vanilla). These
+     blocks are converted before ``deepspeed.init_inference`` so that DeepSpeed sees MoE layers and creates
+     the group, which is then wired into every layer.
+
+The engine gets an attribute ``grace`` (a :class:`ServedMoE`): the mode, topology, plan, converted layers
+and their counters. Heavy libraries (torch.distributed, deepspeed, transformers) are imported on use, so
+``import ds_grace`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
+from ds_grace.topology import Topology
+
+if TYPE_CHECKING:
+    from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.planning.plan import GracePlan
+    from ds_grace.vanilla import DroppedRouteCounter
+
+ServingMode = Literal["grace", "vanilla"]
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---- what the model holds ----
+
+
+@dataclass(frozen=True)
+class MoEBlockInfo:
+    """One MoE layer of a model before conversion, in model order."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    ep_size: int = 1  # DeepSpeed MoE layers: ranks its experts are split over
+
+
+@dataclass(frozen=True)
+class ModelMoE:
+    family: str
+    blocks: tuple[MoEBlockInfo, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_experts(self) -> int:
+        counts = sorted({block.num_experts for block in self.blocks})
+        if len(counts) != 1:
+            from ds_grace.models import ModelAdapterError
+
+            raise ModelAdapterError(f"MoE layers must share one expert count to be planned, found {counts}")
+        return counts[0]
+
+
+def describe_moe(model: nn.Module) -> ModelMoE:
+    """The family and MoE layers of an unconverted model; raises ModelAdapterError for anything it cannot
+    serve (unknown architecture, unsupported or already converted MoE blocks). Local: no communication."""
+    from deepspeed.moe.layer import MoE
+
+    from ds_grace.models import ModelAdapterError, RoutedMoEBlock, adapter_for_block, model_family
+    from ds_grace.models.adapters import looks_like_moe_block, supported_blocks_text
+
+    family = model_family(model)
+    blocks: list[MoEBlockInfo] = []
+    if family == "deepspeed_moe":
+        for name, layer in model.named_modules():
+            if not isinstance(layer, MoE):
+                continue
+            if type(layer) is not MoE:
+                raise ModelAdapterError(
+                    f"MoE layer {name} ({type(layer).__qualname__}) must be deepspeed.moe.layer.MoE itself; "
+                    "a subclass (such as GraceMoE) means the model was converted before"
+                )
+            gate = layer.deepspeed_moe.gate
+            blocks.append(
+                MoEBlockInfo(
+                    name=name,
+                    num_experts=int(layer.num_experts),
+                    top_k=int(gate.k),
+                    hidden_size=int(gate.wg.weight.shape[1]),
+                    ep_size=int(layer.ep_size),
+                )
+            )
+        return ModelMoE(family=family, blocks=tuple(blocks))
+
+    hidden_size = int(model.config.hidden_size)
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for attribute, child in parent.named_children():
+            name = f"{prefix}.{attribute}" if prefix else attribute
+            if isinstance(child, RoutedMoEBlock):
+                raise ModelAdapterError(
+                    f"module {name} is already a RoutedMoEBlock: the model was converted before"
+                )
+            adapter = adapter_for_block(child)
+            if adapter is not None:
+                adapter.check_supported(child)
+                blocks.append(
+                    MoEBlockInfo(
+                        name=name,
+                        num_experts=adapter.num_experts(child),
+                        top_k=adapter.top_k(child),
+                        hidden_size=hidden_size,
+                    )
+                )
+            elif looks_like_moe_block(child):
+                raise ModelAdapterError(
+                    f"module {name} is an MoE block of an unsupported class ({type(child).__module__}."
+                    f"{type(child).__qualname__}); supported: {supported_blocks_text()}"
+                )
+            else:
+                visit(child, name)
+
+    visit(model, "")
+    if not blocks:
+        raise ModelAdapterError(
+            f"no supported MoE block found in {type(model).__name__} (model_type {family!r}); "
+            f"supported: {supported_blocks_text()}"
+        )
+    return ModelMoE(family=family, blocks=tuple(blocks))
+
+
+def check_checkpoint_folder(path: str | os.PathLike[str]) -> str:
+    """The model_type of a local checkpoint folder, checked against the supported families before any
+    weight is read. Raises CheckpointError or ModelAdapterError."""
+    from ds_grace.models import SUPPORTED_FAMILIES, CheckpointError, ModelAdapterError
+    from ds_grace.models.adapters import HF_FAMILIES
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder ({folder}) does not exist")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint folder ({folder}) has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint config ({config_file}) is not a JSON object: {exc}") from None
+    if model_type not in HF_FAMILIES:
+        raise ModelAdapterError(
+            f"checkpoint {folder}: model_type ({model_type!r}) is not a supported MoE family; "
+            f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return str(model_type)
+
+
+# ---- configuration ----
+
+
+def split_config(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], GraceConfig]:
+    """(DeepSpeed part, GraceConfig) of `config` merged with keyword `overrides`, as deepspeed.init_inference
+    merges them: a key given in both must have the same value. A "grace" override is the grace block."""
+    ds_config, grace = load_ds_config({} if config is None else config)
+    overrides = dict(overrides)
+    if GRACE_KEY in overrides:
+        if grace != GraceConfig(enabled=False):
+            raise GraceConfigError(
+                f'the grace block is given both in config and as the keyword argument "{GRACE_KEY}"'
+            )
+        grace = parse_grace_block(overrides.pop(GRACE_KEY))
+    for key, value in overrides.items():
+        if key in ds_config and ds_config[key] != value:
+            raise GraceConfigError(
+                f"{key} is given both in config ({ds_config[key]!r}) and as a keyword argument ({value!r})"
+            )
+        ds_config[key] = value
+    return ds_config, grace
+
+
+def validate_deepspeed_config(ds_config: Mapping[str, Any]) -> torch.dtype:
+    """Check the DeepSpeed part of the config locally; returns the dtype DeepSpeed will serve in."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.inference.config import DeepSpeedInferenceConfig
+    from pydantic import ValidationError
+
+    try:
+        parsed = DeepSpeedInferenceConfig(**ds_config)
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise GraceConfigError(f"ds_config is not a valid DeepSpeed inference config: {exc}") from None
+    if get_accelerator().device_name() == "cpu" and parsed.dtype not in _CPU_DTYPES:
+        shown = repr(ds_config["dtype"]) if "dtype" in ds_config else "unset, DeepSpeed's default fp16"
+        raise GraceConfigError(
+            f"dtype ({shown}) must be fp32 or bf16 on CPU: DeepSpeed inference refuses fp16 there"
+        )
+    if parsed.replace_with_kernel_inject or parsed.injection_policy:
+        raise GraceConfigError(
+            "replace_with_kernel_inject / injection_policy must be unset: kernel injection replaces the "
+            "blocks ds_grace serves (MoE layers are converted by ds_grace, dense layers stay as they are)"
+        )
+    if parsed.tensor_parallel.tp_size != 1:
+        raise GraceConfigError(
+            f"tensor_parallel.tp_size ({parsed.tensor_parallel.tp_size}) must be 1: ds_grace serves expert "
+            "parallelism over every rank, with dense layers replicated"
+        )
+    return parsed.dtype
+
+
+def _check_moe_ep_size(ds_config: Mapping[str, Any], *, expected: int, why: str) -> dict[str, Any]:
+    """ds_config with moe.ep_size set to `expected`; a different explicit value is an error."""
+    config = dict(ds_config)
+    moe = config.get("moe")
+    if moe is None or isinstance(moe, bool):
+        config["moe"] = {"enabled": True, "ep_size": expected}
+        return config
+    if not isinstance(moe, Mapping):
+        raise GraceConfigError(f"moe ({moe!r}) must be a JSON object")
+    if "ep_size" in moe and moe["ep_size"] != expected:
+        raise GraceConfigError(f"moe.ep_size ({moe['ep_size']}) must be {expected}: {why}")
+    config["moe"] = {**moe, "ep_size": expected}
+    return config
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank): torch.distributed's when initialised, else the launcher's environment, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    values = []
+    for name, default in (("WORLD_SIZE", 1), ("RANK", 0)):
+        text = os.environ.get(name)
+        if text is None:
+            values.append(default)
+            continue
+        if not text.isdigit():
+            raise GraceConfigError(f"environment variable {name} ({text!r}) must be a non-negative integer")
+        values.append(int(text))
+    world_size, rank = values
+    if world_size < 1 or rank >= world_size:
+        raise GraceConfigError(f"environment RANK ({rank}) must be in [0, WORLD_SIZE={world_size})")
+    return world_size, rank
+
+
+def resolve_plan(grace: GraceConfig, *, topology: Topology, moe: ModelMoE) -> GracePlan:
+    """The plan to serve with: grace.plan.path, else built from grace.profile.trace; checked against the
+    topology and the model. Pure and local: every rank computes the same plan."""
+    from ds_grace.planning.build import build_plan
+    from ds_grace.planning.plan import GracePlan, PlanError
+    from ds_grace.trace import TraceError, load_trace
+
+    if grace.plan.path is not None:
+        plan = GracePlan.load(grace.plan.path)
+    elif grace.profile.trace is not None:
+        trace = load_trace(grace.profile.trace)
+        if trace.num_layers != moe.num_layers or trace.num_experts != moe.num_experts:
+            raise TraceError(
+                f"grace.profile.trace ({grace.profile.trace}) records {trace.num_layers} MoE layers of "
+                f"{trace.num_experts} experts but the model has {moe.num_layers} of {moe.num_experts}"
+            )
+        plan = build_plan(trace, topology=topology, policy="grace", config=grace)
+    else:
+        raise GraceConfigError(
+            "grace.plan.path and grace.profile.trace are both unset: GRACE needs a plan. Record routing with "
+            "`ds-grace profile --model DIR --data TEXT_FILE --tokens N --out trace.npz`, then plan with "
+            "`ds-grace plan --trace trace.npz --nodes N --gpus-per-node G --out plan.json` and set "
+            "grace.plan.path to plan.json (or set "
+            "grace.profile.trace to plan at start-up); set grace.enabled to false for vanilla DeepSpeed-MoE"
+        )
+    plan.check_compatible(topology=topology, num_layers=moe.num_layers, num_experts=moe.num_experts)
+    cap = grace.grouping.max_experts_per_gpu
+    if cap is not None:
+        for index, layer in enumerate(plan.layers):
+            for rank, slots in enumerate(layer.slots):
+                if len(slots) > cap:
+                    raise PlanError(
+                        f"plan.layers[{index}] gives rank {rank} {len(slots)} expert slots but "
+                        f"grace.grouping.max_experts_per_gpu is {cap}"
+                    )
+    return plan
+
+
+# ---- distributed start-up ----
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed(*, timeout_s: float) -> None:
+    """Initialise DeepSpeed's communication backend (gloo on CPU) unless it is up: the launcher's env://
+    when its variables are set, else a world of this one process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_init_required=False, verbose=False, timeout=timeout)
+        return
+    present = [name for name in _LAUNCHER_ENV if name in os.environ]
+    if len(present) == len(_LAUNCHER_ENV):
+        deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    elif int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        deepspeed.init_distributed(
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timeout,
+        )
+    else:
+        missing = [name for name in _LAUNCHER_ENV if name not in present]
+        raise GraceConfigError(
+            f"WORLD_SIZE ({os.environ['WORLD_SIZE']}) > 1 but the launcher variables {missing} are unset; "
+            "start with the deepspeed launcher or initialise torch.distributed first"
+        )
+
+
+def _check_same_plan_everywhere(plan: GracePlan) -> None:
+    import torch.distributed as dist
+
+    hashes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, plan.content_hash)
+    if len(set(hashes)) != 1:
+        from ds_grace.planning.plan import PlanError
+
+        raise PlanError(
+            f"ranks serve different plans (content hashes by rank: {hashes}); give every rank one plan"
+        )
+
+
+# ---- vanilla DeepSpeed-MoE for transformers families ----
+
+
+def deepspeed_capacity_routes(
+    topk_ids_SK: torch.Tensor,
+    topk_weights_SK: torch.Tensor,
+    *,
+    num_experts: int,
+    capacity_factor: float,
+    min_capacity: int,
+    drop_tokens: bool,
+    ep_group: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSpeed's capacity rule applied to a given routing, in its sparse-route form.
+
+    Returns (capacity, indices_KS int32 with -1 for dropped routes, locations_KS int32, gates_KS fp32,
+    exp_counts_E). Capacity is max(ceil(S / E * capacity_factor * K), min_capacity) with drop_tokens, else
+    the largest expert count over the expert-parallel group (nothing dropped). Which routes overflow a full
+    expert follows DeepSpeed's gates: for K <= 2, position order with every first choice ahead of every
+    second choice (top1gating without RTS, top2gating); for K > 2, the highest routing weights
+    (topkgating's "probs" policy). Kept routes keep the model's weights (no renormalisation over the
+    surviving experts, which would change the model's output even when nothing is dropped).
+    """
+    import torch.distributed as dist
+    from deepspeed.moe.sharded_moe import _capacity
+
+    num_tokens, top_k = topk_ids_SK.shape
+    ids_SK = topk_ids_SK.long()
+    mask_SE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=ids_SK.device)
+    mask_SE.scatter_(1, ids_SK, True)
+    exp_counts_E = mask_SE.sum(dim=0)
+    slot_major = top_k <= 2
+    if slot_major:
+        # every token's choice 0, then every token's choice 1: the order top1/top2gating number routes in
+        onehot_KSE = torch.nn.functional.one_hot(ids_SK.t(), num_experts)
+        position_KSE = onehot_KSE.reshape(-1, num_experts).cumsum(dim=0).reshape(onehot_KSE.shape) - 1
+        position_SK = position_KSE.gather(2, ids_SK.t().unsqueeze(2)).squeeze(2).t()
+    if drop_tokens:
+        capacity = int(
+            _capacity(mask_SE, torch.tensor(capacity_factor * top_k), torch.tensor(min_capacity)).item()
+        )
+        if slot_major:
+            kept_SK = position_SK < capacity
+        else:
+            weights_SE = torch.zeros(num_tokens, num_experts, device=ids_SK.device)
+            weights_SE.scatter_(1, ids_SK, topk_weights_SK.float())
+            _, rows_CE = torch.topk(weights_SE, k=min(capacity, num_tokens), dim=0, sorted=False)
+            within_SE = torch.zeros_like(mask_SE).scatter_(0, rows_CE, True)
+            kept_SK = (mask_SE & within_SE).gather(1, ids_SK)
+    else:
+        most = exp_counts_E.max() if num_tokens else exp_counts_E.new_zeros(())
+        if ep_group is not None and dist.get_world_size(group=ep_group) > 1:
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ep_group)
+        capacity = int(most.item())
+        kept_SK = torch.ones_like(ids_SK, dtype=torch.bool)
+    if slot_major:
+        locations_SK = position_SK * kept_SK
+    else:  # topkgating numbers the kept routes of each expert in token order
+        kept_SE = torch.zeros_like(mask_SE).scatter_(1, ids_SK, kept_SK)
+        locations_SK = (kept_SE.long().cumsum(dim=0) - 1).gather(1, ids_SK) * kept_SK
+    indices_SK = torch.where(kept_SK, ids_SK, torch.full_like(ids_SK, -1))
+    gates_SK = torch.where(
+        kept_SK, topk_weights_SK.float(), torch.zeros_like(topk_weights_SK, dtype=torch.float)
+    )
+    return (
+        torch.tensor(capacity, dtype=torch.int64),
+        indices_SK.t().contiguous().to(torch.int32),
+        locations_SK.t().contiguous().to(torch.int32),
+        gates_SK.t().contiguous(),
+        exp_counts_E.detach(),
+    )
+
+
+class RoutingGate(nn.Module):
+    """Stands in for DeepSpeed's TopKGate inside its MOELayer: returns the routing the model's router
+    computed (handed over by :class:`DeepSpeedRoutedExperts` right before the call, because MOELayer
+    passes its gate only the tokens), after DeepSpeed's capacity rule.
+
+    Keeps TopKGate's attributes (k, drop_tokens, eval_capacity_factor, min_capacity, ep_group, ...) so that
+    ds_grace.vanilla configures it and counts its dropped routes like any DeepSpeed gate. l_aux is 0: the
+    model's own router has its own auxiliary loss, which inference does not use.
+    """
+
+    def __init__(
+        self, *, num_experts: int, k: int, drop_tokens: bool, eval_capacity_factor: float, min_capacity: int
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.k = k
+        self.drop_tokens = drop_tokens
+        self.capacity_factor = eval_capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.use_rts = False
+        self.top2_2nd_expert_sampling = False
+        self.noisy_gate_policy = None
+        self.ep_group: Any = None
+        self.wall_clock_breakdown = False
+        self._handed_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _set_ep_group(self, ep_group: Any) -> None:
+        if self.ep_group is not None:
+            raise RuntimeError("RoutingGate already has an expert-parallel group")
+        self.ep_group = ep_group
+
+    def hand_routing(self, routing: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self._handed_routing = routing
+
+    def forward(
+        self,
+        x_SD: torch.Tensor,
+        used_token: torch.Tensor | None = None,
+        sparse_routes: bool = True,
+        use_tutel: bool = False,
+    ) -> tuple[Any, ...]:
+        if self._handed_routing is None:
+            raise RuntimeError("RoutingGate has no routing: call DeepSpeedRoutedExperts.forward_routed")
+        if used_token is not None or not sparse_routes or use_tutel:
+            raise ValueError("RoutingGate supports only sparse routes, without used_token and without Tutel")
+        ids_SK, weights_SK = self._handed_routing
+        if ids_SK.shape[0] != x_SD.shape[0]:
+            raise ValueError(f"routing has {ids_SK.shape[0]} tokens but the gate sees {x_SD.shape[0]}")
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity, indices_KS, locations_KS, gates_KS, exp_counts_E = deepspeed_capacity_routes(
+            ids_SK,
+            weights_SK,
+            num_experts=self.num_experts,
+            capacity_factor=factor,
+            min_capacity=self.min_capacity,
+            drop_tokens=self.drop_tokens,
+            ep_group=self.ep_group,
+        )
+        l_aux = x_SD.new_zeros((), dtype=torch.float32)
+        return l_aux, capacity, self.num_experts, indices_KS, locations_KS, gates_KS, exp_counts_E
+
+
+class DeepSpeedRoutedExperts(nn.Module):
+    """One MoE layer of a transformers model served as vanilla DeepSpeed-MoE: ``self.moe`` is a
+    deepspeed.moe.layer.MoE built by DeepSpeed, holding this rank's contiguous experts (ep rank q holds
+    experts q*E/ep_size ..), with a :class:`RoutingGate`. ``forward_routed`` runs DeepSpeed's MOELayer."""
+
+    def __init__(
+        self,
+        local_experts: Sequence[nn.Module],
+        *,
+        num_experts: int,
+        ep_size: int,
+        hidden_size: int,
+        k: int,
+        drop_tokens: bool,
+        eval_capacity_factor: float,
+        min_capacity: int,
+    ) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        from ds_grace.moe.experts import tag_expert_parameters
+
+        if num_experts % ep_size != 0 or len(local_experts) != num_experts // ep_size:
+            raise ValueError(
+                f"local_experts ({len(local_experts)}) must be num_experts ({num_experts}) / ep_size ({ep_size})"
+            )
+        self.moe = MoE(
+            hidden_size,
+            nn.Identity(),
+            num_experts=num_experts,
+            ep_size=ep_size,
+            k=k,
+            drop_tokens=drop_tokens,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
+        )
+        layer = self.moe.deepspeed_moe
+        layer.experts.deepspeed_experts = nn.ModuleList(local_experts)
+        tag_expert_parameters(layer.experts.deepspeed_experts, self.moe.expert_group_name)
+        layer.gate = RoutingGate(
+            num_experts=num_experts,
+            k=k,
+            drop_tokens=drop_tokens,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+        )
+
+    @property
+    def gate(self) -> RoutingGate:
+        return self.moe.deepspeed_moe.gate
+
+    def forward_routed(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        gate = self.gate
+        gate.hand_routing((topk_ids_TK, topk_weights_TK))
+        try:
+            return self.moe.deepspeed_moe(x_TD, None)
+        finally:
+            gate.hand_routing(None)
+
+    def forward(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        return self.forward_routed(x_TD, topk_ids_TK, topk_weights_TK)
+
+
+# ---- what the engine exposes ----
+
+
+@dataclass(frozen=True, eq=False)
+class ServedMoE:
+    """What init_inference set up; the engine holds it as ``engine.grace``.
+
+    ``layers[i]`` serves MoE layer i: a GraceMoE (grace), or a deepspeed.moe.layer.MoE (vanilla).
+    ``blocks`` are the RoutedMoEBlocks of a transformers model (empty for DeepSpeed MoE models).
+    """
+
+    mode: ServingMode
+    family: str
+    topology: Topology
+    rank: int
+    plan: GracePlan | None
+    blocks: tuple[nn.Module, ...]
+    layers: tuple[nn.Module, ...]
+    dropped_routes: DroppedRouteCounter | None = None
+
+    @property
+    def counters(self) -> tuple[TrafficCounters, ...]:
+        """GRACE traffic counters per MoE layer (empty in vanilla mode)."""
+        return tuple(layer.comm_counters for layer in self.layers if hasattr(layer, "comm_counters"))
+
+    def traffic(self) -> dict[str, dict[str, Any]]:
+        """Snapshots of this rank's traffic counters, by MoE layer ("layer0", ...)."""
+        return {f"layer{i}": counters.snapshot() for i, counters in enumerate(self.counters)}
+
+    def reset_counters(self) -> None:
+        for counters in self.counters:
+            counters.reset()
+        if self.dropped_routes is not None:
+            self.dropped_routes.reset()
+
+
+# ---- init_inference ----
+
+
+def _load_model(model: nn.Module | str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a checkpoint folder path")
+    from ds_grace.models import load_checkpoint
+
+    check_checkpoint_folder(model)
+    return load_checkpoint(model, dtype=dtype)
+
+
+def init_inference(
+    model: nn.Module | str | os.PathLike[str],
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """deepspeed.init_inference with GRACE-MoE: see the module docstring. `model` is a module or a local
+    checkpoint folder (loaded in the config's dtype); `config` a ds_config path or dict whose optional
+    "grace" block selects GRACE (absent or enabled=false: vanilla DeepSpeed-MoE); `kwargs` are merged into
+    the DeepSpeed part as deepspeed.init_inference merges them. Returns the InferenceEngine, with
+    ``engine.grace`` (a ServedMoE)."""
+    ds_config, grace = split_config(config, kwargs)
+    dtype = validate_deepspeed_config(ds_config)
+    world_size, rank = _world()
+    topology = grace.resolve_topology(world_size=world_size)
+    module = _load_model(model, dtype)
+    moe = describe_moe(module)
+    module.eval()
+    plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
+    ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
+
+    init_distributed(timeout_s=grace.communication.timeout_s)
+    if plan is not None:
+        _check_same_plan_everywhere(plan)
+        engine = _serve_grace(module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank)
+    else:
+        engine = _serve_vanilla(module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank)
+    return engine
+
+
+def _with_expert_parallel_size(
+    ds_config: Mapping[str, Any], *, grace: GraceConfig, moe: ModelMoE, world_size: int
+) -> dict[str, Any]:
+    """ds_config with the moe.ep_size DeepSpeed's engine must build its groups for, checked locally."""
+    if moe.family == "deepspeed_moe":
+        ep_size = _single_ep_size(moe)
+        if grace.enabled and ep_size not in (1, world_size):
+            raise GraceConfigError(
+                f"DeepSpeed MoE layers with ep_size {ep_size} cannot be served by GRACE: ep_size must be 1 "
+                f"(every rank holds all experts) or the world size ({world_size})"
+            )
+        return _check_moe_ep_size(ds_config, expected=ep_size, why="the model's MoE layers use it")
+    if grace.enabled:
+        return _check_moe_ep_size(
+            ds_config, expected=world_size, why="GRACE spreads the experts over every rank"
+        )
+    if moe.num_experts % world_size != 0:
+        raise GraceConfigError(
+            f"vanilla DeepSpeed-MoE places num_experts / world_size experts on every rank: the model's "
+            f"num_experts ({moe.num_experts}) must be divisible by the world size ({world_size})"
+        )
+    return _check_moe_ep_size(
+        ds_config, expected=world_size, why="vanilla DeepSpeed-MoE spreads the experts over every rank"
+    )
+
+
+def _single_ep_size(moe: ModelMoE) -> int:
+    sizes = sorted({block.ep_size for block in moe.blocks})
+    if len(sizes) != 1:
+        raise GraceConfigError(f"the model's MoE layers must share one ep_size, found {sizes}")
+    return sizes[0]
+
+
+def _serve_grace(
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    grace: GraceConfig,
+    plan: GracePlan,
+    moe: ModelMoE,
+    rank: int,
+) -> Any:
+    import deepspeed
+
+    from ds_grace.comm.groups import create_grace_groups
+    from ds_grace.moe.layer import GraceMoE, RuntimeOptions
+
+    topology = plan.topology
+    options = RuntimeOptions.from_config(grace)
+    engine = deepspeed.init_inference(module, config=ds_config)
+    served = engine.module
+    ep_rank_lists = [list(range(topology.world_size))]
+    groups = create_grace_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
+    blocks: list[nn.Module] = []
+    if moe.family == "deepspeed_moe":
+        layers = []
+        for index, info in enumerate(moe.blocks):
+            parent_name, _, attribute = info.name.rpartition(".")
+            parent = served.get_submodule(parent_name)
+            layer = GraceMoE.from_deepspeed(
+                getattr(parent, attribute),
+                layer_plan=plan.layers[index],
+                topology=topology,
+                ep_index=rank,
+                options=options,
+                ep_rank_lists=ep_rank_lists,
+            )
+            setattr(parent, attribute, layer)
+            layers.append(layer)
+    else:
+        from ds_grace.models import convert_moe_blocks
+
+        def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
+            info = moe.blocks[layer_index]
+            layer = GraceMoE.from_experts(
+                experts,
+                hidden_size=info.hidden_size,
+                k=info.top_k,
+                layer_plan=plan.layers[layer_index],
+                topology=topology,
+                ep_index=rank,
+                options=options,
+            )
+            return layer.to(next(experts[0].parameters()).device)
+
+        blocks = convert_moe_blocks(served, make_routed_experts=make_routed_experts)
+        layers = [block.routed_experts for block in blocks]
+    for layer in layers:
+        layer.set_grace_groups(groups)
+    engine.grace = ServedMoE(
+        mode="grace",
+        family=moe.family,
+        topology=topology,
+        rank=rank,
+        plan=plan,
+        blocks=tuple(blocks),
+        layers=tuple(layers),
+    )
+    return engine
+
+
+def _serve_vanilla(
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    grace: GraceConfig,
+    moe: ModelMoE,
+    topology: Topology,
+    rank: int,
+) -> Any:
+    from ds_grace.comm.deepspeed_groups import moe_layers
+    from ds_grace.vanilla import DroppedRouteCounter, serve_vanilla
+
+    vanilla = grace.vanilla
+    blocks: list[nn.Module] = []
+    if moe.family != "deepspeed_moe":
+        from ds_grace.models import convert_moe_blocks
+
+        ep_size = topology.world_size
+        per_rank = moe.num_experts // ep_size
+
+        def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
+            info = moe.blocks[layer_index]
+            return DeepSpeedRoutedExperts(
+                experts[rank * per_rank : (rank + 1) * per_rank],
+                num_experts=info.num_experts,
+                ep_size=ep_size,
+                hidden_size=info.hidden_size,
+                k=info.top_k,
+                drop_tokens=vanilla.drop_tokens,
+                eval_capacity_factor=vanilla.eval_capacity_factor,
+                min_capacity=vanilla.min_capacity,
+            )
+
+        blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+    engine = serve_vanilla(module, ds_config, vanilla)
+    layers = tuple(layer for _, layer in moe_layers(engine.module))
+    engine.grace = ServedMoE(
+        mode="vanilla",
+        family=moe.family,
+        topology=topology,
+        rank=rank,
+        plan=None,
+        blocks=tuple(blocks),
+        layers=layers,
+        dropped_routes=DroppedRouteCounter(engine),
+    )
+    return engine
