@@ -35,7 +35,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +48,7 @@ from ds_grace.topology import Topology
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.online import OnlineReplicator
     from ds_grace.planning.plan import GracePlan
     from ds_grace.vanilla import DroppedRouteCounter
 
@@ -582,6 +583,8 @@ class ServedMoE:
     blocks: tuple[nn.Module, ...]
     layers: tuple[nn.Module, ...]
     dropped_routes: DroppedRouteCounter | None = None
+    # grace.replication.online: steps after every forward of the engine; its .plan is the live plan
+    online: OnlineReplicator | None = None
 
     @property
     def counters(self) -> tuple[TrafficCounters, ...]:
@@ -731,7 +734,7 @@ def _serve_grace(
         layers = [block.routed_experts for block in blocks]
     for layer in layers:
         layer.set_grace_groups(groups)
-    engine.grace = ServedMoE(
+    served = ServedMoE(
         mode="grace",
         family=moe.family,
         topology=topology,
@@ -740,6 +743,13 @@ def _serve_grace(
         blocks=tuple(blocks),
         layers=tuple(layers),
     )
+    from ds_grace.online import OnlineReplicator
+
+    online = OnlineReplicator.from_served(served, grace)
+    if online is not None:
+        # every rank runs the same forwards in lockstep, so stepping on each forward keeps them aligned
+        engine.module.register_forward_hook(lambda *_: online.step())
+    engine.grace = replace(served, online=online)
     return engine
 
 

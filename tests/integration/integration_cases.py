@@ -117,6 +117,7 @@ class CaseResult:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     trace: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    stats_online: dict[str, Any] | None = None
 
 
 def _rows(ctx: RankContext, num_prompts: int) -> slice:
@@ -162,6 +163,7 @@ def _hf_case(ctx: RankContext, case: HFCase) -> CaseResult:
         local_experts=_local_experts(served),
         outputs={"logits": logits, "tokens": tokens[:, input_ids.shape[1] :]},
         stats=prefill_stats,
+        stats_online=served.online.metrics() if served.online is not None else None,
     )
     if case.profile_batches is not None:
         trace = profile_routing(

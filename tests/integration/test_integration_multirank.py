@@ -48,6 +48,8 @@ RUNTIME_VARIANTS = {
     "qwen2_moe": {"communication": {"hierarchical": False, "dedup": False}, "routing": {"policy": "wrr"}},
     "qwen3_moe": {"communication": {"hierarchical": False, "dedup": True}},
     "deepseek_v2": {"routing": {"policy": "primary"}},
+    # re-plans replicas during generation; the output must not change
+    "mixtral": {"replication": {"online": {"enabled": True, "interval": 2, "threshold": 0.99, "window": 2}}},
 }
 PLAN_AT_START_UP = "deepseek_v3"  # planned by every rank from grace.profile.trace
 PROFILED_FAMILY = "olmoe"  # profiled on the served engine, gathered to rank 0
@@ -167,7 +169,10 @@ def test_generation_and_logits_equal_single_process_transformers(served, family,
     torch.testing.assert_close(logits[real], reference.logits_PWV[real], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+# the online family's slots follow its live plan, which re-planning changes during generation
+@pytest.mark.parametrize(
+    "family", [f for f in HF_FAMILIES if "online" not in RUNTIME_VARIANTS.get(f, {}).get("replication", {})]
+)
 def test_grace_layers_hold_the_plan_slots_and_cross_nodes(served, family):
     by_name, expected = served
     results = by_name[f"{family}/grace"]
@@ -241,3 +246,15 @@ def test_deepspeed_moe_model_served_both_ways(served, mode):
     if mode == "grace":
         assert all(result.trace is None for result in results[1:])
         _assert_same_trace(results[0].trace, expected["toy_trace"])
+
+
+def test_online_replication_steps_with_every_forward_and_keeps_outputs(served):
+    by_name, expected = served
+    metrics = [result.stats_online for result in by_name["mixtral/grace"]]
+    forwards = 1 + 6  # prefill logits, then generate's prefill + 5 decode steps
+    for rank_metrics in metrics:
+        assert rank_metrics["step"] == forwards
+        assert len(rank_metrics["intervals"]) == forwards // 2
+    assert len({m["plan_hash"] for m in metrics}) == 1, "every rank serves the same live plan"
+    assert metrics[0]["plan_hash"] != expected["plan"]["mixtral"].content_hash, "load was re-planned"
+    assert all(r.stats_online is None for r in by_name["qwen3_moe/grace"])
