@@ -1,7 +1,5 @@
 """``ds_grace.init_inference``: DeepSpeed inference whose MoE layers run GRACE-MoE (or vanilla DeepSpeed-MoE).
 
-Shape legend: T tokens, S tokens a gate sees, D hidden, K top-k, E experts, C expert capacity.
-
 ``init_inference(model, config=PATH_OR_DICT, **kwargs)`` mirrors ``deepspeed.init_inference`` and returns
 DeepSpeed's InferenceEngine. Steps, in this order:
 
@@ -17,7 +15,7 @@ DeepSpeed's InferenceEngine. Steps, in this order:
      deepspeed.moe.layer.MoE get each layer replaced by ``GraceMoE.from_deepspeed``.
    - grace absent or ``enabled: false``: vanilla DeepSpeed-MoE. Models made of deepspeed.moe.layer.MoE go
      through ``ds_grace.vanilla.serve_vanilla``. Transformers families keep their router too, and hand
-     the routing to a real DeepSpeed MoE layer (:class:`DeepSpeedRoutedExperts`): contiguous placement
+     the routing to a real DeepSpeed MoE layer (``ds_grace.vanilla_hf``): contiguous placement
      (rank r holds experts r*E/D ..), DeepSpeed's MOELayer with its capacity-padded dense all-to-all over
      the one flat expert-parallel group DeepSpeed's engine creates, and a gate that applies DeepSpeed's
      capacity rule to the model's own routing (lossless or capacity-dropping, per grace.vanilla). These
@@ -34,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +43,11 @@ from torch import nn
 
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.topology import Topology
+
+# re-exported: callers import the vanilla transformers pieces from here too
+from ds_grace.vanilla_hf import DeepSpeedRoutedExperts as DeepSpeedRoutedExperts
+from ds_grace.vanilla_hf import RoutingGate as RoutingGate
+from ds_grace.vanilla_hf import deepspeed_capacity_routes as deepspeed_capacity_routes
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
@@ -95,8 +98,9 @@ def describe_moe(model: nn.Module) -> ModelMoE:
     serve (unknown architecture, unsupported or already converted MoE blocks). Local: no communication."""
     from deepspeed.moe.layer import MoE
 
-    from ds_grace.models import ModelAdapterError, RoutedMoEBlock, adapter_for_block, model_family
-    from ds_grace.models.adapters import looks_like_moe_block, supported_blocks_text
+    from ds_grace.models import ModelAdapterError, model_family
+    from ds_grace.models.adapters import supported_blocks_text
+    from ds_grace.models.convert import find_moe_blocks
 
     family = model_family(model)
     blocks: list[MoEBlockInfo] = []
@@ -122,34 +126,15 @@ def describe_moe(model: nn.Module) -> ModelMoE:
         return ModelMoE(family=family, blocks=tuple(blocks))
 
     hidden_size = int(model.config.hidden_size)
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for attribute, child in parent.named_children():
-            name = f"{prefix}.{attribute}" if prefix else attribute
-            if isinstance(child, RoutedMoEBlock):
-                raise ModelAdapterError(
-                    f"module {name} is already a RoutedMoEBlock: the model was converted before"
-                )
-            adapter = adapter_for_block(child)
-            if adapter is not None:
-                adapter.check_supported(child)
-                blocks.append(
-                    MoEBlockInfo(
-                        name=name,
-                        num_experts=adapter.num_experts(child),
-                        top_k=adapter.top_k(child),
-                        hidden_size=hidden_size,
-                    )
-                )
-            elif looks_like_moe_block(child):
-                raise ModelAdapterError(
-                    f"module {name} is an MoE block of an unsupported class ({type(child).__module__}."
-                    f"{type(child).__qualname__}); supported: {supported_blocks_text()}"
-                )
-            else:
-                visit(child, name)
-
-    visit(model, "")
+    for item in find_moe_blocks(model):
+        blocks.append(
+            MoEBlockInfo(
+                name=item.qualified_name,
+                num_experts=item.adapter.num_experts(item.block),
+                top_k=item.adapter.top_k(item.block),
+                hidden_size=hidden_size,
+            )
+        )
     if not blocks:
         raise ModelAdapterError(
             f"no supported MoE block found in {type(model).__name__} (model_type {family!r}); "
@@ -361,209 +346,6 @@ def _check_same_plan_everywhere(plan: GracePlan) -> None:
         )
 
 
-# ---- vanilla DeepSpeed-MoE for transformers families ----
-
-
-def deepspeed_capacity_routes(
-    topk_ids_SK: torch.Tensor,
-    topk_weights_SK: torch.Tensor,
-    *,
-    num_experts: int,
-    capacity_factor: float,
-    min_capacity: int,
-    drop_tokens: bool,
-    ep_group: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DeepSpeed's capacity rule applied to a given routing, in its sparse-route form.
-
-    Returns (capacity, indices_KS int32 with -1 for dropped routes, locations_KS int32, gates_KS fp32,
-    exp_counts_E). Capacity is max(ceil(S / E * capacity_factor * K), min_capacity) with drop_tokens, else
-    the largest expert count over the expert-parallel group (nothing dropped). Which routes overflow a full
-    expert follows DeepSpeed's gates: for K <= 2, position order with every first choice ahead of every
-    second choice (top1gating without RTS, top2gating); for K > 2, the highest routing weights
-    (topkgating's "probs" policy). Kept routes keep the model's weights (no renormalisation over the
-    surviving experts, which would change the model's output even when nothing is dropped).
-    """
-    import torch.distributed as dist
-    from deepspeed.moe.sharded_moe import _capacity
-
-    num_tokens, top_k = topk_ids_SK.shape
-    ids_SK = topk_ids_SK.long()
-    mask_SE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=ids_SK.device)
-    mask_SE.scatter_(1, ids_SK, True)
-    exp_counts_E = mask_SE.sum(dim=0)
-    slot_major = top_k <= 2
-    if slot_major:
-        # every token's choice 0, then every token's choice 1: the order top1/top2gating number routes in
-        onehot_KSE = torch.nn.functional.one_hot(ids_SK.t(), num_experts)
-        position_KSE = onehot_KSE.reshape(-1, num_experts).cumsum(dim=0).reshape(onehot_KSE.shape) - 1
-        position_SK = position_KSE.gather(2, ids_SK.t().unsqueeze(2)).squeeze(2).t()
-    if drop_tokens:
-        capacity = int(
-            _capacity(mask_SE, torch.tensor(capacity_factor * top_k), torch.tensor(min_capacity)).item()
-        )
-        if slot_major:
-            kept_SK = position_SK < capacity
-        else:
-            weights_SE = torch.zeros(num_tokens, num_experts, device=ids_SK.device)
-            weights_SE.scatter_(1, ids_SK, topk_weights_SK.float())
-            _, rows_CE = torch.topk(weights_SE, k=min(capacity, num_tokens), dim=0, sorted=False)
-            within_SE = torch.zeros_like(mask_SE).scatter_(0, rows_CE, True)
-            kept_SK = (mask_SE & within_SE).gather(1, ids_SK)
-    else:
-        most = exp_counts_E.max() if num_tokens else exp_counts_E.new_zeros(())
-        if ep_group is not None and dist.get_world_size(group=ep_group) > 1:
-            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ep_group)
-        capacity = int(most.item())
-        kept_SK = torch.ones_like(ids_SK, dtype=torch.bool)
-    if slot_major:
-        locations_SK = position_SK * kept_SK
-    else:  # topkgating numbers the kept routes of each expert in token order
-        kept_SE = torch.zeros_like(mask_SE).scatter_(1, ids_SK, kept_SK)
-        locations_SK = (kept_SE.long().cumsum(dim=0) - 1).gather(1, ids_SK) * kept_SK
-    indices_SK = torch.where(kept_SK, ids_SK, torch.full_like(ids_SK, -1))
-    gates_SK = torch.where(
-        kept_SK, topk_weights_SK.float(), torch.zeros_like(topk_weights_SK, dtype=torch.float)
-    )
-    return (
-        torch.tensor(capacity, dtype=torch.int64),
-        indices_SK.t().contiguous().to(torch.int32),
-        locations_SK.t().contiguous().to(torch.int32),
-        gates_SK.t().contiguous(),
-        exp_counts_E.detach(),
-    )
-
-
-class RoutingGate(nn.Module):
-    """Stands in for DeepSpeed's TopKGate inside its MOELayer: returns the routing the model's router
-    computed (handed over by :class:`DeepSpeedRoutedExperts` right before the call, because MOELayer
-    passes its gate only the tokens), after DeepSpeed's capacity rule.
-
-    Keeps TopKGate's attributes (k, drop_tokens, eval_capacity_factor, min_capacity, ep_group, ...) so that
-    ds_grace.vanilla configures it and counts its dropped routes like any DeepSpeed gate. l_aux is 0: the
-    model's own router has its own auxiliary loss, which inference does not use.
-    """
-
-    def __init__(
-        self, *, num_experts: int, k: int, drop_tokens: bool, eval_capacity_factor: float, min_capacity: int
-    ):
-        super().__init__()
-        self.num_experts = num_experts
-        self.k = k
-        self.drop_tokens = drop_tokens
-        self.capacity_factor = eval_capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.use_rts = False
-        self.top2_2nd_expert_sampling = False
-        self.noisy_gate_policy = None
-        self.ep_group: Any = None
-        self.wall_clock_breakdown = False
-        self._handed_routing: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _set_ep_group(self, ep_group: Any) -> None:
-        if self.ep_group is not None:
-            raise RuntimeError("RoutingGate already has an expert-parallel group")
-        self.ep_group = ep_group
-
-    def hand_routing(self, routing: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self._handed_routing = routing
-
-    def forward(
-        self,
-        x_SD: torch.Tensor,
-        used_token: torch.Tensor | None = None,
-        sparse_routes: bool = True,
-        use_tutel: bool = False,
-    ) -> tuple[Any, ...]:
-        if self._handed_routing is None:
-            raise RuntimeError("RoutingGate has no routing: call DeepSpeedRoutedExperts.forward_routed")
-        if used_token is not None or not sparse_routes or use_tutel:
-            raise ValueError("RoutingGate supports only sparse routes, without used_token and without Tutel")
-        ids_SK, weights_SK = self._handed_routing
-        if ids_SK.shape[0] != x_SD.shape[0]:
-            raise ValueError(f"routing has {ids_SK.shape[0]} tokens but the gate sees {x_SD.shape[0]}")
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        capacity, indices_KS, locations_KS, gates_KS, exp_counts_E = deepspeed_capacity_routes(
-            ids_SK,
-            weights_SK,
-            num_experts=self.num_experts,
-            capacity_factor=factor,
-            min_capacity=self.min_capacity,
-            drop_tokens=self.drop_tokens,
-            ep_group=self.ep_group,
-        )
-        l_aux = x_SD.new_zeros((), dtype=torch.float32)
-        return l_aux, capacity, self.num_experts, indices_KS, locations_KS, gates_KS, exp_counts_E
-
-
-class DeepSpeedRoutedExperts(nn.Module):
-    """One MoE layer of a transformers model served as vanilla DeepSpeed-MoE: ``self.moe`` is a
-    deepspeed.moe.layer.MoE built by DeepSpeed, holding this rank's contiguous experts (ep rank q holds
-    experts q*E/ep_size ..), with a :class:`RoutingGate`. ``forward_routed`` runs DeepSpeed's MOELayer."""
-
-    def __init__(
-        self,
-        local_experts: Sequence[nn.Module],
-        *,
-        num_experts: int,
-        ep_size: int,
-        hidden_size: int,
-        k: int,
-        drop_tokens: bool,
-        eval_capacity_factor: float,
-        min_capacity: int,
-    ) -> None:
-        super().__init__()
-        from deepspeed.moe.layer import MoE
-
-        from ds_grace.moe.experts import tag_expert_parameters
-
-        if num_experts % ep_size != 0 or len(local_experts) != num_experts // ep_size:
-            raise ValueError(
-                f"local_experts ({len(local_experts)}) must be num_experts ({num_experts}) / ep_size ({ep_size})"
-            )
-        self.moe = MoE(
-            hidden_size,
-            nn.Identity(),
-            num_experts=num_experts,
-            ep_size=ep_size,
-            k=k,
-            drop_tokens=drop_tokens,
-            use_rts=False,
-            top2_2nd_expert_sampling=False,
-        )
-        layer = self.moe.deepspeed_moe
-        layer.experts.deepspeed_experts = nn.ModuleList(local_experts)
-        tag_expert_parameters(layer.experts.deepspeed_experts, self.moe.expert_group_name)
-        layer.gate = RoutingGate(
-            num_experts=num_experts,
-            k=k,
-            drop_tokens=drop_tokens,
-            eval_capacity_factor=eval_capacity_factor,
-            min_capacity=min_capacity,
-        )
-
-    @property
-    def gate(self) -> RoutingGate:
-        return self.moe.deepspeed_moe.gate
-
-    def forward_routed(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> torch.Tensor:
-        gate = self.gate
-        gate.hand_routing((topk_ids_TK, topk_weights_TK))
-        try:
-            return self.moe.deepspeed_moe(x_TD, None)
-        finally:
-            gate.hand_routing(None)
-
-    def forward(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> torch.Tensor:
-        return self.forward_routed(x_TD, topk_ids_TK, topk_weights_TK)
-
-
 # ---- what the engine exposes ----
 
 
@@ -765,29 +547,23 @@ def _serve_vanilla(
     from ds_grace.comm.deepspeed_groups import moe_layers
     from ds_grace.vanilla import DroppedRouteCounter, serve_vanilla
 
-    vanilla = grace.vanilla
     blocks: list[nn.Module] = []
     if moe.family != "deepspeed_moe":
         from ds_grace.models import convert_moe_blocks
 
-        ep_size = topology.world_size
-        per_rank = moe.num_experts // ep_size
-
         def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
             info = moe.blocks[layer_index]
-            return DeepSpeedRoutedExperts(
-                experts[rank * per_rank : (rank + 1) * per_rank],
-                num_experts=info.num_experts,
-                ep_size=ep_size,
+            return DeepSpeedRoutedExperts.contiguous(
+                experts,
+                ep_rank=rank,
+                ep_size=topology.world_size,
                 hidden_size=info.hidden_size,
                 k=info.top_k,
-                drop_tokens=vanilla.drop_tokens,
-                eval_capacity_factor=vanilla.eval_capacity_factor,
-                min_capacity=vanilla.min_capacity,
+                vanilla=grace.vanilla,
             )
 
         blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
-    engine = serve_vanilla(module, ds_config, vanilla)
+    engine = serve_vanilla(module, ds_config, grace.vanilla)
     layers = tuple(layer for _, layer in moe_layers(engine.module))
     engine.grace = ServedMoE(
         mode="vanilla",

@@ -28,6 +28,7 @@ from ds_grace.comm.all_to_all import dispatch_row_bytes
 from ds_grace.comm.counters import StageTraffic
 from ds_grace.comm.local_ranks import RankContext, RankFailure, run_on_ranks
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
+from ds_grace.online.replay import reference_output
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.routing import RouteTable, choose_instances
 from ds_grace.topology import Topology
@@ -127,19 +128,6 @@ def make_tokens(spec: CaseSpec, seed: int, rank: int) -> tuple[torch.Tensor, tor
         masked = torch.rand(num_tokens, spec.k, generator=generator) < 0.2
         topk_ids_TK = torch.where(masked, -1, topk_ids_TK)
     return x_TD, topk_ids_TK, topk_weights_TK
-
-
-def reference_output(
-    experts: list[nn.Module], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-) -> torch.Tensor:
-    """Single-process sum_k w_k * expert_k(x), accumulated in fp32 like DeepSpeed's combine."""
-    y_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
-    for e, expert in enumerate(experts):
-        token_idx, k_idx = (topk_ids_TK == e).nonzero(as_tuple=True)
-        if token_idx.numel():
-            out = expert(x_TD[token_idx]).float()
-            y_TD.index_add_(0, token_idx, out * topk_weights_TK[token_idx, k_idx].float().unsqueeze(1))
-    return y_TD.to(x_TD.dtype)
 
 
 def expected_traffic(

@@ -31,7 +31,9 @@ def local_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Modul
 
 
 @dataclass(frozen=True)
-class _FoundBlock:
+class FoundMoEBlock:
+    """A supported MoE block of a model: ``getattr(parent, attribute)`` is ``block``."""
+
     parent: nn.Module
     attribute: str
     qualified_name: str
@@ -39,9 +41,9 @@ class _FoundBlock:
     adapter: MoEAdapter
 
 
-def _find_blocks(model: nn.Module) -> list[_FoundBlock]:
+def find_moe_blocks(model: nn.Module) -> list[FoundMoEBlock]:
     """Supported MoE blocks in model order (module registration order), checking the rest."""
-    found: list[_FoundBlock] = []
+    found: list[FoundMoEBlock] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for attribute, child in parent.named_children():
@@ -53,7 +55,7 @@ def _find_blocks(model: nn.Module) -> list[_FoundBlock]:
             adapter = adapter_for_block(child)
             if adapter is not None:
                 adapter.check_supported(child)
-                found.append(_FoundBlock(parent, attribute, name, child, adapter))
+                found.append(FoundMoEBlock(parent, attribute, name, child, adapter))
             elif looks_like_moe_block(child):
                 raise ModelAdapterError(
                     f"module {name} is an MoE block of an unsupported class ({type(child).__module__}."
@@ -76,7 +78,7 @@ def convert_moe_blocks(
     the block's own expert parameters are dropped. Every block is found and checked before any is
     replaced, so an unsupported or already converted block leaves the model as it was.
     """
-    found = _find_blocks(model)
+    found = find_moe_blocks(model)
     if not found:
         raise ModelAdapterError(
             f"no supported MoE block found in {type(model).__name__}; supported: {supported_blocks_text()}"

@@ -126,11 +126,7 @@ class GraceMOELayer(MOELayer):
         """This layer's groups; created (collectively, cached) on first use if none were set."""
         groups = self.grace_groups
         if groups is None:
-            groups = create_grace_groups(
-                self.topology,
-                timeout_s=self.options.timeout_s,
-                ep_rank_lists=_ds_ep_rank_lists(self.topology),
-            )
+            groups = _create_groups(self.topology, timeout_s=self.options.timeout_s)
             self.set_grace_groups(groups)
         return groups
 
@@ -316,11 +312,7 @@ class GraceMoE(MoE):
         if moe.ep_size == 1:
             slot_modules = copy_slot_modules(local, slots)
         elif moe.ep_size == topology.world_size:
-            groups = create_grace_groups(
-                topology,
-                timeout_s=options.timeout_s,
-                ep_rank_lists=ep_rank_lists if ep_rank_lists is not None else _ds_ep_rank_lists(topology),
-            )
+            groups = _create_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
             if groups.ep_index != ep_index:
                 raise ValueError(
                     f"ep_index ({ep_index}) differs from this rank's EP index ({groups.ep_index})"
@@ -386,13 +378,7 @@ class GraceMoE(MoE):
         if use_data_before_expert_parallel_:
             raise ValueError("use_data_before_expert_parallel_ (True) is not supported by GraceMoE")
         layer = self.deepspeed_moe
-        layer.set_grace_groups(
-            create_grace_groups(
-                layer.topology,
-                timeout_s=layer.options.timeout_s,
-                ep_rank_lists=_ds_ep_rank_lists(layer.topology),
-            )
-        )
+        layer.set_grace_groups(_create_groups(layer.topology, timeout_s=layer.options.timeout_s))
 
     def forward_routed(
         self,
@@ -439,6 +425,15 @@ def resolve_ep_index(ep_index: int | None, topology: Topology) -> int:
     if topology.world_size == 1:
         return 0
     raise ValueError(f"ep_index is required when torch.distributed is not initialised (topology {topology})")
+
+
+def _create_groups(
+    topology: Topology, *, timeout_s: float, ep_rank_lists: Sequence[Sequence[int]] | None = None
+) -> GraceGroups:
+    """GRACE groups for `topology` (collective) over `ep_rank_lists`, by default DeepSpeed's EP groups."""
+    if ep_rank_lists is None:
+        ep_rank_lists = _ds_ep_rank_lists(topology)
+    return create_grace_groups(topology, timeout_s=timeout_s, ep_rank_lists=ep_rank_lists)
 
 
 def _ds_ep_rank_lists(topology: Topology) -> list[list[int]] | None:

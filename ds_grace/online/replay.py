@@ -100,14 +100,14 @@ def step_routing(
 def reference_output(
     experts: list[nn.Module], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
 ) -> torch.Tensor:
-    """Single-process sum_k w_k * expert_k(x) with every expert held once."""
+    """Single-process sum_k w_k * expert_k(x) with every expert held once, accumulated in fp32 like
+    DeepSpeed's combine; routes with id -1 are not taken."""
     y_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
     for e, expert in enumerate(experts):
         token_idx, k_idx = (topk_ids_TK == e).nonzero(as_tuple=True)
         if token_idx.numel():
-            y_TD.index_add_(
-                0, token_idx, expert(x_TD[token_idx]).float() * topk_weights_TK[token_idx, k_idx, None]
-            )
+            out = expert(x_TD[token_idx]).float()
+            y_TD.index_add_(0, token_idx, out * topk_weights_TK[token_idx, k_idx].float().unsqueeze(1))
     return y_TD.to(x_TD.dtype)
 
 

@@ -17,11 +17,12 @@ from integration_cases import calibration_batches
 
 from ds_grace.cli import main as cli_main
 from ds_grace.config import parse_grace_block
-from ds_grace.inference import deepspeed_capacity_routes, describe_moe, resolve_plan
+from ds_grace.inference import describe_moe, resolve_plan
 from ds_grace.models import convert_moe_blocks, load_checkpoint, tiny_checkpoint
 from ds_grace.profiling import ByteTokenizer, load_text_tokenizer, profile_routing, token_batches
 from ds_grace.topology import Topology
 from ds_grace.trace import RoutingTrace, TraceError, load_trace
+from ds_grace.vanilla_hf import deepspeed_capacity_routes
 
 
 @pytest.fixture(scope="module")
