@@ -11,7 +11,7 @@ install:
 	$(PYTHON) -m ds_grace.commands.warmup
 
 demo: install
-	ds-grace baseline
+	ds-grace demo
 
 test: install
 	$(PYTHON) -m pytest -q

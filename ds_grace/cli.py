@@ -9,14 +9,20 @@ import sys
 
 # subcommand -> (module under ds_grace.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "cluster": ("cluster", "run a script on an emulated multi-node cluster (netns + tc) or on local ranks"),
     "check-config": ("check_config", "validate a ds_config.json and print the resolved grace block"),
     "baseline": ("baseline", "run vanilla DeepSpeed-MoE inference on local ranks and print its table"),
     "selfcheck": ("selfcheck", "check GRACE's runtime for lossless parity on local gloo ranks"),
+    "tiny-checkpoint": ("tiny_checkpoint", "write a small random checkpoint of a supported model family"),
+    "profile": ("profile", "record MoE routing of a checkpoint on calibration text into a trace"),
     "plan": ("plan", "build a GRACE (or baseline) expert placement plan from a routing trace"),
     "evaluate": ("evaluate", "metrics of a plan on a routing trace (cross-node copies, balance)"),
     "report": ("report", "plots and a markdown summary of a plan on a routing trace"),
-    "profile": ("profile", "record MoE routing of a checkpoint on calibration text into a trace"),
-    "cluster": ("cluster", "run a script on an emulated multi-node cluster (netns + tc) or on local ranks"),
+    "bench": ("bench", "GRACE ablations vs vanilla DeepSpeed-MoE on the emulated multi-node cluster"),
+    "demo": (
+        "demo",
+        "small GRACE vs vanilla DeepSpeed-MoE comparison: latency, cross-node bytes, drops, parity",
+    ),
 }
 
 

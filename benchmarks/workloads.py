@@ -1,0 +1,223 @@
+"""Benchmark workloads: replayed routing from real traces, scaled down from the paper's batches.
+
+Shape legend: I iterations (forwards), T tokens of one forward (all ranks), K top-k, E experts, L layers.
+
+Two models, each in two phases:
+- "mixtral": Mixtral-8x7B per-token routing (8 experts, top-2). The plan is built from the
+  HumanEval trace and the GSM8K trace is replayed (plan on one workload, serve another).
+- "olmoe": OLMoE-1B-7B (64 experts, top-8). The real data holds expert loads only, so a per-token
+  trace is derived whose loads equal the real (Wikipedia) counts; its co-activation structure is
+  synthetic. The first half of its tokens plans, the second half is replayed.
+Phases (paper: batch 256 x prefill 128, decode 16 steps): "prefill" forwards batch x prefill tokens
+at once, "decode" forwards one token per sequence per step. Every forward replays one MoE layer of
+the trace (cycling over the workload's layers) on a fresh window of its tokens; the gate weights are
+the trace's where it has them, else drawn once per token from a seeded Dirichlet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ds_grace.trace import (
+    RoutingTrace,
+    derive_trace_from_loads,
+    load_mixtral_jsonl,
+    load_olmoe_counts,
+    packaged_traces_dir,
+)
+
+PAPER_BATCH, PAPER_PREFILL, PAPER_DECODE = 256, 128, 16
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The MoE layer the benchmark runs: routing of `name`, MLP experts hidden -> ffn -> hidden."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    ffn: int
+    layers: tuple[int, ...]  # trace layers replayed (each gets its own plan layer)
+    # the real model's expert shape and dtype bytes, for the compute:link arithmetic
+    real_hidden: int
+    real_ffn: int
+    real_matrices: int  # 3: SwiGLU experts (gate, up, down)
+
+
+MODELS: dict[str, ModelShape] = {
+    "mixtral": ModelShape(
+        name="mixtral",
+        num_experts=8,
+        top_k=2,
+        hidden=256,
+        ffn=2048,
+        layers=(0, 8, 16, 24),
+        real_hidden=4096,
+        real_ffn=14336,
+        real_matrices=3,
+    ),
+    "olmoe": ModelShape(
+        name="olmoe",
+        num_experts=64,
+        top_k=8,
+        hidden=256,
+        ffn=512,
+        layers=(0, 1, 2),
+        real_hidden=2048,
+        real_ffn=1024,
+        real_matrices=3,
+    ),
+}
+OLMOE_DERIVED_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    model: str
+    phase: str  # "prefill" or "decode"
+    batch: int
+    tokens_per_sequence: int  # prefill length, or 1 per decode step
+    steps: int  # measured forwards
+    warmup: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.phase}"
+
+    @property
+    def tokens_per_forward(self) -> int:
+        return self.batch * self.tokens_per_sequence
+
+    @property
+    def shape(self) -> ModelShape:
+        return MODELS[self.model]
+
+    def paper_scale(self) -> str:
+        if self.phase == "prefill":
+            return (
+                f"batch {self.batch} x prefill {self.tokens_per_sequence} = {self.tokens_per_forward} tokens "
+                f"per forward (paper: {PAPER_BATCH} x {PAPER_PREFILL} = {PAPER_BATCH * PAPER_PREFILL}, "
+                f"1/{PAPER_BATCH * PAPER_PREFILL // self.tokens_per_forward})"
+            )
+        return (
+            f"batch {self.batch}, {self.steps} decode steps of 1 token per sequence "
+            f"(paper: batch {PAPER_BATCH}, {PAPER_DECODE} steps)"
+        )
+
+
+def default_workloads(
+    *, quick: bool = False, models: tuple[str, ...] = ("mixtral", "olmoe")
+) -> list[WorkloadSpec]:
+    """The benchmark's workloads; `quick` is a tiny setting for tests (seconds, not minutes)."""
+    specs = []
+    for model in models:
+        if model not in MODELS:
+            raise ValueError(f"model ({model!r}) must be one of {sorted(MODELS)}")
+        if quick:
+            specs.append(WorkloadSpec(model, "prefill", batch=4, tokens_per_sequence=8, steps=3, warmup=1))
+            continue
+        specs.append(WorkloadSpec(model, "prefill", batch=16, tokens_per_sequence=32, steps=10, warmup=2))
+        specs.append(
+            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=PAPER_DECODE, warmup=2)
+        )
+    return specs
+
+
+def _select_layers(trace: RoutingTrace, layers: tuple[int, ...], rows: slice | None = None) -> RoutingTrace:
+    pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+    return RoutingTrace(
+        topk_ids=tuple(pick(trace.topk_ids[layer]) for layer in layers),
+        num_experts=trace.num_experts,
+        gate_weights=None
+        if trace.gate_weights is None
+        else tuple(pick(trace.gate_weights[layer]) for layer in layers),
+        metadata={**trace.metadata, "layers": list(layers)},
+    )
+
+
+def calibration_and_replay(model: str) -> tuple[RoutingTrace, RoutingTrace]:
+    """(trace the plans are built from, trace whose routing is replayed), both over MODELS[model].layers."""
+    shape = MODELS[model]
+    traces = packaged_traces_dir()
+    if model == "mixtral":
+        calibration = load_mixtral_jsonl(traces / "mixtral" / "humaneval_2_routing.jsonl", num_experts=8)
+        replay = load_mixtral_jsonl(traces / "mixtral" / "gsm8k_2_routing.jsonl", num_experts=8)
+        return _select_layers(calibration, shape.layers), _select_layers(replay, shape.layers)
+    loads = load_olmoe_counts(traces / "olmoe" / "expert_counts" / "wikipedia.json")
+    derived = derive_trace_from_loads(loads, num_tokens=OLMOE_DERIVED_TOKENS, seed=0)
+    half = OLMOE_DERIVED_TOKENS // 2
+    return (
+        _select_layers(derived, shape.layers, slice(0, half)),
+        _select_layers(derived, shape.layers, slice(half, None)),
+    )
+
+
+@dataclass(frozen=True)
+class ReplayBatches:
+    """What every forward of a workload replays: layer_I (index into the workload's layers),
+    topk_ids_ITK and topk_weights_ITK over the whole batch (rank r takes rows r*T/R ..)."""
+
+    layer_I: np.ndarray
+    topk_ids_ITK: np.ndarray
+    topk_weights_ITK: np.ndarray
+
+    def save(self, path: Path) -> None:
+        np.savez(
+            path, layer_I=self.layer_I, topk_ids_ITK=self.topk_ids_ITK, topk_weights_ITK=self.topk_weights_ITK
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> ReplayBatches:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["layer_I"], data["topk_ids_ITK"], data["topk_weights_ITK"])
+
+
+def replay_batches(spec: WorkloadSpec, replay: RoutingTrace, *, seed: int = 0) -> ReplayBatches:
+    """warmup + steps forwards: forward i replays layer i % L on the next window of the trace's tokens
+    (wrapping around), so consecutive forwards see different tokens."""
+    rng = np.random.default_rng(seed)
+    count = spec.warmup + spec.steps
+    num_layers = replay.num_layers
+    tokens = spec.tokens_per_forward
+    layer_I = np.arange(count) % num_layers
+    ids, weights = [], []
+    for i in range(count):
+        layer = int(layer_I[i])
+        layer_ids = replay.topk_ids[layer]
+        rows = (i // num_layers * tokens + np.arange(tokens)) % len(layer_ids)
+        ids.append(layer_ids[rows])
+        if replay.gate_weights is not None:
+            weights.append(replay.gate_weights[layer][rows].astype(np.float32))
+        else:
+            drawn = rng.dirichlet(np.ones(replay.top_k), size=tokens).astype(np.float32)
+            weights.append(-np.sort(-drawn, axis=1))  # gate order: largest weight first
+    return ReplayBatches(layer_I, np.stack(ids).astype(np.int64), np.stack(weights).astype(np.float32))
+
+
+def spec_to_dict(spec: WorkloadSpec) -> dict[str, Any]:
+    data = asdict(spec)
+    data.update(name=spec.name, tokens_per_forward=spec.tokens_per_forward, paper_scale=spec.paper_scale())
+    data["shape"] = asdict(spec.shape)
+    return data
+
+
+def spec_from_dict(data: dict[str, Any]) -> WorkloadSpec:
+    return WorkloadSpec(
+        model=data["model"],
+        phase=data["phase"],
+        batch=int(data["batch"]),
+        tokens_per_sequence=int(data["tokens_per_sequence"]),
+        steps=int(data["steps"]),
+        warmup=int(data["warmup"]),
+    )
+
+
+def with_steps(spec: WorkloadSpec, *, steps: int | None = None, warmup: int | None = None) -> WorkloadSpec:
+    return replace(
+        spec, steps=spec.steps if steps is None else steps, warmup=spec.warmup if warmup is None else warmup
+    )

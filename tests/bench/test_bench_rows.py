@@ -1,0 +1,121 @@
+"""The JSON row schema of `ds-grace bench`, and the quick benchmark end to end on local ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench import ROW_FIELDS, Setting, build_rows, format_table, target_check, update_readme
+from benchmarks.model_forward import MODEL_WORKLOAD
+from benchmarks.systems import SYSTEMS
+from benchmarks.workloads import default_workloads, spec_to_dict
+from ds_grace.topology import Topology
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _measured(median_ms: float, cross: float, dropped: int = 0, diff: float = 1e-7) -> dict:
+    return {
+        "median_ms": median_ms,
+        "p90_ms": median_ms * 1.2,
+        "expert_median_ms": 1.0,
+        "bytes_intra_node": 10.0,
+        "bytes_cross_node": cross,
+        "dropped_routes": dropped,
+        "routes": 64,
+        "max_abs_diff": diff,
+        "capacity_max": 9,
+        "forwards": 3,
+        "per_forward_ms": [median_ms] * 3,
+    }
+
+
+def _fake_outcome() -> tuple[dict, dict]:
+    workload = default_workloads(quick=True, models=("mixtral",))[0]
+    spec = {"workloads": [spec_to_dict(workload)]}
+    systems = {s.name: _measured(10.0, 100.0) for s in SYSTEMS}
+    systems["vanilla_lossless"] = _measured(40.0, 1000.0)
+    systems["vanilla_default"] = _measured(30.0, 600.0, dropped=5, diff=0.5)
+    return spec, {"results": {workload.name: {"systems": systems, "expert_s_per_row": 2e-5}}}
+
+
+def test_rows_hold_every_field_and_ratios_against_vanilla_lossless() -> None:
+    spec, outcome = _fake_outcome()
+    setting = Setting("50mbit", "netns", 50.0)
+    rows = build_rows(spec, setting, outcome, Topology(2, 2))
+    assert [row["system"] for row in rows] == [s.name for s in SYSTEMS]
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row)
+        json.dumps(row)
+    by = {row["system"]: row for row in rows}
+    assert by["vanilla_lossless"]["speedup_vs_vanilla_lossless"] == 1.0
+    assert by["grace_hsc"]["speedup_vs_vanilla_lossless"] == pytest.approx(4.0)
+    assert by["grace_hsc"]["cross_node_bytes_vs_vanilla_lossless"] == pytest.approx(0.1)
+    assert by["vanilla_default"]["parity"] is False and by["grace_hsc"]["parity"] is True
+    # kappa: 1 KiB fp32 rows over 25 Mbit/s per rank (two ranks share 50) vs 20 us of compute per row
+    assert by["grace_hsc"]["compute_link_kappa"] == pytest.approx((1024 / (50e6 / 8 / 2)) / 2e-5)
+    target = target_check(rows, [setting])
+    check = target["workloads"]["mixtral-prefill"]
+    assert check["latency_4x_lower"] and check["cross_node_bytes_at_most_half"] and check["zero_drops"]
+    assert check["parity"]
+
+
+def test_readme_table_replaced_between_markers(tmp_path: Path) -> None:
+    spec, outcome = _fake_outcome()
+    rows = build_rows(spec, Setting("local", "local", None), outcome, Topology(2, 2))
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\nintro\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\ntail\n")
+    update_readme(format_table(rows), readme=readme, note="note")
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# B\n\nintro\n") and text.endswith("tail\n")
+    assert text.count("| mixtral-prefill | local |") == len(SYSTEMS)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_bench_quick_runs_end_to_end_on_local_ranks(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ds_grace.cli", "bench", "--quick", "--mode", "local", "--output", str(output),
+         "--no-readme", "--quiet", "--timeout-s", "240"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    document = json.loads(output.read_text())
+    model_rows = [row for row in document["rows"] if row["workload"] == MODEL_WORKLOAD]
+    rows = [row for row in document["rows"] if row["workload"] != MODEL_WORKLOAD]
+    workloads = {row["workload"] for row in rows}
+    assert workloads == {"mixtral-prefill", "olmoe-prefill"}
+    assert len(rows) == len(workloads) * len(SYSTEMS)
+    assert {row["system"] for row in model_rows} == {
+        "vanilla_default",
+        "vanilla_lossless",
+        "grace_tar",
+        "grace_hsc",
+    }
+    for row in model_rows:
+        assert row["model_forward_median_ms"] >= row["median_ms"] > 0
+        if row["system"] != "vanilla_default":
+            assert row["dropped_routes"] == 0 and row["max_abs_diff"] < 1e-4, row
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row)
+        assert row["setting"] == "local" and row["forwards"] == 3 and row["routes"] > 0
+        assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
+        if row["system"] != "vanilla_default":
+            assert row["dropped_routes"] == 0, row
+            assert row["parity"], row
+        if row["system"].startswith("grace"):
+            assert row["bytes_cross_node"] < next(
+                r["bytes_cross_node"]
+                for r in rows
+                if r["workload"] == row["workload"] and r["system"] == "vanilla_lossless"
+            )
+    assert any(row["dropped_routes"] > 0 for row in rows if row["system"] == "vanilla_default")
+    assert document["target"]["workloads"]
+    for plot in document["plots"]:
+        assert Path(plot).is_file() and Path(plot).stat().st_size > 1000
+    assert "Target at local" in proc.stdout
