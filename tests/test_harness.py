@@ -31,6 +31,8 @@ def _describe_rank(ctx: RankContext) -> dict[str, object]:
         "local_size": int(os.environ["LOCAL_SIZE"]),
         "sum_of_rank_plus_one": int(total.item()),
         "pid": os.getpid(),
+        # a tensor outliving its process: the parent must still read it after the rank exits
+        "tensor": torch.full((256, 256), float(ctx.rank)),
     }
 
 
@@ -65,6 +67,7 @@ def test_results_come_back_by_rank_with_comm_initialised():
     assert [r["local_size"] for r in results] == [2, 2, 2, 2]
     assert [r["sum_of_rank_plus_one"] for r in results] == [10, 10, 10, 10]
     assert len({r["pid"] for r in results}) == 4 and os.getpid() not in {r["pid"] for r in results}
+    assert [float(r["tensor"].mean()) for r in results] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_raising_rank_traceback_reaches_parent_and_stops_the_others():

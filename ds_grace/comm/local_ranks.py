@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -72,7 +73,9 @@ def _rank_main(
             auto_mpi_discovery=False,
         )
         value = fn(RankContext(rank=rank, topology=topology, workdir=workdir), *args)
-        results.put((rank, "ok", value))
+        # Plain pickle bytes: torch's queue pickler would share tensor storage through file
+        # descriptors that vanish when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -143,7 +146,7 @@ def run_on_ranks(
                     break
                 continue
             if status == "ok":
-                values[rank] = payload
+                values[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
                 break
