@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from ds_grace.comm.collectives import all_gather_objects, init_distributed, is_distributed, world
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.topology import Topology
 
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 
 ServingMode = Literal["grace", "vanilla"]
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ---- what the model holds ----
@@ -237,10 +235,8 @@ def _check_moe_ep_size(ds_config: Mapping[str, Any], *, expected: int, why: str)
 
 def _world() -> tuple[int, int]:
     """(world size, rank): torch.distributed's when initialised, else the launcher's environment, else (1, 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
+    if is_distributed():
+        return world()
     values = []
     for name, default in (("WORLD_SIZE", 1), ("RANK", 0)):
         text = os.environ.get(name)
@@ -297,47 +293,8 @@ def resolve_plan(grace: GraceConfig, *, topology: Topology, moe: ModelMoE) -> Gr
 # ---- distributed start-up ----
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def init_distributed(*, timeout_s: float) -> None:
-    """Initialise DeepSpeed's communication backend (gloo on CPU) unless it is up: the launcher's env://
-    when its variables are set, else a world of this one process."""
-    import deepspeed
-    import torch.distributed as dist
-
-    timeout = timedelta(seconds=timeout_s)
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_init_required=False, verbose=False, timeout=timeout)
-        return
-    present = [name for name in _LAUNCHER_ENV if name in os.environ]
-    if len(present) == len(_LAUNCHER_ENV):
-        deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    elif int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        deepspeed.init_distributed(
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=timeout,
-        )
-    else:
-        missing = [name for name in _LAUNCHER_ENV if name not in present]
-        raise GraceConfigError(
-            f"WORLD_SIZE ({os.environ['WORLD_SIZE']}) > 1 but the launcher variables {missing} are unset; "
-            "start with the deepspeed launcher or initialise torch.distributed first"
-        )
-
-
 def _check_same_plan_everywhere(plan: GracePlan) -> None:
-    import torch.distributed as dist
-
-    hashes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(hashes, plan.content_hash)
+    hashes = all_gather_objects(plan.content_hash)
     if len(set(hashes)) != 1:
         from ds_grace.planning.plan import PlanError
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ds_grace.comm.collectives import all_ranks_true, gather_objects_to_rank0, sum_over_ranks, world
 from ds_grace.trace import RoutingTrace, TraceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -184,14 +185,6 @@ def _forward(model: Any, batch: Batch, recorder: _Recorder) -> int:
     return int(recorder.ids[0][-1].shape[0])
 
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def profile_routing(
     model: Any,
     batches: Iterable[Batch],
@@ -213,7 +206,7 @@ def profile_routing(
         raise ValueError(f"tokens ({tokens!r}) must be an integer >= 1")
     from tqdm import tqdm
 
-    world_size, rank = _distributed()
+    world_size, rank = world()
     sources = routing_sources(model)
     num_experts = sorted({source.num_experts for source in sources})
     if len(num_experts) != 1:
@@ -227,12 +220,12 @@ def profile_routing(
         with torch.no_grad():
             while total < tokens:
                 batch = next(iterator, None)
-                if world_size > 1 and not _all_ranks_have(batch is not None):
+                if world_size > 1 and not all_ranks_true(batch is not None):
                     break
                 if batch is None:
                     break
                 recorded += _forward(model, batch, recorder)
-                new_total = _sum_over_ranks(recorded) if world_size > 1 else recorded
+                new_total = sum_over_ranks([recorded])[0] if world_size > 1 else recorded
                 bar.update(min(new_total, tokens) - min(total, tokens))
                 total = new_total
     finally:
@@ -240,7 +233,7 @@ def profile_routing(
         remove()
     ids, weights = recorder.arrays()
     if world_size > 1:
-        gathered = _gather_to_rank0((ids, weights))
+        gathered = gather_objects_to_rank0((ids, weights))
         if rank != 0:
             return None
         ids = [np.concatenate([part[0][layer] for part in gathered]) for layer in range(len(sources))]
@@ -257,31 +250,6 @@ def profile_routing(
         token_ids=tuple(token_ids for _ in sources),
         metadata=info,
     )
-
-
-def _all_ranks_have(has_batch: bool) -> bool:
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if has_batch else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _sum_over_ranks(value: int) -> int:
-    import torch.distributed as dist
-
-    count = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    return int(count.item())
-
-
-def _gather_to_rank0(payload: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    world_size, rank = _distributed()
-    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(payload, gathered, dst=0)
-    return gathered or []
 
 
 # ---- text to token batches ----

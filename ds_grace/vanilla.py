@@ -32,6 +32,7 @@ import torch.distributed as dist
 from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
+from ds_grace.comm.collectives import barrier, is_distributed, max_over_group
 from ds_grace.comm.deepspeed_groups import (
     ExpertGroupError,
     check_ep_size,
@@ -154,11 +155,9 @@ def needs_equal_token_counts(model: Any) -> bool:
 def _group_max_tokens(model: nn.Module, num_tokens: int) -> int:
     layers = moe_layers(model)
     group = layers[0][1].deepspeed_moe.ep_group if layers else None
-    if group is None or not dist.is_initialized():
+    if group is None or not is_distributed():
         return num_tokens
-    count = torch.tensor([num_tokens], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    return int(count.item())
+    return max_over_group(num_tokens, group=group)
 
 
 def vanilla_forward(model: Any, x_TD: torch.Tensor, *, pad_to: int | None = None) -> torch.Tensor:
@@ -335,7 +334,7 @@ def run_toy_modes_on_rank(ctx: RankContext, spec: ToyRunSpec) -> list[RankModeRe
         pad_to = max(group_tokens) if needs_equal_token_counts(engine) else x_TD.shape[0]
         forward_ms = []
         for iteration in range(spec.warmup + spec.iters):
-            dist.barrier()
+            barrier()
             start = time.perf_counter()
             y_TD = vanilla_forward(engine, x_TD, pad_to=pad_to)
             elapsed_ms = (time.perf_counter() - start) * 1e3

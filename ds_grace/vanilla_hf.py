@@ -44,6 +44,8 @@ def deepspeed_capacity_routes(
     import torch.distributed as dist
     from deepspeed.moe.sharded_moe import _capacity
 
+    from ds_grace.comm.collectives import max_over_group
+
     num_tokens, top_k = topk_ids_SK.shape
     ids_SK = topk_ids_SK.long()
     mask_SE = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=ids_SK.device)
@@ -68,10 +70,9 @@ def deepspeed_capacity_routes(
             within_SE = torch.zeros_like(mask_SE).scatter_(0, rows_CE, True)
             kept_SK = (mask_SE & within_SE).gather(1, ids_SK)
     else:
-        most = exp_counts_E.max() if num_tokens else exp_counts_E.new_zeros(())
+        capacity = int(exp_counts_E.max()) if num_tokens else 0
         if ep_group is not None and dist.get_world_size(group=ep_group) > 1:
-            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ep_group)
-        capacity = int(most.item())
+            capacity = max_over_group(capacity, group=ep_group)
         kept_SK = torch.ones_like(ids_SK, dtype=torch.bool)
     if slot_major:
         locations_SK = position_SK * kept_SK

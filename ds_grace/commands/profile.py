@@ -63,12 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     world_size, rank = 1, 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        from ds_grace.inference import init_distributed
+        from ds_grace.comm.collectives import init_distributed, world
 
         init_distributed(timeout_s=300.0)
-        world_size, rank = dist.get_world_size(), dist.get_rank()
+        world_size, rank = world()
     tokenizer = load_text_tokenizer(args.model)
     token_ids = tokenizer.encode(data.read_text(encoding="utf-8"))
     if not token_ids:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ds_grace.comm.all_to_all import dispatch_row_bytes
+from ds_grace.comm.collectives import sum_over_ranks
 from ds_grace.comm.counters import StageTraffic
 from ds_grace.comm.local_ranks import RankContext, RankFailure, run_on_ranks
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
@@ -251,8 +251,7 @@ def _selfcheck_rank(
                     num_local_slots=len(spec.plan.slots[ctx.rank]),
                 )
                 counters_ok[mode] = traffic_equal(layer.comm_counters.snapshot(), expected)
-        totals = torch.tensor([int((ids_TK >= 0).sum()), *computed.values()], dtype=torch.int64)
-        dist.all_reduce(totals)
+        totals = sum_over_ranks([int((ids_TK >= 0).sum()), *computed.values()])
         results.append(
             {
                 "index": index,

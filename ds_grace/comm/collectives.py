@@ -1,0 +1,107 @@
+"""Small collectives the serving and profiling code needs, and starting the process group.
+
+Everything here is collective over the default (world) group: every rank must call it, in the same
+order. Payloads are tiny (flags, counts, hashes); the token traffic lives in all_to_all.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSetupError(ValueError):  # a ValueError like the config errors it stands beside
+    """The process group cannot be started from this environment."""
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, or (1, 0) without one."""
+    if is_distributed():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def init_distributed(*, timeout_s: float) -> None:
+    """Initialise DeepSpeed's communication backend (gloo on CPU) unless it is up: the launcher's env://
+    when its variables are set, else a world of this one process."""
+    import deepspeed
+
+    timeout = timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_init_required=False, verbose=False, timeout=timeout)
+        return
+    present = [name for name in _LAUNCHER_ENV if name in os.environ]
+    if len(present) == len(_LAUNCHER_ENV):
+        deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    elif int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        deepspeed.init_distributed(
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timeout,
+        )
+    else:
+        missing = [name for name in _LAUNCHER_ENV if name not in present]
+        raise DistributedSetupError(
+            f"WORLD_SIZE ({os.environ['WORLD_SIZE']}) > 1 but the launcher variables {missing} are unset; "
+            "start with the deepspeed launcher or initialise torch.distributed first"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, by rank (picklable objects)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_objects_to_rank0(value: Any) -> list[Any]:
+    """Every rank's `value` by rank on rank 0; an empty list elsewhere."""
+    size, rank = world()
+    gathered: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True when `flag` is true on every rank."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def sum_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise sum of integer counts over all ranks."""
+    total = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return [int(v) for v in total.tolist()]
+
+
+def max_over_group(value: int, *, group: Any) -> int:
+    """The largest `value` over the ranks of `group`."""
+    count = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return int(count.item())
+
+
+def barrier() -> None:
+    dist.barrier()
