@@ -334,6 +334,18 @@ class ServedMoE:
         """Snapshots of this rank's traffic counters, by MoE layer ("layer0", ...)."""
         return {f"layer{i}": counters.snapshot() for i, counters in enumerate(self.counters)}
 
+    def stats(self) -> dict[str, int]:
+        """This rank's MoE totals since the last reset: traffic counters summed over layers (grace), or
+        routes and dropped routes (vanilla)."""
+        if self.mode == "grace":
+            totals: dict[str, int] = {}
+            for counters in self.counters:
+                for name, value in counters.total().as_dict().items():
+                    totals[name] = totals.get(name, 0) + value
+            return totals
+        stats = [s for layer in self.dropped_routes.stats for s in layer] if self.dropped_routes else []
+        return {"routes": sum(s.routes for s in stats), "dropped_routes": sum(s.dropped for s in stats)}
+
     def reset_counters(self) -> None:
         for counters in self.counters:
             counters.reset()

@@ -47,7 +47,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402 - after the path set-up above
-import torch.distributed as dist  # noqa: E402
+
+from ds_grace.comm.collectives import barrier, gather_objects_to_rank0, max_over_ranks, world  # noqa: E402
 
 ENV_NUM_NODES = "DS_GRACE_NUM_NODES"
 ENV_GPUS_PER_NODE = "DS_GRACE_GPUS_PER_NODE"
@@ -132,8 +133,7 @@ def left_pad(rows: Sequence[Sequence[int]], *, width: int, pad_id: int) -> tuple
 
 
 def _sync() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def greedy_generate(
@@ -185,34 +185,6 @@ def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return out
 
 
-def _slowest(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered or []
-
-
-def _rank_stats(served: Any) -> dict[str, int]:
-    """This rank's MoE traffic (GRACE) or dropped routes (vanilla) since start-up."""
-    if served.mode == "grace":
-        totals: dict[str, int] = {}
-        for counters in served.counters:
-            for name, value in counters.total().as_dict().items():
-                totals[name] = totals.get(name, 0) + value
-        return totals
-    stats = [s for layer in served.dropped_routes.stats for s in layer]
-    return {"routes": sum(s.routes for s in stats), "dropped_routes": sum(s.dropped for s in stats)}
-
-
 def serve_and_generate(
     args: argparse.Namespace, config: dict[str, Any], prompt_ids: list[list[int]], tokenizer: Any
 ) -> dict[str, Any] | None:
@@ -222,7 +194,7 @@ def serve_and_generate(
 
     engine = ds_grace.init_inference(args.model, config=config)
     served = engine.grace
-    world_size, rank = dist.get_world_size(), dist.get_rank()
+    world_size, rank = world()
     model_config = engine.module.config
     pad_id = model_config.pad_token_id if isinstance(model_config.pad_token_id, int) else 0
     eos = model_config.eos_token_id
@@ -238,10 +210,10 @@ def serve_and_generate(
     new_ids_BN, prefill_ms, decode_ms = greedy_generate(
         engine, input_ids_BL, attention_mask_BL, max_new_tokens=args.max_new_tokens
     )
-    prefill_ms = _slowest(prefill_ms)
-    decode_ms_per_token = _slowest(sum(decode_ms) / len(decode_ms)) if decode_ms else 0.0
+    prefill_ms = max_over_ranks(prefill_ms)
+    decode_ms_per_token = max_over_ranks(sum(decode_ms) / len(decode_ms)) if decode_ms else 0.0
     mine = [(i, new_ids_BN[row].tolist()) for row, i in enumerate(rows) if i is not None]
-    gathered = _gather({"continuations": mine, "stats": _rank_stats(served)})
+    gathered = gather_objects_to_rank0({"continuations": mine, "stats": served.stats()})
     if rank != 0:
         return None
 

@@ -75,7 +75,9 @@ def all_gather_objects(value: Any) -> list[Any]:
 
 
 def gather_objects_to_rank0(value: Any) -> list[Any]:
-    """Every rank's `value` by rank on rank 0; an empty list elsewhere."""
+    """Every rank's `value` by rank on rank 0; an empty list elsewhere (without a group: [value])."""
+    if not is_distributed():
+        return [value]
     size, rank = world()
     gathered: list[Any] | None = [None] * size if rank == 0 else None
     dist.gather_object(value, gathered, dst=0)
@@ -104,4 +106,15 @@ def max_over_group(value: int, *, group: Any) -> int:
 
 
 def barrier() -> None:
-    dist.barrier()
+    """Wait for every rank (nothing to wait for without a group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest `value` over all ranks (the value itself without a group)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

@@ -125,17 +125,6 @@ def _rows(ctx: RankContext, num_prompts: int) -> slice:
     return slice(ctx.rank * share, (ctx.rank + 1) * share)
 
 
-def _stats(served: Any) -> dict[str, int]:
-    if served.mode == "grace":
-        totals: dict[str, int] = {}
-        for counters in served.counters:
-            for name, value in counters.total().as_dict().items():
-                totals[name] = totals.get(name, 0) + value
-        return totals
-    layer_stats = [s for layer in served.dropped_routes.stats for s in layer]
-    return {"routes": sum(s.routes for s in layer_stats), "dropped": sum(s.dropped for s in layer_stats)}
-
-
 def _local_experts(served: Any) -> list[int]:
     return [len(layer.deepspeed_moe.experts.deepspeed_experts) for layer in served.layers]
 
@@ -154,7 +143,7 @@ def _hf_case(ctx: RankContext, case: HFCase) -> CaseResult:
     served.reset_counters()
     with torch.no_grad():
         logits = engine(input_ids=input_ids, attention_mask=attention_mask).logits
-        prefill_stats = _stats(served)
+        prefill_stats = served.stats()
         tokens = engine.generate(input_ids, **generate_kwargs(attention_mask))
     result = CaseResult(
         name=case.name,
@@ -190,7 +179,7 @@ def _toy_case(ctx: RankContext, case: ToyCase) -> CaseResult:
         layer_types=[type(layer).__name__ for layer in served.layers],
         local_experts=_local_experts(served),
         outputs={"y": y_TD},
-        stats=_stats(served),
+        stats=served.stats(),
     )
     if case.profile:
         trace = profile_routing(engine, [x_TD], tokens=case.x_TD.shape[0], progress=False)

@@ -192,14 +192,14 @@ def test_vanilla_layers_are_deepspeed_moe_with_contiguous_experts(served, family
     for result in by_name[f"{family}/vanilla"]:
         assert result.layer_types == ["MoE", "MoE"]
         assert result.local_experts == [2, 2]  # 8 experts over 4 ranks
-        assert result.stats["dropped"] == 0 and result.stats["routes"] > 0
+        assert result.stats["dropped_routes"] == 0 and result.stats["routes"] > 0
 
 
 def test_vanilla_with_small_capacity_drops_routes(served):
     by_name, expected = served
     results = by_name["mixtral/vanilla-capacity"]
     routes = sum(result.stats["routes"] for result in results)
-    dropped = sum(result.stats["dropped"] for result in results)
+    dropped = sum(result.stats["dropped_routes"] for result in results)
     # prefill, 2 MoE layers: 8 prompts x 9 positions x top-2 routes each
     assert routes == 2 * 8 * 9 * 2 and 0 < dropped < routes
     logits = torch.cat([result.outputs["logits"] for result in results])
