@@ -36,6 +36,20 @@ def test_quick_start_targets_exist():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_console_script_help_and_check_config():
+    shown = subprocess.run(["ds-grace", "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0
+    assert all(name in shown.stdout for name in COMMANDS)
+    checked = subprocess.run(
+        ["ds-grace", "check-config", str(ROOT / "ds_configs" / "grace.json"), "--world-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["grace"]["topology"] == {"num_nodes": 1, "gpus_per_node": 4}
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_user_journey_block_runs_as_written(tmp_path):
