@@ -286,6 +286,7 @@ def run_selfcheck(
     details = []
     mismatches = dropped = 0
     max_abs_diff = 0.0
+    max_abs_diff_by_dtype: dict[str, float] = {}
     for index in range(cases):
         rows = [rank_results[index] for rank_results in per_rank]
         tolerance = RELATIVE_TOLERANCE[rows[0]["dtype"]] * max(r["scale"] for r in rows)
@@ -304,6 +305,8 @@ def run_selfcheck(
         mismatches += 0 if ok else 1
         dropped += case_dropped
         max_abs_diff = max(max_abs_diff, *worst.values())
+        case_dtype = rows[0]["dtype"]
+        max_abs_diff_by_dtype[case_dtype] = max(max_abs_diff_by_dtype.get(case_dtype, 0.0), *worst.values())
         spec = make_case(seed, index, topology, dtypes)
         details.append(
             {
@@ -323,6 +326,8 @@ def run_selfcheck(
         "mismatches": mismatches,
         "dropped_routes": dropped,
         "max_abs_diff": max_abs_diff,
+        # bf16 cases differ by rounding steps; fp32 ones only by summation order
+        "max_abs_diff_by_dtype": max_abs_diff_by_dtype,
     }
     return {"summary": summary, "details": details}
 

@@ -53,7 +53,12 @@ def test_selfcheck_2x2_parity_modes_and_counters():
         "mismatches": 0,
         "dropped_routes": 0,
         "max_abs_diff": max(max(d["abs_diff"].values()) for d in details),
+        "max_abs_diff_by_dtype": {
+            dtype: max(max(d["abs_diff"].values()) for d in details if d["dtype"] == dtype)
+            for dtype in ("fp32", "bf16")
+        },
     }
+    assert result["summary"]["max_abs_diff_by_dtype"]["fp32"] <= 1e-5
 
 
 @pytest.mark.parametrize(("nodes", "gpus"), [(1, 4), (4, 1)])
