@@ -40,6 +40,7 @@ from benchmarks.workloads import (  # noqa: E402
     replay_batches,
     spec_to_dict,
 )
+from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -108,7 +109,7 @@ def prepare(
 
         spec["model"] = prepare_model(workdir, topology, sequences=2 if quick else 4, length=16 if quick else 32,
                                       steps=2 if quick else 6, warmup=1)  # fmt: skip
-    (workdir / "spec.json").write_text(json.dumps(spec, indent=1))
+    write_text_atomic(workdir / "spec.json", json.dumps(spec, indent=1))
     return {**spec, "plan_metrics": plan_metrics}
 
 
@@ -361,12 +362,12 @@ def run_bench(
     }
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(document, indent=1))
+        write_text_atomic(output, json.dumps(document, indent=1))
         if plots:
             from benchmarks.plots import plot_bench
 
             document["plots"] = [str(p) for p in plot_bench(document, output.parent)]
-            output.write_text(json.dumps(document, indent=1))
+            write_text_atomic(output, json.dumps(document, indent=1))
         if readme:
             update_readme(format_table(rows), note=_table_note(document))
     return document

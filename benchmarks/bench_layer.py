@@ -34,6 +34,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
+from ds_grace.files import write_text_atomic
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.topology import Topology
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratios['grace_hierarchical']:.2f}, flat {ratios['grace_flat']:.2f}"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
+    write_text_atomic(
+        args.output,
         json.dumps(
             {
                 "benchmark": "bench_layer",
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_rank": per_rank,
             },
             indent=1,
-        )
+        ),
     )
     print(f"wrote {args.output}")
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_grace.comm.local_ranks import run_on_ranks
+from ds_grace.files import save_figure, write_text_atomic
 from ds_grace.online.replay import ReplaySpec, replay_many
 from ds_grace.topology import Topology
 
@@ -99,7 +100,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel("MiB moved per migration")
     bottom.set_title("migrations (label: variant#index @switch step; annotation: transfer time)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
+    write_text_atomic(args.output, json.dumps(results, indent=1))
     png = args.output.with_suffix(".png")
     _plot(results, png)
     print(f"online replication, Mixtral layers {args.layers}, {topology}, shift at forward {args.steps[0]}")

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.planning.build import PLANNER_POLICIES, build_plan  # noqa: E402
 from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
@@ -149,7 +150,7 @@ def main() -> None:
             balance = {k: v["balancedness"] for k, v in row.items() if isinstance(v, dict)}
             print(f"olmoe {name:15s} extra/gpu={row['extra_slots_per_gpu']} balancedness {balance}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_text_atomic(args.out, json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ds_grace.files import save_figure  # noqa: E402
+
 
 def _grouped_bars(
     ax: Any, rows: list[dict[str, Any]], key: str, *, scale: float = 1.0, log: bool = False
@@ -44,7 +46,7 @@ def plot_bench(document: dict[str, Any], out_dir: Path) -> list[Path]:
         right.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"bench_{workload}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -53,6 +53,7 @@ from benchmarks.workloads import (  # noqa: E402
     replay_batches,
     spec_from_dict,
 )
+from ds_grace.files import save_figure, write_text_atomic  # noqa: E402
 from ds_grace.planning.plan import GracePlan, LayerPlan  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 from ds_grace.vanilla import DEEPSPEED_DEFAULT  # noqa: E402
@@ -374,7 +375,7 @@ def plot_predictions(predictions: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"{rows[0]['model']} on {profile}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p['model']} {p['profile']:<11} {p['nodes']}x{p['gpus_per_node']} {p['system']:<18} "
               f"{p['predicted_ms']:9.3f} ms  {p['speedup_vs_vanilla_lossless']:5.2f}x")  # fmt: skip
     plot = plot_predictions(predictions, args.output.with_suffix(".png"))
-    args.output.write_text(json.dumps({
+    write_text_atomic(args.output, json.dumps({
         "calibration": calibration, "predictions": predictions, "plot": str(plot.relative_to(REPO_ROOT)),
         "assumptions": {"mfu": args.mfu, "link_efficiency": args.link_efficiency,
                         "profiles": [asdict(p) for p in PROFILES], "tokens_per_forward": PAPER_BATCH * PAPER_PREFILL,

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ds_grace.files import save_figure, write_text_atomic  # noqa: E402
 from ds_grace.planning.baselines import contiguous_primary, single_instance_layer  # noqa: E402
 from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan, expected_gpu_loads  # noqa: E402
 from ds_grace.planning.plan import GracePlan, PlanError  # noqa: E402
@@ -52,7 +53,7 @@ def plot_affinity(plan: GracePlan, trace: RoutingTrace, layer: int, path: Path) 
     ax.set_title(f"layer {layer}: co-activation, experts by GPU (white) and node (red)")
     fig.colorbar(image, ax=ax, label="tokens choosing both")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -84,7 +85,7 @@ def plot_gpu_load(plan: GracePlan, loads_E: np.ndarray, layer: int, path: Path, 
     ax.set_title(f"layer {layer}: per-GPU load before and after replication")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -105,7 +106,7 @@ def plot_placement(plan: GracePlan, layer: int, path: Path) -> None:
     ax.set_ylabel("GPU (rank)")
     ax.set_title(f"layer {layer}: primaries (blue) and replicas (orange); red lines split nodes")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -175,6 +176,6 @@ def write_report(
     routing = plan.meta.get("routing_policy", "tar")
     plot_gpu_load(plan, loads_LE[layer], layer, out / "gpu_load.png", routing)
     plot_placement(plan, layer, out / "placement.png")
-    (out / "summary.md").write_text(summary_markdown(plan, trace, layer))
+    write_text_atomic(out / "summary.md", summary_markdown(plan, trace, layer))
     written += [out / "gpu_load.png", out / "placement.png", out / "summary.md"]
     return written

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ds_grace.files import atomic_writer
+
 TRACE_FORMAT = "ds_grace.routing_trace"
 TRACE_FORMAT_VERSION = 1
 
@@ -284,8 +286,7 @@ def _header(kind: str, num_experts: int, metadata: Mapping[str, Any]) -> dict[st
 
 
 def _write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path = Path(path)
-    with path.open("wb") as handle:  # a file object keeps numpy from appending ".npz"
+    with atomic_writer(path) as handle:  # a file object keeps numpy from appending ".npz"
         np.savez(handle, **arrays)
 
 

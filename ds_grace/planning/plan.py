@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ds_grace.files import write_text_atomic
 from ds_grace.topology import Topology
 
 PLAN_FORMAT_VERSION = 1
@@ -44,13 +45,27 @@ class LayerPlan:
         slots: list[list[int]],
         primary: list[int],
         slot_weights: list[list[float]] | None = None,
+        where: str = "layer",
     ) -> LayerPlan:
+        """A LayerPlan from plain lists, typed strictly: ids must be integers (a bool, "1" or 2.9 is a
+        PlanError naming the field, never coerced), weights real numbers."""
+        slot_rows = _rows(slots, f"{where}.slots")
         if slot_weights is None:
-            slot_weights = [[1.0] * len(s) for s in slots]
+            slot_weights = [[1.0] * len(row) for row in slot_rows]
+        weight_rows = _rows(slot_weights, f"{where}.slot_weights")
         return cls(
-            slots=tuple(tuple(int(e) for e in s) for s in slots),
-            slot_weights=tuple(tuple(float(w) for w in ws) for ws in slot_weights),
-            primary=tuple(int(r) for r in primary),
+            slots=tuple(
+                tuple(_integer(e, f"{where}.slots[{r}][{i}]") for i, e in enumerate(row))
+                for r, row in enumerate(slot_rows)
+            ),
+            slot_weights=tuple(
+                tuple(_real(w, f"{where}.slot_weights[{r}][{i}]") for i, w in enumerate(row))
+                for r, row in enumerate(weight_rows)
+            ),
+            primary=tuple(
+                _integer(rank, f"{where}.primary[{e}]")
+                for e, rank in enumerate(_seq(primary, f"{where}.primary"))
+            ),
         )
 
     @property
@@ -112,9 +127,10 @@ class LayerPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+    def from_dict(cls, data: dict[str, Any], *, where: str = "layer") -> LayerPlan:
+        fields = _fields(data, where, required=("slots", "slot_weights", "primary"))
         return cls.from_lists(
-            slots=data["slots"], primary=data["primary"], slot_weights=data.get("slot_weights")
+            slots=fields["slots"], primary=fields["primary"], slot_weights=fields["slot_weights"], where=where
         )
 
 
@@ -146,7 +162,22 @@ class GracePlan:
                     f"plan.layers[{i}] places experts on {layer.num_ranks} ranks but the plan's topology "
                     f"({self.topology}) has {self.topology.world_size}"
                 )
+            if layer.num_experts != self.layers[0].num_experts:
+                raise PlanError(
+                    f"plan.layers[{i}] has {layer.num_experts} experts but plan.layers[0] has "
+                    f"{self.layers[0].num_experts}; every MoE layer of a plan has the same expert count"
+                )
             layer.validate(where=f"plan.layers[{i}]")
+        if not isinstance(self.policy, str):
+            raise PlanError(f"plan.policy ({self.policy!r}) must be a string")
+        if self.trace_fingerprint is not None and not isinstance(self.trace_fingerprint, str):
+            raise PlanError(f"plan.trace_fingerprint ({self.trace_fingerprint!r}) must be a string or null")
+        if not isinstance(self.meta, dict):
+            raise PlanError(f"plan.meta ({self.meta!r}) must be a JSON object")
+        try:
+            json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"plan.meta must be JSON-serialisable without NaN or infinity: {exc}") from None
 
     def check_compatible(
         self, *, topology: Topology, num_layers: int | None = None, num_experts: int | None = None
@@ -169,49 +200,69 @@ class GracePlan:
             "policy": self.policy,
             "trace_fingerprint": self.trace_fingerprint,
             "layers": [layer.to_dict() for layer in self.layers],
+            "meta": self.meta,
         }
 
     @property
     def content_hash(self) -> str:
-        canonical = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 of every field (meta included) in canonical JSON, after strict typing."""
+        canonical = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.content_dict(), "meta": self.meta, "content_hash": self.content_hash}
+        return {**self.content_dict(), "content_hash": self.content_hash}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GracePlan:
-        version = data.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
-            raise PlanError(f"plan format_version ({version!r}) must be {PLAN_FORMAT_VERSION}")
-        try:
-            topo = Topology(**data["topology"])
-            plan = cls(
-                topology=topo,
-                layers=tuple(LayerPlan.from_dict(d) for d in data["layers"]),
-                policy=data.get("policy", "grace"),
-                trace_fingerprint=data.get("trace_fingerprint"),
-                meta=data.get("meta", {}),
+        """The plan a to_dict() wrote, checked strictly: every field is required and typed (nothing is
+        coerced), unknown fields are errors, and content_hash must match the content."""
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != PLAN_FORMAT_VERSION or isinstance(version, bool):
+            raise PlanError(f"plan.format_version ({version!r}) must be {PLAN_FORMAT_VERSION}")
+        fields = _fields(data, "plan", required=(*_PLAN_FIELDS, "content_hash"))
+        topo_fields = _fields(fields["topology"], "plan.topology", required=("num_nodes", "gpus_per_node"))
+        topology = Topology(
+            num_nodes=_integer(topo_fields["num_nodes"], "plan.topology.num_nodes"),
+            gpus_per_node=_integer(topo_fields["gpus_per_node"], "plan.topology.gpus_per_node"),
+        )
+        layers = tuple(
+            LayerPlan.from_dict(layer, where=f"plan.layers[{i}]")
+            for i, layer in enumerate(_seq(fields["layers"], "plan.layers"))
+        )
+        plan = cls(
+            topology=topology,
+            layers=layers,
+            policy=fields["policy"],
+            trace_fingerprint=fields["trace_fingerprint"],
+            meta=fields["meta"],
+        )
+        stored = fields["content_hash"]
+        if stored != plan.content_hash:
+            raise PlanError(
+                f"plan.content_hash ({stored!r}) does not match its content ({plan.content_hash})"
             )
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"plan file is missing or has a malformed field: {exc!r}") from exc
-        stored = data.get("content_hash")
-        if stored is not None and stored != plan.content_hash:
-            raise PlanError(f"plan content_hash ({stored}) does not match its content ({plan.content_hash})")
         return plan
 
     @classmethod
     def load(cls, path: str | Path) -> GracePlan:
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise PlanError(f"plan file ({path}) does not exist") from exc
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file ({path}) is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+            data = json.loads(path.read_text(), parse_constant=_no_constant)
+        except FileNotFoundError:
+            raise PlanError(f"plan file ({path}) does not exist") from None
+        except IsADirectoryError:
+            raise PlanError(f"plan file ({path}) is a directory") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"plan file ({path}) cannot be read: {exc}") from None
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise PlanError(f"plan file ({path}) is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except (PlanError, ValueError) as exc:
+            raise PlanError(f"plan file ({path}): {exc}") from None
 
     def to_eplb(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Export in DeepSeek EPLB's form: (phy2log_LP, log2phy_LEI, logcnt_LE).
@@ -235,6 +286,49 @@ class GracePlan:
                 log2phy[li, e, : len(phys)] = phys
                 logcnt[li, e] = len(phys)
         return phy2log, log2phy, logcnt
+
+
+_PLAN_FIELDS = ("format_version", "topology", "policy", "trace_fingerprint", "layers", "meta")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _fields(data: Any, where: str, *, required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise PlanError(f"{where} ({type(data).__name__}) must be a JSON object")
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise PlanError(f"{where} lacks the field(s) {missing}")
+    unknown = sorted(str(name) for name in data if name not in required)
+    if unknown:
+        raise PlanError(f"{where} has unknown field(s) {unknown}")
+    return data
+
+
+def _seq(value: Any, where: str) -> list[Any] | tuple[Any, ...]:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise PlanError(f"{where} ({value!r}) must be a list")
+    return value
+
+
+def _rows(value: Any, where: str) -> list[list[Any] | tuple[Any, ...]]:
+    return [_seq(row, f"{where}[{r}]") for r, row in enumerate(_seq(value, where))]
+
+
+def _integer(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PlanError(f"{where} ({value!r}) must be an integer")
+    return int(value)
+
+
+def _real(value: Any, where: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PlanError(f"{where} ({value!r}) must be a number")
+    return float(value)
 
 
 def route_table(layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> tuple[np.ndarray, np.ndarray]:
