@@ -3,11 +3,15 @@
 ``init_inference(model, config=PATH_OR_DICT, **kwargs)`` mirrors ``deepspeed.init_inference`` and returns
 DeepSpeed's InferenceEngine. Steps, in this order:
 
-1. Local validation, before any collective: the ds_config (DeepSpeed's part and the grace block), the model
-   (a supported family; a checkpoint folder must exist and name one), the topology against the world
-   size, and, with grace enabled, the plan (the file exists, or is built from grace.profile.trace, and
-   fits the topology, the model's MoE layer count and expert count).
+1. Local validation, before any collective (``ds_grace.preflight.preflight``, which `ds-grace check-config`
+   runs too): the ds_config (DeepSpeed's part and the grace block), the topology against the world
+   size, with grace enabled the plan (the file exists, or is built from grace.profile.trace, and fits the
+   topology), the model (a supported family; a checkpoint folder must exist and name one) and the plan
+   against the model's MoE layer count and expert count, and moe.ep_size.
 2. torch.distributed is initialised if it is not yet: env:// under a launcher, else one local rank.
+   Its first collective is the start-up handshake (``ds_grace.comm.collectives.check_ranks_agree``):
+   every rank's fingerprint (``ds_grace.fingerprint``: settings, plan hash, topology, dtype, versions)
+   must be the same, else every rank raises RankMismatchError naming the fields and each rank's value.
 3. ``deepspeed.init_inference`` with the grace block split off.
 4. MoE blocks are converted and their process groups wired:
    - grace enabled: every MoE layer becomes a GraceMoE holding this rank's expert instances of the plan.
@@ -39,8 +43,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from ds_grace.comm.collectives import all_gather_objects, init_distributed, is_distributed, world
+from ds_grace.comm.collectives import check_ranks_agree, init_distributed, is_distributed, world
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
+from ds_grace.fingerprint import rank_identity, run_fingerprint
+from ds_grace.preflight import preflight, world_from_env
+
+# re-exported: the local checks moved to ds_grace.preflight (shared with `ds-grace check-config`)
+from ds_grace.preflight import resolve_plan as resolve_plan
+from ds_grace.preflight import validate_deepspeed_config as validate_deepspeed_config
 from ds_grace.topology import Topology
 
 # re-exported: callers import the vanilla transformers pieces from here too
@@ -55,7 +65,6 @@ if TYPE_CHECKING:
     from ds_grace.vanilla import DroppedRouteCounter
 
 ServingMode = Literal["grace", "vanilla"]
-_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # ---- what the model holds ----
@@ -190,117 +199,9 @@ def split_config(
     return ds_config, grace
 
 
-def validate_deepspeed_config(ds_config: Mapping[str, Any]) -> torch.dtype:
-    """Check the DeepSpeed part of the config locally; returns the dtype DeepSpeed will serve in."""
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.inference.config import DeepSpeedInferenceConfig
-    from pydantic import ValidationError
-
-    try:
-        parsed = DeepSpeedInferenceConfig(**ds_config)
-    except (ValidationError, TypeError, ValueError) as exc:
-        raise GraceConfigError(f"ds_config is not a valid DeepSpeed inference config: {exc}") from None
-    if get_accelerator().device_name() == "cpu" and parsed.dtype not in _CPU_DTYPES:
-        shown = repr(ds_config["dtype"]) if "dtype" in ds_config else "unset, DeepSpeed's default fp16"
-        raise GraceConfigError(
-            f"dtype ({shown}) must be fp32 or bf16 on CPU: DeepSpeed inference refuses fp16 there"
-        )
-    if parsed.replace_with_kernel_inject or parsed.injection_policy:
-        raise GraceConfigError(
-            "replace_with_kernel_inject / injection_policy must be unset: kernel injection replaces the "
-            "blocks ds_grace serves (MoE layers are converted by ds_grace, dense layers stay as they are)"
-        )
-    if parsed.tensor_parallel.tp_size != 1:
-        raise GraceConfigError(
-            f"tensor_parallel.tp_size ({parsed.tensor_parallel.tp_size}) must be 1: ds_grace serves expert "
-            "parallelism over every rank, with dense layers replicated"
-        )
-    return parsed.dtype
-
-
-def _check_moe_ep_size(ds_config: Mapping[str, Any], *, expected: int, why: str) -> dict[str, Any]:
-    """ds_config with moe.ep_size set to `expected`; a different explicit value is an error."""
-    config = dict(ds_config)
-    moe = config.get("moe")
-    if moe is None or isinstance(moe, bool):
-        config["moe"] = {"enabled": True, "ep_size": expected}
-        return config
-    if not isinstance(moe, Mapping):
-        raise GraceConfigError(f"moe ({moe!r}) must be a JSON object")
-    if "ep_size" in moe and moe["ep_size"] != expected:
-        raise GraceConfigError(f"moe.ep_size ({moe['ep_size']}) must be {expected}: {why}")
-    config["moe"] = {**moe, "ep_size": expected}
-    return config
-
-
 def _world() -> tuple[int, int]:
     """(world size, rank): torch.distributed's when initialised, else the launcher's environment, else (1, 0)."""
-    if is_distributed():
-        return world()
-    values = []
-    for name, default in (("WORLD_SIZE", 1), ("RANK", 0)):
-        text = os.environ.get(name)
-        if text is None:
-            values.append(default)
-            continue
-        if not text.isdigit():
-            raise GraceConfigError(f"environment variable {name} ({text!r}) must be a non-negative integer")
-        values.append(int(text))
-    world_size, rank = values
-    if world_size < 1 or rank >= world_size:
-        raise GraceConfigError(f"environment RANK ({rank}) must be in [0, WORLD_SIZE={world_size})")
-    return world_size, rank
-
-
-def resolve_plan(grace: GraceConfig, *, topology: Topology, moe: ModelMoE) -> GracePlan:
-    """The plan to serve with: grace.plan.path, else built from grace.profile.trace; checked against the
-    topology and the model. Pure and local: every rank computes the same plan."""
-    from ds_grace.planning.build import build_plan
-    from ds_grace.planning.plan import GracePlan, PlanError
-    from ds_grace.trace import TraceError, load_trace
-
-    if grace.plan.path is not None:
-        plan = GracePlan.load(grace.plan.path)
-    elif grace.profile.trace is not None:
-        trace = load_trace(grace.profile.trace)
-        if trace.num_layers != moe.num_layers or trace.num_experts != moe.num_experts:
-            raise TraceError(
-                f"grace.profile.trace ({grace.profile.trace}) records {trace.num_layers} MoE layers of "
-                f"{trace.num_experts} experts but the model has {moe.num_layers} of {moe.num_experts}"
-            )
-        plan = build_plan(trace, topology=topology, policy="grace", config=grace)
-    else:
-        raise GraceConfigError(
-            "grace.plan.path and grace.profile.trace are both unset: GRACE needs a plan. Record routing with "
-            "`ds-grace profile --model DIR --data TEXT_FILE --tokens N --out trace.npz`, then plan with "
-            "`ds-grace plan --trace trace.npz --nodes N --gpus-per-node G --out plan.json` and set "
-            "grace.plan.path to plan.json (or set "
-            "grace.profile.trace to plan at start-up); set grace.enabled to false for vanilla DeepSpeed-MoE"
-        )
-    plan.check_compatible(topology=topology, num_layers=moe.num_layers, num_experts=moe.num_experts)
-    cap = grace.grouping.max_experts_per_gpu
-    if cap is not None:
-        for index, layer in enumerate(plan.layers):
-            for rank, slots in enumerate(layer.slots):
-                if len(slots) > cap:
-                    raise PlanError(
-                        f"plan.layers[{index}] gives rank {rank} {len(slots)} expert slots but "
-                        f"grace.grouping.max_experts_per_gpu is {cap}"
-                    )
-    return plan
-
-
-# ---- distributed start-up ----
-
-
-def _check_same_plan_everywhere(plan: GracePlan) -> None:
-    hashes = all_gather_objects(plan.content_hash)
-    if len(set(hashes)) != 1:
-        from ds_grace.planning.plan import PlanError
-
-        raise PlanError(
-            f"ranks serve different plans (content hashes by rank: {hashes}); give every rank one plan"
-        )
+    return world() if is_distributed() else world_from_env()
 
 
 # ---- what the engine exposes ----
@@ -378,55 +279,26 @@ def init_inference(
     the DeepSpeed part as deepspeed.init_inference merges them. Returns the InferenceEngine, with
     ``engine.grace`` (a ServedMoE)."""
     ds_config, grace = split_config(config, kwargs)
-    dtype = validate_deepspeed_config(ds_config)
     world_size, rank = _world()
-    topology = grace.resolve_topology(world_size=world_size)
-    module = _load_model(model, dtype)
-    moe = describe_moe(module)
+    loaded: list[nn.Module] = []
+
+    def describe_model(dtype: torch.dtype) -> ModelMoE:
+        loaded.append(_load_model(model, dtype))
+        return describe_moe(loaded[0])
+
+    checked = preflight(ds_config, grace, world_size=world_size, rank=rank, describe_model=describe_model)
+    module, moe, plan, topology = loaded[0], checked.moe, checked.plan, checked.topology
+    ds_config = checked.ds_config
     module.eval()
-    plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
-    ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
 
     init_distributed(timeout_s=grace.communication.timeout_s)
+    # the first collective: every rank's settings, plan, layout and versions must agree before any MoE one
+    check_ranks_agree(run_fingerprint(checked), rank_identity(checked))
     if plan is not None:
-        _check_same_plan_everywhere(plan)
         engine = _serve_grace(module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank)
     else:
         engine = _serve_vanilla(module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank)
     return engine
-
-
-def _with_expert_parallel_size(
-    ds_config: Mapping[str, Any], *, grace: GraceConfig, moe: ModelMoE, world_size: int
-) -> dict[str, Any]:
-    """ds_config with the moe.ep_size DeepSpeed's engine must build its groups for, checked locally."""
-    if moe.family == "deepspeed_moe":
-        ep_size = _single_ep_size(moe)
-        if grace.enabled and ep_size not in (1, world_size):
-            raise GraceConfigError(
-                f"DeepSpeed MoE layers with ep_size {ep_size} cannot be served by GRACE: ep_size must be 1 "
-                f"(every rank holds all experts) or the world size ({world_size})"
-            )
-        return _check_moe_ep_size(ds_config, expected=ep_size, why="the model's MoE layers use it")
-    if grace.enabled:
-        return _check_moe_ep_size(
-            ds_config, expected=world_size, why="GRACE spreads the experts over every rank"
-        )
-    if moe.num_experts % world_size != 0:
-        raise GraceConfigError(
-            f"vanilla DeepSpeed-MoE places num_experts / world_size experts on every rank: the model's "
-            f"num_experts ({moe.num_experts}) must be divisible by the world size ({world_size})"
-        )
-    return _check_moe_ep_size(
-        ds_config, expected=world_size, why="vanilla DeepSpeed-MoE spreads the experts over every rank"
-    )
-
-
-def _single_ep_size(moe: ModelMoE) -> int:
-    sizes = sorted({block.ep_size for block in moe.blocks})
-    if len(sizes) != 1:
-        raise GraceConfigError(f"the model's MoE layers must share one ep_size, found {sizes}")
-    return sizes[0]
 
 
 def _serve_grace(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -118,3 +119,30 @@ def max_over_ranks(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+_PEERS: list[dict[str, Any]] = []
+
+
+def check_ranks_agree(fields: Mapping[str, Any], identity: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The start-up handshake: one all-gather of every rank's fingerprint `fields` and `identity`
+    (ds_grace.fingerprint). Any difference raises RankMismatchError on every rank, naming each field and
+    every rank's value, before any MoE collective. Returns the identities by rank (also kept for fault
+    messages, see ``peers``). Without a process group there is nothing to compare."""
+    from ds_grace.fingerprint import disagreements, mismatch_error
+
+    if not is_distributed():
+        gathered = [{"fields": dict(fields), "identity": dict(identity)}]
+    else:
+        gathered = all_gather_objects({"fields": dict(fields), "identity": dict(identity)})
+    identities = [entry["identity"] for entry in gathered]
+    problems = disagreements([entry["fields"] for entry in gathered], identities)
+    if problems:
+        raise mismatch_error(problems)
+    _PEERS[:] = identities
+    return identities
+
+
+def peers() -> list[dict[str, Any]]:
+    """Every rank's identity (rank, node, host) from the last handshake; empty before one."""
+    return list(_PEERS)

@@ -1,0 +1,149 @@
+"""What every rank must agree on before serving, as plain data, and how disagreements are told.
+
+``run_fingerprint(checked)`` is a flat {field: value} of everything that changes the collectives or the
+math of a launch: the serving mode, every grace setting that is used in that mode (grace.vanilla.* for
+vanilla, all other sections for GRACE, grace.replication.online.* included), the plan's content hash, the
+topology and world size, the dtype and every key of the DeepSpeed part (moe.ep_size as resolved), and the
+ds_grace, DeepSpeed, torch and transformers versions. Not in it, because ranks may differ there safely:
+the paths grace.plan.path and grace.profile.trace (their content is in the plan hash), profile.tokens and
+communication.timeout_s.
+
+``rank_identity(checked)`` is what only this rank knows: its rank and host. ``disagreements`` compares the
+gathered fingerprints and identities (pure) and returns one line per problem, naming the field and every
+rank's value; the collective that gathers them is ds_grace.comm.collectives.check_ranks_agree.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ds_grace.config import GraceConfigError
+
+if TYPE_CHECKING:
+    from ds_grace.preflight import Checked
+
+# grace fields ranks may set differently: paths whose content the plan hash covers, and timeouts
+LOCAL_FIELDS = frozenset(
+    {"grace.plan.path", "grace.profile.trace", "grace.profile.tokens", "grace.communication.timeout_s"}
+)
+
+
+class RankMismatchError(GraceConfigError):
+    """Ranks would serve with different settings, plans, layouts or versions; raised on every rank."""
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for key in sorted(value, key=str):
+            _flatten(f"{prefix}.{key}", value[key], out)
+    else:
+        out[prefix] = value
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import torch
+    import transformers
+
+    import ds_grace
+
+    return {
+        "versions.ds_grace": ds_grace.__version__,
+        "versions.deepspeed": deepspeed.__version__,
+        "versions.torch": torch.__version__,
+        "versions.transformers": transformers.__version__,
+    }
+
+
+def run_fingerprint(checked: Checked) -> dict[str, Any]:
+    """The fields every rank of this launch must hold the same values of (see the module doc)."""
+    grace = checked.grace
+    mode = "grace" if grace.enabled else "vanilla"
+    settings: dict[str, Any] = {}
+    _flatten("grace", grace.model_dump(mode="json"), settings)
+    if mode == "grace":
+        settings = {k: v for k, v in settings.items() if not k.startswith("grace.vanilla.")}
+    else:
+        settings = {
+            k: v for k, v in settings.items() if k.startswith("grace.vanilla.") or k == "grace.enabled"
+        }
+    fields: dict[str, Any] = {"mode": mode}
+    fields.update({k: v for k, v in settings.items() if k not in LOCAL_FIELDS})
+    fields["plan.content_hash"] = checked.plan.content_hash if checked.plan is not None else None
+    fields["world_size"] = checked.world_size
+    fields["topology"] = f"{checked.topology.num_nodes}x{checked.topology.gpus_per_node}"
+    fields["dtype"] = str(checked.dtype).removeprefix("torch.")
+    deepspeed_part: dict[str, Any] = {}
+    _flatten("ds_config", checked.ds_config, deepspeed_part)
+    fields.update({k: json.dumps(v, sort_keys=True) for k, v in deepspeed_part.items()})
+    fields.update(_versions())
+    return fields
+
+
+def rank_identity(checked: Checked) -> dict[str, Any]:
+    """This rank's own place: its rank, the node the topology puts it on, and the host it runs on."""
+    return {
+        "rank": checked.rank,
+        "node": checked.topology.node_of(checked.rank),
+        "host": socket.gethostname(),
+    }
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "ranks 0-2, 5"."""
+    spans: list[str] = []
+    start = prev = ranks[0]
+    for rank in [*ranks[1:], None]:
+        if rank is not None and rank == prev + 1:
+            prev = rank
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if rank is not None:
+            start = prev = rank
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(spans)
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def disagreements(
+    fingerprints: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """One line per field whose value differs across ranks (values grouped by rank), and per layout
+    problem: a rank whose own rank number is not its place, ranks of one node on different hosts."""
+    problems = []
+    fields = sorted({name for fp in fingerprints for name in fp})
+    for name in fields:
+        by_value: dict[str, list[int]] = {}
+        for rank, fp in enumerate(fingerprints):
+            shown = _shown(fp[name]) if name in fp else "(unset)"
+            by_value.setdefault(shown, []).append(rank)
+        if len(by_value) > 1:
+            listing = "; ".join(f"{value} on {_ranks_text(ranks)}" for value, ranks in by_value.items())
+            problems.append(f"{name} differs: {listing}")
+    for place, identity in enumerate(identities):
+        if identity.get("rank") != place:
+            problems.append(f"rank {place} reports rank number {identity.get('rank')!r}")
+    hosts_by_node: dict[int, dict[str, list[int]]] = {}
+    for place, identity in enumerate(identities):
+        hosts_by_node.setdefault(identity["node"], {}).setdefault(str(identity["host"]), []).append(place)
+    for node, hosts in sorted(hosts_by_node.items()):
+        if len(hosts) > 1:
+            listing = "; ".join(f"{host} has {_ranks_text(ranks)}" for host, ranks in hosts.items())
+            problems.append(
+                f"node {node} of the topology spans several hosts ({listing}): grace.topology does not "
+                "match how the launcher placed the ranks"
+            )
+    return problems
+
+
+def mismatch_error(problems: Sequence[str]) -> RankMismatchError:
+    return RankMismatchError(
+        "ranks disagree on what they serve with, so no rank serves: "
+        + " | ".join(problems)
+        + ". Give every node the same ds_config, plan and package versions"
+    )

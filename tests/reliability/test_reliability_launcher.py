@@ -1,0 +1,100 @@
+"""Through the real `deepspeed` launcher (two nodes of one rank each, --no_ssh, one launcher per node):
+nodes whose ds_configs differ in settings that change the collectives refuse to serve at start-up, on
+every rank, with the field and each rank's value, well before the collective timeout (300 s here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ds_grace.models import tiny_checkpoint
+from ds_grace.trace import synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GENERATE = REPO_ROOT / "launch" / "generate.py"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch_two_nodes(tmp_path: Path, model: Path, configs: list[dict]) -> tuple[list[int], list[str], float]:
+    launcher = shutil.which("deepspeed")
+    assert launcher is not None, "the deepspeed launcher is not on PATH"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs, logs = [], []
+    begin = time.monotonic()
+    try:
+        for node_rank, config in enumerate(configs):
+            config_path = tmp_path / f"node{node_rank}.json"
+            config_path.write_text(json.dumps(config))
+            log = open(tmp_path / f"node{node_rank}.out", "w+")  # noqa: SIM115 - closed below
+            logs.append(log)
+            command = [
+                launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+                "--master_addr", "127.0.0.1", "--master_port", port,
+                str(GENERATE), "--model", str(model), "--ds-config", str(config_path),
+                "--prompt", "a", "--max-new-tokens", "1", "--warmup", "0",
+            ]  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        codes = [proc.wait(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    return codes, outputs, time.monotonic() - begin
+
+
+@pytest.mark.slow
+def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
+    model = tiny_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", seed=3)
+    synthetic(num_layers=2, num_experts=8, top_k=4, num_tokens=256, seed=3).save(tmp_path / "trace.npz")
+
+    def config(*, hierarchical: bool, interval: int) -> dict:
+        return {
+            "dtype": "fp32",
+            "grace": {
+                "profile": {"trace": str(tmp_path / "trace.npz")},
+                "communication": {"hierarchical": hierarchical},
+                "replication": {"online": {"enabled": True, "interval": interval}},
+            },
+        }
+
+    codes, outputs, wall_s = _launch_two_nodes(
+        tmp_path, model, [config(hierarchical=True, interval=64), config(hierarchical=False, interval=8)]
+    )
+    shown = "\n".join(f"--- node {i} ---\n{text[-3000:]}" for i, text in enumerate(outputs))
+    assert all(code != 0 for code in codes), shown
+    for text in outputs:  # the same clear error on every rank
+        assert "RankMismatchError: ranks disagree on what they serve with, so no rank serves" in text, shown
+        assert "grace.communication.hierarchical differs: true on rank 0; false on rank 1" in text, shown
+        assert "grace.replication.online.interval differs: 64 on rank 0; 8 on rank 1" in text, shown
+        assert "collective mismatch" not in text and "Connection reset" not in text, shown
+    assert wall_s < 150, f"took {wall_s:.0f} s: the mismatch must fail at start-up, not at timeout_s (300 s)"
