@@ -1,11 +1,17 @@
 """`ds-grace` command line. Each subcommand lives in ds_grace/commands/<name>.py with
-``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when invoked."""
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when invoked.
+
+Every failure caused by the input (bad arguments, a bad or missing file, a config, plan, trace or
+checkpoint the project refuses, a rank that failed) ends as one ``error: ...`` line on stderr and exit
+code 2, without a traceback. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import typing
 
 # subcommand -> (module under ds_grace.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,9 +32,53 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the project's errors for refused input, by qualified class name (matched over each error's bases, so
+# that reporting one needs no import of the module that defines it)
+INPUT_ERRORS = frozenset(
+    {
+        "ds_grace.config.GraceConfigError",
+        "ds_grace.planning.plan.PlanError",
+        "ds_grace.planning.grouping.GroupingError",
+        "ds_grace.planning.replication.ReplicationError",
+        "ds_grace.trace.TraceError",
+        "ds_grace.models.adapters.ModelAdapterError",
+        "ds_grace.comm.collectives.DistributedSetupError",
+        "ds_grace.comm.deepspeed_groups.ExpertGroupError",
+        "ds_grace.comm.migration.PlanMismatchError",
+        "ds_grace.comm.local_ranks.RankFailure",
+        "ds_grace.files.FileWriteError",
+    }
+)
+EXIT_INPUT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one `error: ...` line (and `--help` for the usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_INPUT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def is_project_error(exc: BaseException) -> bool:
+    return bool({f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__} & INPUT_ERRORS)
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """True for the project's errors about its input, and for file errors naming a file."""
+    file_errors = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    return is_project_error(exc) or (isinstance(exc, file_errors) and exc.filename is not None)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an input error is reported as."""
+    if isinstance(exc, OSError) and not is_project_error(exc) and exc.filename is not None:
+        return f"error: {exc.filename}: {exc.strerror}"
+    return f"error: {' '.join(str(exc).split()) or type(exc).__name__}"
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only the `selected` subcommand's module is imported for its arguments."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ds-grace",
         description="GRACE-MoE for DeepSpeed-MoE: plan, check and run locality-aware MoE inference.",
     )
@@ -45,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(selected).parse_args(argv)
-    return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
+    try:
+        return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - input errors become one line, anything else is re-raised
+        if not is_input_error(exc):
+            raise
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_INPUT_ERROR
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ds_grace.topology import Topology
 
 GRACE_KEY = "grace"
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a hang, and far larger values overflow the timeout types
 
 
 class GraceConfigError(ValueError):
@@ -26,7 +27,9 @@ class GraceConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 Auto = Literal["auto"]
@@ -85,7 +88,9 @@ class RoutingConfig(_Section):
 class CommunicationConfig(_Section):
     hierarchical: bool = True
     dedup: bool = True
-    timeout_s: float = Field(300.0, gt=0.0, description="Collective timeout; a lost rank fails fast.")
+    timeout_s: float = Field(
+        300.0, gt=0.0, le=MAX_TIMEOUT_S, description="Collective timeout; a lost rank fails fast."
+    )
 
 
 class PlanConfig(_Section):
@@ -147,13 +152,17 @@ class GraceConfig(_Section):
         nodes = self.topology.num_nodes
         if gpus == "auto":
             if "LOCAL_SIZE" in env:
-                gpus = int(env["LOCAL_SIZE"])
+                gpus = _positive_env(env, "LOCAL_SIZE")
             elif nodes != "auto":
                 gpus = world_size // nodes if world_size % nodes == 0 else 0
             else:
                 gpus = world_size
         if nodes == "auto":
-            nodes = int(env["CROSS_SIZE"]) if "CROSS_SIZE" in env else (world_size // gpus if gpus else 0)
+            nodes = (
+                _positive_env(env, "CROSS_SIZE")
+                if "CROSS_SIZE" in env
+                else (world_size // gpus if gpus else 0)
+            )
         if nodes * gpus != world_size:
             raise GraceConfigError(
                 f"grace.topology.num_nodes ({self.topology.num_nodes} -> {nodes}) x "
@@ -161,6 +170,16 @@ class GraceConfig(_Section):
                 f"expert-parallel world size ({world_size})"
             )
         return Topology(num_nodes=nodes, gpus_per_node=gpus)
+
+
+def _positive_env(env: Mapping[str, str], name: str) -> int:
+    text = env[name]
+    if not text.isdigit() or int(text) < 1:
+        raise GraceConfigError(
+            f"environment variable {name} ({text!r}) must be an integer >= 1 (it resolves grace.topology "
+            '"auto" fields)'
+        )
+    return int(text)
 
 
 class _Contradiction(ValueError):
@@ -227,6 +246,10 @@ def load_ds_config(
             ds_config = json.loads(path.read_text())
         except FileNotFoundError:
             raise GraceConfigError(f"ds_config file ({path}) does not exist") from None
+        except IsADirectoryError:
+            raise GraceConfigError(f"ds_config file ({path}) is a directory, not a JSON file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GraceConfigError(f"ds_config file ({path}) cannot be read: {exc}") from None
         except json.JSONDecodeError as exc:
             raise GraceConfigError(f"ds_config file ({path}) is not valid JSON: {exc}") from None
         if not isinstance(ds_config, dict):

@@ -142,7 +142,7 @@ def test_topology_resolution():
 
 
 def test_check_config_cli(tmp_path, capsys):
-    assert cli_main(["check-config", str(CONFIGS / "grace.json"), "--world-size", "4"]) == 0
+    assert cli_main(["check-config", str(CONFIGS / "vanilla_moe.json"), "--world-size", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["grace"]["routing"]["policy"] == "tar"
     bad = tmp_path / "bad.json"

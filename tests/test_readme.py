@@ -41,7 +41,7 @@ def test_console_script_help_and_check_config():
     assert shown.returncode == 0
     assert all(name in shown.stdout for name in COMMANDS)
     checked = subprocess.run(
-        ["ds-grace", "check-config", str(ROOT / "ds_configs" / "grace.json"), "--world-size", "4"],
+        ["ds-grace", "check-config", str(ROOT / "ds_configs" / "vanilla_moe.json"), "--world-size", "4"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,33 +1,102 @@
-"""`ds-grace check-config FILE`: validate a ds_config.json and print the resolved grace block."""
+"""`ds-grace check-config FILE`: run the checks init_inference runs before any collective, print the result.
+
+The checks are ds_grace.preflight.preflight, the very function init_inference calls: the DeepSpeed part,
+the grace block, the topology for the world size, the plan or trace file the config names (or --plan),
+moe.ep_size, and with --model the checkpoint and the plan against it. The world size is --world-size, else
+the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config fixes both, else 1; the output
+says which.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+from typing import Any
 
-from ds_grace.config import GraceConfigError, load_ds_config
+from ds_grace.config import GraceConfig, GraceConfigError, load_ds_config
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"({text!r}) must be an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"({value}) must be an integer >= 1")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="path to a ds_config.json")
     parser.add_argument(
         "--world-size",
-        type=int,
+        type=_positive_int,
         default=None,
-        help="expert-parallel world size to resolve and check the topology against",
+        help="expert-parallel world size to check for (default: WORLD_SIZE, else the config's topology, else 1)",
     )
+    parser.add_argument("--plan", default=None, help="override grace.plan.path, as launch/generate.py --plan")
+    parser.add_argument("--model", default=None, help="checkpoint folder: also check the model and the plan")
+
+
+def _world_size(args: argparse.Namespace, grace: GraceConfig) -> tuple[int, str]:
+    if args.world_size is not None:
+        return args.world_size, "--world-size"
+    if "WORLD_SIZE" in os.environ:
+        from ds_grace.preflight import world_from_env
+
+        return world_from_env()[0], "WORLD_SIZE"
+    nodes, gpus = grace.topology.num_nodes, grace.topology.gpus_per_node
+    if isinstance(nodes, int) and isinstance(gpus, int):
+        return nodes * gpus, "grace.topology"
+    return 1, "default"
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        ds_config, grace = load_ds_config(args.config)
-        resolved = grace.model_dump()
-        if args.world_size is not None and grace.enabled:
-            topo = grace.resolve_topology(world_size=args.world_size)
-            resolved["topology"] = {"num_nodes": topo.num_nodes, "gpus_per_node": topo.gpus_per_node}
-    except GraceConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"deepspeed": ds_config, "grace": resolved}, indent=2))
+    from ds_grace.preflight import preflight
+
+    ds_config, grace = load_ds_config(args.config)
+    if args.plan is not None:
+        if not grace.enabled:
+            raise GraceConfigError(f"--plan ({args.plan}) needs a ds_config with an enabled grace block")
+        grace = grace.model_copy(update={"plan": grace.plan.model_copy(update={"path": args.plan})})
+    world_size, source = _world_size(args, grace)
+    rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else 0
+    describe_model = None
+    if args.model is not None:
+
+        def describe_model(dtype: Any) -> Any:
+            from ds_grace.inference import check_checkpoint_folder, describe_moe
+            from ds_grace.models import load_checkpoint
+
+            check_checkpoint_folder(args.model)
+            return describe_moe(load_checkpoint(args.model, dtype=dtype))
+
+    # stdout carries only the JSON report: DeepSpeed's and transformers' notices go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        checked = preflight(
+            ds_config,
+            grace,
+            world_size=world_size,
+            rank=min(rank, world_size - 1),
+            describe_model=describe_model,
+        )
+    resolved = grace.model_dump()
+    resolved["topology"] = {
+        "num_nodes": checked.topology.num_nodes,
+        "gpus_per_node": checked.topology.gpus_per_node,
+    }
+    report: dict[str, Any] = {
+        "deepspeed": checked.ds_config,
+        "grace": resolved,
+        "world_size": world_size,
+        "world_size_from": source,
+        "dtype": str(checked.dtype).removeprefix("torch."),
+        "plan_content_hash": checked.plan.content_hash if checked.plan is not None else None,
+        "model_checked": checked.moe is not None,
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
     return 0
