@@ -26,6 +26,7 @@ from ds_grace.comm.groups import GraceGroups
 
 MIGRATION_TAG = 0x6E7
 HASH_WORDS = 8
+NO_PLAN_HASH = "0" * (8 * HASH_WORDS)  # stands for "no new plan" in a hash exchange
 
 
 class PlanMismatchError(RuntimeError):
@@ -59,7 +60,9 @@ def raise_on_hash_mismatch(words_RH: torch.Tensor, *, what: str) -> None:
     """Raise PlanMismatchError (on every rank that calls it) unless all rows of words_RH are equal."""
     hashes = [words_hash(row) for row in words_RH]
     if len(set(hashes)) > 1:
-        listing = ", ".join(f"EP rank {r}: {h[:16]}" for r, h in enumerate(hashes))
+        listing = ", ".join(
+            f"EP rank {r}: {'none' if h == NO_PLAN_HASH else h[:16]}" for r, h in enumerate(hashes)
+        )
         raise PlanMismatchError(
             f"{what}: plan content_hash differs across EP ranks ({listing}); every rank must compute "
             "the same plan from the same aggregated loads, so nothing was switched"

@@ -12,8 +12,9 @@ boundary between two forwards, all ranks run the same sequence:
    gathered in 2: a mismatch raises PlanMismatchError on every rank, nothing switches); layers swap
    their plan and slots, dropped replicas are freed;
 4. with no migration pending, a layer whose predicted balancedness on the window is below
-   ``threshold`` is re-planned (primaries fixed, few replicas moved); the new plan's hash is
-   checked across ranks before any byte moves;
+   ``threshold`` is re-planned (primaries fixed, few replicas moved); every rank's decision (the new
+   plan's hash, or "none") is checked across ranks before any byte moves, so a rank that alone
+   decides differently is a PlanMismatchError on every rank, not a hang;
 5. the next chunks of a pending migration, up to ``max_bytes_per_interval`` in total, start
    point-to-point into staging buffers beside the live experts.
 Outputs never change: a token's experts and gate weights are the gate's, only the instance that
@@ -35,6 +36,7 @@ from torch import nn
 from ds_grace.comm.groups import GraceGroups
 from ds_grace.comm.migration import (
     HASH_WORDS,
+    NO_PLAN_HASH,
     TransferBatch,
     check_same_hash,
     gather_fields,
@@ -257,12 +259,14 @@ class OnlineReplicator:
 
     def _maybe_replan(self) -> None:
         result = self.replanner(self._plan, self.window_loads())
+        # every rank's decision is compared, "no re-plan" included, so that no rank re-plans alone
+        decided = result.plan.content_hash if result.plan is not None else NO_PLAN_HASH
+        check_same_hash(decided, groups=self.groups, what=f"step {self._step}: re-plan")
         if result.plan is None:
             return
         if self.config.max_bytes_per_interval == 0:
             self._blocked_replans += 1
             return
-        check_same_hash(result.plan.content_hash, groups=self.groups, what=f"step {self._step}: re-plan")
         copies = plan_copies(self._plan, result.plan, expert_nbytes=self._expert_nbytes())
         staging = {c.key: torch.empty(c.nbytes, dtype=torch.uint8) for c in copies if c.dst == self.ep_index}
         self._pending = {
