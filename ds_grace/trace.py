@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -301,17 +303,55 @@ def load_trace(path: str | Path) -> RoutingTrace | ExpertLoads:
         return load_olmoe_counts(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, Mapping):
+                raise ValueError("it holds one array, not an archive")
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    # a corrupt archive can fail inside zipfile or numpy's header parser in many ways; all are the file's
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+        struct.error,
+        zlib.error,
+        OverflowError,
+        SyntaxError,
+    ) as exc:
         raise TraceError(f"trace file ({path}) is not a readable .npz archive: {exc}") from None
     return _from_arrays(path, arrays)
 
 
+_HEADER_FIELDS = {"format": "U", "version": "i", "kind": "U", "num_experts": "i", "metadata": "U"}
+_SCALARS = {"num_layers": "i", "top_k": "i"}
+
+
 def _from_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> RoutingTrace | ExpertLoads:
+    """The trace of an archive's arrays, every field typed strictly (a float num_experts or a string
+    array of ids is an error, not a conversion) and every array accounted for."""
+
     def scalar(name: str) -> Any:
         if name not in arrays:
             raise TraceError(f"trace file ({path}) lacks the field {name!r}; is it a {TRACE_FORMAT} file?")
-        return arrays[name].item()
+        array = arrays[name]
+        kind = {**_HEADER_FIELDS, **_SCALARS}[name]
+        if array.shape != () or array.dtype.kind != kind:
+            expected = "a string" if kind == "U" else "an integer"
+            raise TraceError(
+                f"trace file ({path}) field {name!r} (dtype {array.dtype}, shape {array.shape}) must be "
+                f"{expected} scalar"
+            )
+        return array.item()
+
+    def array_of(name: str, kinds: str, what: str) -> np.ndarray:
+        if name not in arrays:
+            raise TraceError(f"trace file ({path}) lacks the array {name!r}")
+        array = arrays[name]
+        if array.dtype.kind not in kinds:
+            raise TraceError(f"trace file ({path}) array {name!r} (dtype {array.dtype}) must hold {what}")
+        return array
 
     if scalar("format") != TRACE_FORMAT:
         raise TraceError(f"trace file ({path}) format ({scalar('format')!r}) must be {TRACE_FORMAT!r}")
@@ -322,33 +362,63 @@ def _from_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> RoutingTrace |
         metadata = json.loads(scalar("metadata"))
     except json.JSONDecodeError as exc:
         raise TraceError(f"trace file ({path}) field 'metadata' is not valid JSON: {exc}") from None
-    kind, num_experts = scalar("kind"), int(scalar("num_experts"))
+    if not isinstance(metadata, dict):
+        raise TraceError(f"trace file ({path}) field 'metadata' must be a JSON object")
+    kind, num_experts = scalar("kind"), scalar("num_experts")
     try:
         if kind == "loads":
-            top_k = int(scalar("top_k"))
-            loads = ExpertLoads(loads=arrays["loads"], top_k=None if top_k < 0 else top_k, metadata=metadata)
+            expected = {*_HEADER_FIELDS, "loads", "top_k"}
+            _check_names(path, arrays, expected)
+            top_k = scalar("top_k")
+            loads_LE = array_of("loads", "iuf", "numbers")
+            loads = ExpertLoads(loads=loads_LE, top_k=None if top_k == -1 else top_k, metadata=metadata)
             if loads.num_experts != num_experts:
                 raise TraceError(f"loads has {loads.num_experts} experts but num_experts is {num_experts}")
             return loads
         if kind != "per_token":
             raise TraceError(f"field 'kind' ({kind!r}) must be 'per_token' or 'loads'")
-        num_layers = int(scalar("num_layers"))
-        ids = [arrays[f"topk_ids_{layer}"] for layer in range(num_layers)]
+        num_layers = scalar("num_layers")
+        if num_layers < 1:
+            raise TraceError(f"field 'num_layers' ({num_layers}) must be >= 1")
         has_weights = "gate_weights_0" in arrays
         has_tokens = "token_ids_0" in arrays
+        expected = {*_HEADER_FIELDS, "num_layers"}
+        for layer in range(num_layers):
+            expected.add(f"topk_ids_{layer}")
+            expected.update([f"gate_weights_{layer}"] if has_weights else [])
+            expected.update([f"token_ids_{layer}"] if has_tokens else [])
+        _check_names(path, arrays, expected)
+        ids = [array_of(f"topk_ids_{layer}", "iu", "integer expert ids") for layer in range(num_layers)]
+        weights = (
+            [array_of(f"gate_weights_{i}", "f", "real gate weights") for i in range(num_layers)]
+            if has_weights
+            else None
+        )
+        tokens = (
+            [array_of(f"token_ids_{i}", "iu", "integer token ids") for i in range(num_layers)]
+            if has_tokens
+            else None
+        )
         return RoutingTrace(
             topk_ids=tuple(ids),
             num_experts=num_experts,
-            gate_weights=tuple(arrays[f"gate_weights_{i}"] for i in range(num_layers))
-            if has_weights
-            else None,
-            token_ids=tuple(arrays[f"token_ids_{i}"] for i in range(num_layers)) if has_tokens else None,
+            gate_weights=tuple(weights) if weights is not None else None,
+            token_ids=tuple(tokens) if tokens is not None else None,
             metadata=metadata,
         )
-    except KeyError as exc:
-        raise TraceError(f"trace file ({path}) lacks the array {exc}") from None
     except TraceError as exc:
+        if str(exc).startswith(f"trace file ({path})"):
+            raise
         raise TraceError(f"trace file ({path}): {exc}") from None
+
+
+def _check_names(path: Path, arrays: Mapping[str, np.ndarray], expected: set[str]) -> None:
+    missing, unknown = sorted(expected - arrays.keys()), sorted(arrays.keys() - expected)
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise TraceError(f"trace file ({path}) lacks the array{'s' if len(missing) > 1 else ''} {names}")
+    if unknown:
+        raise TraceError(f"trace file ({path}) holds arrays its header does not account for: {unknown}")
 
 
 def load_mixtral_jsonl(path: str | Path, *, num_experts: int | None = None) -> RoutingTrace:
