@@ -2,8 +2,9 @@
 ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when invoked.
 
 Every failure caused by the input (bad arguments, a bad or missing file, a config, plan, trace or
-checkpoint the project refuses, a rank that failed) ends as one ``error: ...`` line on stderr and exit
-code 2, without a traceback. Any other exception is a bug and keeps its traceback.
+checkpoint the project refuses, ranks that disagree) ends as one ``error: ...`` line on stderr and exit
+code 2, without a traceback; a rank lost under a collective is one line naming it, exit code 1. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ INPUT_ERRORS = frozenset(
     }
 )
 EXIT_INPUT_ERROR = 2
+EXIT_LOST_RANK = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,11 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(selected).parse_args(argv)
     try:
         return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - input errors become one line, anything else is re-raised
-        if not is_input_error(exc):
+    except Exception as exc:  # noqa: BLE001 - input errors and lost ranks become one line, bugs re-raise
+        code = report_failure(exc)
+        if code is None:
             raise
+        return code
+
+
+def report_failure(exc: BaseException) -> int | None:
+    """Print the one `error: ...` line of an input error or of a lost rank and return the exit code;
+    None for anything else (a bug: the caller re-raises it)."""
+    if is_input_error(exc):
         print(error_line(exc), file=sys.stderr)
         return EXIT_INPUT_ERROR
+    collectives = sys.modules.get("ds_grace.comm.collectives")  # loaded by any command that communicates
+    report = collectives.lost_rank_report(exc) if collectives is not None else None
+    if report is not None:
+        print(f"error: {report}", file=sys.stderr)
+        return EXIT_LOST_RANK
+    return None
 
 
 if __name__ == "__main__":

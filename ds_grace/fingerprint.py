@@ -16,6 +16,7 @@ rank's value; the collective that gathers them is ds_grace.comm.collectives.chec
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -84,11 +85,12 @@ def run_fingerprint(checked: Checked) -> dict[str, Any]:
 
 
 def rank_identity(checked: Checked) -> dict[str, Any]:
-    """This rank's own place: its rank, the node the topology puts it on, and the host it runs on."""
+    """This rank's own place: its rank, the node the topology puts it on, the host and process it runs in."""
     return {
         "rank": checked.rank,
         "node": checked.topology.node_of(checked.rank),
         "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
 
 

@@ -311,4 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_grace.cli import report_failure
+
+    try:
+        sys.exit(main())
+    except Exception as exc:  # noqa: BLE001 - input errors and lost ranks are one line, bugs re-raise
+        code = report_failure(exc)
+        if code is None:
+            raise
+        sys.exit(code)

@@ -103,5 +103,11 @@ def test_dying_rank_is_reported_with_its_exit_code():
     elapsed = time.monotonic() - start
     message = str(excinfo.value)
     assert "--- rank 1 ---" in message
-    assert "rank 1 exited with code 7 without reporting" in message
+    assert re.search(
+        r"rank 1 \(host \S+, pid \d+\) stopped answering: exit code 7, without reporting", message
+    )
+    assert (
+        "rank 1 (exit code 7) stopped answering on 1 nodes x 2 GPUs; the other ranks (0) were shut down"
+        in message
+    )
     assert elapsed < OTHER_RANKS_SLEEP_S / 2, f"took {elapsed:.1f} s"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,3 +148,74 @@ def check_ranks_agree(fields: Mapping[str, Any], identity: Mapping[str, Any]) ->
 def peers() -> list[dict[str, Any]]:
     """Every rank's identity (rank, node, host) from the last handshake; empty before one."""
     return list(_PEERS)
+
+
+# gloo's words for a peer that went away (a crash, a kill) or stopped answering (timeout)
+LOST_PEER_TEXT = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+)
+
+
+def _process_state(pid: int) -> str | None:
+    """'running', 'stopped' or None (gone, or a zombie waiting for its parent) for a process of this host."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "running"
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    if state in ("Z", "X"):
+        return None
+    return "stopped" if state in ("T", "t") else "running"
+
+
+def lost_rank_report(exc: BaseException, *, wait_s: float = 3.0) -> str | None:
+    """For a collective that failed because a peer went away: which ranks of the last handshake stopped
+    answering, as far as this rank can tell (peers on its own host are looked up by process id), or None
+    when `exc` is not such a failure or no handshake ran. Waits up to `wait_s` for a dying peer to go."""
+    text = str(exc)
+    if not _PEERS or not isinstance(exc, RuntimeError) or not any(t in text for t in LOST_PEER_TEXT):
+        return None
+    me = socket.gethostname()
+    own_pid = os.getpid()
+    local = [p for p in _PEERS if p["host"] == me and p.get("pid") not in (None, own_pid)]
+    deadline = time.monotonic() + wait_s
+    while True:
+        states = {p["rank"]: _process_state(int(p["pid"])) for p in local}
+        lost = [p for p in local if states[p["rank"]] != "running"]
+        if lost or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    own = next((p["rank"] for p in _PEERS if p.get("pid") == own_pid and p["host"] == me), None)
+    parts = []
+    for p in lost:
+        how = "is stopped (not running)" if states[p["rank"]] == "stopped" else "exited"
+        parts.append(
+            f"rank {p['rank']} (host {p['host']}, pid {p['pid']}) stopped answering: its process {how}"
+        )
+    if not lost:
+        others = sorted({p["host"] for p in _PEERS if p["host"] != me})
+        if not others:
+            return None
+        ranks = [p["rank"] for p in _PEERS if p["host"] != me]
+        parts.append(
+            f"a rank on another host stopped answering (every rank on {me} still runs; ranks {ranks} on "
+            f"{', '.join(others)} cannot be checked from here)"
+        )
+    return (
+        "; ".join(parts)
+        + f". Rank {own} stopped serving too; the launcher shuts down the remaining ranks (collective error: "
+        + " ".join(text.split())[:200]
+        + ")"
+    )

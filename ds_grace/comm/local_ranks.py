@@ -11,6 +11,8 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -76,8 +78,13 @@ def _rank_main(
         # Plain pickle bytes: torch's queue pickler would share tensor storage through file
         # descriptors that vanish when this process exits before the parent reads them.
         results.put((rank, "ok", pickle.dumps(value)))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        results.put((rank, "error", traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+        report = None
+        if isinstance(exc, Exception):
+            from ds_grace.comm.collectives import lost_rank_report
+
+            report = lost_rank_report(exc, wait_s=2.0)
+        results.put((rank, "error", traceback.format_exc() + (f"\n{report}\n" if report else "")))
     finally:
         try:
             import torch.distributed as dist
@@ -141,7 +148,10 @@ def run_on_ranks(
                     and p.exitcode not in (0, None)
                 ]
                 for r in dead:
-                    errors[r] = f"rank {r} exited with code {procs[r].exitcode} without reporting"
+                    errors[r] = (
+                        f"rank {r} (host {socket.gethostname()}, pid {procs[r].pid}) stopped answering: "
+                        f"{_exit_text(procs[r].exitcode)}, without reporting"
+                    )
                 if dead:
                     break
                 continue
@@ -150,6 +160,9 @@ def run_on_ranks(
             else:
                 errors[rank] = payload
                 break
+        if errors and _mentions_lost_peer(errors):
+            # a survivor may report its broken connection before the lost rank is seen to be gone
+            _collect_lost(procs, values, errors, wait_s=3.0)
     finally:
         for proc in procs:
             if errors:
@@ -161,5 +174,48 @@ def run_on_ranks(
             own_tmp.cleanup()
     if errors:
         details = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
-        raise RankFailure(f"{len(errors)} rank(s) failed on {topology}:\n{details}")
+        raise RankFailure(f"{_headline(errors, procs, topology)}:\n{details}")
     return [values[r] for r in range(len(procs))]
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _mentions_lost_peer(errors: dict[int, str]) -> bool:
+    from ds_grace.comm.collectives import LOST_PEER_TEXT
+
+    return any(text in message for message in errors.values() for text in LOST_PEER_TEXT)
+
+
+def _collect_lost(procs: list[Any], values: dict[int, Any], errors: dict[int, str], *, wait_s: float) -> None:
+    """Record ranks whose process is gone without reporting, waiting up to `wait_s` for them to go."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for r, proc in enumerate(procs):
+            if r not in values and r not in errors and not proc.is_alive() and proc.exitcode not in (0, None):
+                errors[r] = (
+                    f"rank {r} (host {socket.gethostname()}, pid {proc.pid}) stopped answering: "
+                    f"{_exit_text(proc.exitcode)}, without reporting"
+                )
+        lost = [r for r in errors if "stopped answering:" in errors[r] and "without reporting" in errors[r]]
+        if lost or time.monotonic() >= deadline:
+            return
+        time.sleep(0.2)
+
+
+def _headline(errors: dict[int, str], procs: list[Any], topology: Topology) -> str:
+    lost = sorted(r for r, msg in errors.items() if r >= 0 and msg.endswith("without reporting"))
+    others = [r for r in range(len(procs)) if r not in lost]
+    if lost:
+        names = ", ".join(f"rank {r} ({_exit_text(procs[r].exitcode)})" for r in lost)
+        return (
+            f"{names} stopped answering on {topology}; the other ranks ({', '.join(map(str, others))}) "
+            "were shut down"
+        )
+    return f"{len(errors)} rank(s) failed on {topology}; the other ranks were shut down"
