@@ -97,6 +97,5 @@ def run(args: argparse.Namespace) -> int:
         "plan_content_hash": checked.plan.content_hash if checked.plan is not None else None,
         "model_checked": checked.moe is not None,
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    print(json.dumps(report, indent=2))
     return 0
