@@ -228,3 +228,44 @@ def test_check_config_with_model_checks_the_plan_against_it(mixtral, tmp_path, c
     _plan(Topology(2, 2)).save(tmp_path / "plan.json")
     assert cli_main(["check-config", str(path), "--model", str(mixtral)]) == 0
     assert json.loads(capsys.readouterr().out)["model_checked"] is True
+
+
+# ---- dependency ranges ----
+
+
+def _requirements() -> dict[str, str]:
+    import ast
+
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    call = next(
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"
+    )
+    values = {
+        kw.arg: ast.literal_eval(kw.value)
+        for kw in call.keywords
+        if kw.arg in ("install_requires", "extras_require")
+    }
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(text) for text in values["install_requires"] + values["extras_require"]["test"]]
+    return {req.name: req for req in reqs}
+
+
+def test_setup_ranges_admit_only_what_the_code_supports():
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    requirements = _requirements()
+    # the adapters refuse the transformers 4.x expert layout and 5.0's router-logit recording
+    for refused in ("4.48.0", "4.57.1", "5.0.0"):
+        assert not requirements["transformers"].specifier.contains(refused), refused
+    assert not requirements["transformers"].specifier.contains("6.0.0")
+    # the versions this suite runs with are inside every range
+    for name, requirement in requirements.items():
+        installed = Version(version(name))
+        assert requirement.specifier.contains(installed, prereleases=True), (
+            f"{name} {installed} vs {requirement}"
+        )
