@@ -2,9 +2,9 @@
 
 The checks are ds_grace.preflight.preflight, the very function init_inference calls: the DeepSpeed part,
 the grace block, the topology for the world size, the plan or trace file the config names (or --plan),
-moe.ep_size, and with --model the checkpoint and the plan against it. The world size is --world-size, else
-the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config fixes both, else 1; the output
-says which.
+moe.ep_size, and with --model the checkpoint and the plan against it, as rank 0 runs them. The world size
+is --world-size, else the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config fixes both,
+else 1; the output says which.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
             raise GraceConfigError(f"--plan ({args.plan}) needs a ds_config with an enabled grace block")
         grace = grace.model_copy(update={"plan": grace.plan.model_copy(update={"path": args.plan})})
     world_size, source = _world_size(args, grace)
-    rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else 0
     describe_model = None
     if args.model is not None:
 
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             ds_config,
             grace,
             world_size=world_size,
-            rank=min(rank, world_size - 1),
+            rank=0,
             describe_model=describe_model,
         )
     resolved = grace.model_dump()
