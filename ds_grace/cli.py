@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import typing
 
@@ -100,10 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks become one line, bugs re-raise
-        code = report_failure(exc)
-        if code is None:
-            raise
-        return code
+        return exit_code_for(exc)
+
+
+def exit_code_for(exc: Exception) -> int:
+    """Report `exc` as one line and return its exit code (input errors), or leave the process at once
+    (a lost rank: with a broken process group the interpreter's teardown would abort in gloo's threads);
+    anything else is re-raised with its traceback. Call it from an `except` block."""
+    code = report_failure(exc)
+    if code is None:
+        raise exc
+    if code == EXIT_LOST_RANK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def report_failure(exc: BaseException) -> int | None:

@@ -311,12 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ds_grace.cli import report_failure
+    from ds_grace.cli import exit_code_for
 
     try:
         sys.exit(main())
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks are one line, bugs re-raise
-        code = report_failure(exc)
-        if code is None:
-            raise
-        sys.exit(code)
+        sys.exit(exit_code_for(exc))

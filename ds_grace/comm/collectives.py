@@ -6,8 +6,12 @@ order. Payloads are tiny (flags, counts, hashes); the token traffic lives in all
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -180,24 +184,39 @@ def _process_state(pid: int) -> str | None:
     return "stopped" if state in ("T", "t") else "running"
 
 
+def _report_marker(rank: int) -> Path:
+    """The file a rank leaves on its host when it stops after reporting a lost peer, so that peers on
+    the same host tell it from the rank that was lost (one launch: the handshake's table names it)."""
+    launch = hashlib.sha256(json.dumps(_PEERS, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "ds_grace_stopped" / f"{launch}-rank{rank}"
+
+
 def lost_rank_report(exc: BaseException, *, wait_s: float = 3.0) -> str | None:
     """For a collective that failed because a peer went away: which ranks of the last handshake stopped
-    answering, as far as this rank can tell (peers on its own host are looked up by process id), or None
-    when `exc` is not such a failure or no handshake ran. Waits up to `wait_s` for a dying peer to go."""
+    answering, as far as this rank can tell, or None when `exc` is not such a failure or no handshake ran.
+
+    Peers on this host are looked up by process id: one that is gone or stopped, and that did not leave a
+    report itself (a survivor that stopped after its own report), is the lost one. Peers on other hosts
+    cannot be looked up. Waits up to `wait_s` for a dying peer to go; leaves this rank's own marker."""
     text = str(exc)
     if not _PEERS or not isinstance(exc, RuntimeError) or not any(t in text for t in LOST_PEER_TEXT):
         return None
     me = socket.gethostname()
     own_pid = os.getpid()
+    own = next((p["rank"] for p in _PEERS if p.get("pid") == own_pid and p["host"] == me), None)
     local = [p for p in _PEERS if p["host"] == me and p.get("pid") not in (None, own_pid)]
     deadline = time.monotonic() + wait_s
     while True:
         states = {p["rank"]: _process_state(int(p["pid"])) for p in local}
-        lost = [p for p in local if states[p["rank"]] != "running"]
+        lost = [p for p in local if states[p["rank"]] != "running" and not _report_marker(p["rank"]).exists()]
         if lost or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    own = next((p["rank"] for p in _PEERS if p.get("pid") == own_pid and p["host"] == me), None)
+    if own is not None:
+        with contextlib.suppress(OSError):
+            marker = _report_marker(own)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     parts = []
     for p in lost:
         how = "is stopped (not running)" if states[p["rank"]] == "stopped" else "exited"

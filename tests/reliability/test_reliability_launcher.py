@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,26 +29,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch_two_nodes(tmp_path: Path, model: Path, configs: list[dict]) -> tuple[list[int], list[str], float]:
+def _launch_nodes(tmp_path: Path, scripts: list[list[str]]) -> tuple[list[int], list[str], float]:
+    """One deepspeed launcher per node (one rank each, --no_ssh); `scripts[i]` is node i's script line."""
     launcher = shutil.which("deepspeed")
     assert launcher is not None, "the deepspeed launcher is not on PATH"
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(len(scripts))))
     port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
     procs, logs = [], []
     begin = time.monotonic()
     try:
-        for node_rank, config in enumerate(configs):
-            config_path = tmp_path / f"node{node_rank}.json"
-            config_path.write_text(json.dumps(config))
+        for node_rank, script in enumerate(scripts):
             log = open(tmp_path / f"node{node_rank}.out", "w+")  # noqa: SIM115 - closed below
             logs.append(log)
             command = [
                 launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-                "--master_addr", "127.0.0.1", "--master_port", port,
-                str(GENERATE), "--model", str(model), "--ds-config", str(config_path),
-                "--prompt", "a", "--max-new-tokens", "1", "--warmup", "0",
+                "--master_addr", "127.0.0.1", "--master_port", port, *script,
             ]  # fmt: skip
             procs.append(
                 subprocess.Popen(
@@ -87,9 +85,27 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
             },
         }
 
-    codes, outputs, wall_s = _launch_two_nodes(
-        tmp_path, model, [config(hierarchical=True, interval=64), config(hierarchical=False, interval=8)]
-    )
+    scripts = []
+    for node_rank, node_config in enumerate(
+        [config(hierarchical=True, interval=64), config(hierarchical=False, interval=8)]
+    ):
+        path = tmp_path / f"node{node_rank}.json"
+        path.write_text(json.dumps(node_config))
+        scripts.append(
+            [
+                str(GENERATE),
+                "--model",
+                str(model),
+                "--ds-config",
+                str(path),
+                "--prompt",
+                "a",
+                "--max-new-tokens",
+                "1",
+            ]
+            + ["--warmup", "0"]
+        )
+    codes, outputs, wall_s = _launch_nodes(tmp_path, scripts)
     shown = "\n".join(f"--- node {i} ---\n{text[-3000:]}" for i, text in enumerate(outputs))
     assert all(code != 0 for code in codes), shown
     for text in outputs:  # the same clear error on every rank
@@ -99,3 +115,21 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
         assert "grace.replication.online.interval differs: 64 on rank 0; 8 on rank 1" in text, shown
         assert "collective mismatch" not in text and "Connection reset" not in text, shown
     assert wall_s < 150, f"took {wall_s:.0f} s: the mismatch must fail at start-up, not at timeout_s (300 s)"
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_by_the_survivors(tmp_path):
+    script = [str(Path(__file__).with_name("lost_rank_rank.py"))]
+    codes, outputs, wall_s = _launch_nodes(tmp_path, [script, script, script])
+    shown = "\n".join(f"--- node {i} ---\n{text[-3000:]}" for i, text in enumerate(outputs))
+    assert codes[2] != 0 and codes[0] == 1 and codes[1] == 1, (codes, shown)
+    for survivor in outputs[:2]:
+        lines = [line for line in survivor.splitlines() if "error: " in line]
+        assert len(lines) == 1, shown
+        assert re.search(
+            r"^error: rank 2 \(host \S+, pid \d+\) stopped answering: its process exited\. Rank [01] stopped "
+            r"serving too; the launcher shuts down the remaining ranks \(collective error: ",
+            lines[0],
+        ), shown
+        assert "Traceback" not in survivor, shown
+    assert wall_s < 60, f"took {wall_s:.0f} s: survivors must not wait for the collective timeout (60 s)"
