@@ -47,7 +47,6 @@ INPUT_ERRORS = frozenset(
         "ds_grace.comm.collectives.DistributedSetupError",
         "ds_grace.comm.deepspeed_groups.ExpertGroupError",
         "ds_grace.comm.migration.PlanMismatchError",
-        "ds_grace.comm.local_ranks.RankFailure",
         "ds_grace.files.FileWriteError",
     }
 )
