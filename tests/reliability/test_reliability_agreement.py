@@ -82,6 +82,12 @@ def test_ranks_may_differ_in_paths_and_timeouts_only(tmp_path):
     assert a == b  # another path to the same plan, another timeout
     c = run_fingerprint(_checked(tmp_path / "a", communication={"hierarchical": False, "dedup": True}))
     assert {k for k in a if a[k] != c.get(k)} == {"grace.communication.hierarchical"}
+    d = run_fingerprint(_checked(tmp_path / "a", replication={"online": {"enabled": True, "interval": 8}}))
+    e = run_fingerprint(_checked(tmp_path / "b", replication={"online": {"enabled": True, "interval": 64}}))
+    identities = [{"rank": r, "node": r // 2, "host": "h"} for r in range(4)]
+    assert disagreements([d, d, e, e], identities) == [
+        "grace.replication.online.interval differs: 8 on ranks 0-1; 64 on ranks 2-3"
+    ]
 
 
 def test_disagreements_name_the_field_and_every_ranks_value():
