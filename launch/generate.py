@@ -312,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from ds_grace.cli import exit_code_for
+    from ds_grace.comm.collectives import shutdown_distributed
 
     try:
-        sys.exit(main())
+        code = main()
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks are one line, bugs re-raise
         sys.exit(exit_code_for(exc))
+    shutdown_distributed()
+    sys.exit(code)

@@ -112,6 +112,14 @@ def max_over_group(value: int, *, group: Any) -> int:
     return int(count.item())
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: wait for every rank, then destroy it. A rank that exits while a
+    peer's gloo connection is still open can abort in gloo's threads during the interpreter's teardown."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for without a group)."""
     if is_distributed():
