@@ -99,9 +99,13 @@ def test_options_come_from_the_config_and_overrides_are_validated():
 
 def test_memory_cap_is_respected_or_an_error():
     plan = build_plan(
-        SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 3}
+        SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 1}
     )
-    assert max(len(s) for layer in plan.layers for s in layer.slots) <= 5
+    assert {len(s) for layer in plan.layers for s in layer.slots} == {5}  # equal memory, all used
+    with pytest.raises(ValueError, match=r"max_experts_per_gpu \(5\) is below the 7 slots per GPU"):
+        build_plan(
+            SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 3}
+        )
     with pytest.raises(ValueError, match=r"max_experts_per_gpu \(3\) is too small: 16 experts on 4 GPUs"):
         build_plan(SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 3})
     with pytest.raises(ValueError, match=r"max_experts_per_gpu \(4\) is below the 6 slots per GPU"):
