@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -144,3 +145,31 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys, mixtral):
     assert "num_experts (8) must be >= the world size (16)" in capsys.readouterr().err
     assert cli_main(["evaluate", "--trace", mixtral, "--plan", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_slots_per_gpu_gives_equal_memory_on_every_gpu(tmp_path, capsys):
+    trace_path = tmp_path / "trace.npz"
+    synthetic(num_layers=2, num_experts=16, top_k=2, num_tokens=400, skew=1.2).save(trace_path)
+    base = ["plan", "--trace", str(trace_path), "--nodes", "2", "--gpus-per-node", "2"]
+    for policy in ("grace", "eplb"):
+        out = tmp_path / f"{policy}.json"
+        assert cli_main([*base, "--policy", policy, "--slots-per-gpu", "6", "--out", str(out)]) == 0
+        assert _json_out(capsys)["slots_per_gpu"] == [6]
+        assert {len(s) for layer in GracePlan.load(out).layers for s in layer.slots} == {6}
+    assert cli_main([*base, "--out", str(tmp_path / "d.json")]) == 0
+    assert _json_out(capsys)["slots_per_gpu"] == [5]  # default: ceil(16 / 4) + 1
+    for slots, message in [
+        ("3", r"slots_per_gpu \(3\) must be in \[ceil\(E / GPUs\) = 4, E = 16\]"),
+        ("17", r"slots_per_gpu \(17\) must be in \[ceil\(E / GPUs\) = 4, E = 16\]"),
+    ]:
+        assert cli_main([*base, "--slots-per-gpu", slots, "--out", str(tmp_path / "x.json")]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    args = [*base, "--slots-per-gpu", "6", "--extra-slots-per-gpu", "1", "--out", str(tmp_path / "x.json")]
+    assert cli_main(args) == 2
+    assert (
+        "extra_slots_per_gpu (1) must equal grace.replication.slots_per_gpu (6) - ceil(E / GPUs) (4) = 2"
+        in (capsys.readouterr().err)
+    )
+    args = [*base, "--slots-per-gpu", "6", "--replication-mode", "paper", "--out", str(tmp_path / "x.json")]
+    assert cli_main(args) == 2
+    assert "slots_per_gpu (6) is set but replication mode is 'paper'" in capsys.readouterr().err
