@@ -40,6 +40,8 @@ def test_plan_evaluate_report_end_to_end(tmp_path, capsys, mixtral):
     metrics = _json_out(capsys)
     assert set(METRIC_KEYS) <= set(metrics) and metrics["trace_matches_plan"] is True
     assert 0.0 < metrics["cross_node_copies_per_token"] < metrics["vanilla_cross_node_copies_per_token"]
+    assert 0.0 < metrics["balancedness_replayed"] <= 1.0
+    assert 0.0 < metrics["cross_node_copies_replayed"] < metrics["vanilla_cross_node_copies_per_token"]
     out_dir = tmp_path / "report"
     assert (
         cli_main(["report", str(plan_path), "--trace", mixtral, "--out", str(out_dir), "--layer", "3"]) == 0
@@ -106,6 +108,7 @@ def test_loads_only_trace(tmp_path, capsys):
     assert cli_main(["evaluate", "--trace", OLMOE, "--plan", str(out), "--json"]) == 0
     metrics = _json_out(capsys)
     assert metrics["cross_node_copies_per_token"] is None and metrics["cross_gpu_copies_per_token"] is None
+    assert metrics["balancedness_replayed"] is None and metrics["cross_node_copies_replayed"] is None
     assert metrics["balancedness"] > 0.9 and metrics["trace_matches_plan"] is True
     assert metrics["vanilla_cross_node_copies_per_token"] == pytest.approx(4.0)
     assert cli_main(["report", str(out), "--trace", OLMOE, "--out", str(tmp_path / "r")]) == 0
