@@ -176,3 +176,23 @@ def test_slots_per_gpu_gives_equal_memory_on_every_gpu(tmp_path, capsys):
     args = [*base, "--slots-per-gpu", "6", "--replication-mode", "paper", "--out", str(tmp_path / "x.json")]
     assert cli_main(args) == 2
     assert "slots_per_gpu (6) is set but replication mode is 'paper'" in capsys.readouterr().err
+
+
+def test_report_puts_in_sample_next_to_held_out(tmp_path, capsys, mixtral):
+    first, rest = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    assert cli_main(["split-trace", mixtral, "--fraction", "0.5", "--out", first, rest]) == 0
+    plan = str(tmp_path / "plan.json")
+    assert cli_main(["plan", "--trace", first, "--nodes", "2", "--gpus-per-node", "2", "--out", plan]) == 0
+    out_dir = tmp_path / "report"
+    assert cli_main(["report", plan, "--trace", first, "--held-out", rest, "--out", str(out_dir)]) == 0
+    assert (out_dir / "held_out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out_dir / "summary.md").read_text()
+    rows = {
+        line.split(" | ")[0][2:]: line for line in summary.splitlines() if line.startswith("| balancedness")
+    }
+    assert set(rows) == {"balancedness", "balancedness_replayed"}
+    in_sample, held_out = (float(x) for x in rows["balancedness"].strip(" |").split(" | ")[1:])
+    assert 0.0 < held_out <= 1.0 and 0.0 < in_sample <= 1.0
+    capsys.readouterr()
+    assert cli_main(["report", plan, "--trace", first, "--held-out", OLMOE, "--out", str(out_dir)]) == 2
+    assert "held-out trace has 3 layers of 64 experts but the plan has 32 of 8" in capsys.readouterr().err
