@@ -8,11 +8,14 @@ Policies (same interface):
   (load_slack=0.0, beyond the paper) groups are also evened out by load and primaries and
   replicas are refined jointly: a replica budget of ~12 % of the experts cannot even out an
   affinity-only grouping (on the OLMoE loads balancedness fell to ~0.5-0.65 without this);
-  load_slack=None keeps the paper's affinity-only grouping;
+  load_slack=None keeps the paper's affinity-only grouping. With equal slots and a per-token trace
+  it plans for traffic the trace did not record (grace.replication.robust; planning/robust.py);
 - "contiguous": DeepSpeed-MoE's placement, one instance per expert;
 - "occult": equal-size co-activation groups (nodes, then GPUs), one instance per expert;
-- "eplb": load-only hierarchical replication and packing, ceil(E / D) + extra slots on every GPU,
-  evaluated with an even split over instances ("wrr" with equal weights).
+- "eplb": load-only hierarchical replication and packing, evaluated with an even split over
+  instances ("wrr" with equal weights).
+Memory is per GPU: in budget mode grace and eplb give every GPU exactly S slots, all used
+(``resolve_slots_per_gpu``: grace.replication.slots_per_gpu, default ceil(E / D) + extra_slots_per_gpu).
 Pure and deterministic: no torch, no torch.distributed, no global state.
 """
 

@@ -71,11 +71,13 @@ class Variant:
 
 SAMPLE_FITTED = Variant()
 ROBUST_VARIANT = Variant(shrunk_loads=True, replica_room=True, spread=True)
-VARIANTS: dict[str, Variant] = {
+VARIANTS: dict[str, Variant] = {  # the ablation of benchmarks/bench_planner.py
     "sample_fitted": SAMPLE_FITTED,
-    "robust": ROBUST_VARIANT,
-    "shrunk_node_packed": Variant(shrunk_loads=True, replicas="node_packed"),
     "shrunk": Variant(shrunk_loads=True),
+    "room_spread": Variant(replica_room=True, spread=True),
+    "room_spread_per_copy": Variant(replica_room=True, spread=True, replicas="per_copy"),
+    "shrunk_node_packed": Variant(shrunk_loads=True, replicas="node_packed"),
+    "robust": ROBUST_VARIANT,
 }
 
 
