@@ -50,6 +50,7 @@ from ds_grace.vanilla_hf import deepspeed_capacity_routes as deepspeed_capacity_
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.models.sharded_load import LoadStats, ShardedCheckpoint
     from ds_grace.online import OnlineReplicator
     from ds_grace.planning.plan import GracePlan
     from ds_grace.vanilla import DroppedRouteCounter
@@ -324,6 +325,8 @@ class ServedMoE:
     dropped_routes: DroppedRouteCounter | None = None
     # grace.replication.online: steps after every forward of the engine; its .plan is the live plan
     online: OnlineReplicator | None = None
+    # served from a checkpoint folder: this rank's bytes read and held (ds_grace.models.sharded_load)
+    load: LoadStats | None = None
 
     @property
     def counters(self) -> tuple[TrafficCounters, ...]:
@@ -356,15 +359,20 @@ class ServedMoE:
 # ---- init_inference ----
 
 
-def _load_model(model: nn.Module | str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+def _load_model(
+    model: nn.Module | str | os.PathLike[str], dtype: torch.dtype
+) -> tuple[nn.Module, ShardedCheckpoint | None]:
+    """(module, None) for a module; for a folder, its meta-device skeleton and the ShardedCheckpoint that
+    fills it with this rank's share once the placement is known (nothing but headers is read here)."""
     if isinstance(model, nn.Module):
-        return model
+        return model, None
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a checkpoint folder path")
-    from ds_grace.models import load_checkpoint
+    from ds_grace.models.sharded_load import ShardedCheckpoint
 
     check_checkpoint_folder(model)
-    return load_checkpoint(model, dtype=dtype)
+    checkpoint = ShardedCheckpoint.open(model, dtype=dtype)
+    return checkpoint.model, checkpoint
 
 
 def init_inference(
@@ -381,18 +389,25 @@ def init_inference(
     dtype = validate_deepspeed_config(ds_config)
     world_size, rank = _world()
     topology = grace.resolve_topology(world_size=world_size)
-    module = _load_model(model, dtype)
+    module, checkpoint = _load_model(model, dtype)
     moe = describe_moe(module)
     module.eval()
     plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
     ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
+    if checkpoint is not None:
+        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "its config.json"
+        checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     if plan is not None:
         _check_same_plan_everywhere(plan)
-        engine = _serve_grace(module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank)
+        engine = _serve_grace(
+            module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank, checkpoint=checkpoint
+        )
     else:
-        engine = _serve_vanilla(module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank)
+        engine = _serve_vanilla(
+            module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
+        )
     return engine
 
 
@@ -437,6 +452,7 @@ def _serve_grace(
     plan: GracePlan,
     moe: ModelMoE,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     import deepspeed
 
@@ -445,12 +461,38 @@ def _serve_grace(
 
     topology = plan.topology
     options = RuntimeOptions.from_config(grace)
+    blocks: list[nn.Module] = []
+    load_stats = None
+
+    def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
+        info = moe.blocks[layer_index]
+        layer = GraceMoE.from_experts(
+            experts,
+            hidden_size=info.hidden_size,
+            k=info.top_k,
+            layer_plan=plan.layers[layer_index],
+            topology=topology,
+            ep_index=rank,
+            options=options,
+        )
+        return layer.to(next(experts[0].parameters()).device)
+
+    if checkpoint is not None:  # converted before DeepSpeed sees the model: it moves only this rank's share
+        from ds_grace.models.sharded_load import load_converted
+
+        blocks, load_stats = load_converted(
+            checkpoint,
+            make_routed_experts=make_routed_experts,
+            slots_of_layer=lambda index: plan.layers[index].slots[rank],
+            device=_served_device(),
+        )
     engine = deepspeed.init_inference(module, config=ds_config)
     served = engine.module
     ep_rank_lists = [list(range(topology.world_size))]
     groups = create_grace_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
-    blocks: list[nn.Module] = []
-    if moe.family == "deepspeed_moe":
+    if checkpoint is not None:
+        layers = [block.routed_experts for block in blocks]
+    elif moe.family == "deepspeed_moe":
         layers = []
         for index, info in enumerate(moe.blocks):
             parent_name, _, attribute = info.name.rpartition(".")
@@ -468,19 +510,6 @@ def _serve_grace(
     else:
         from ds_grace.models import convert_moe_blocks
 
-        def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
-            info = moe.blocks[layer_index]
-            layer = GraceMoE.from_experts(
-                experts,
-                hidden_size=info.hidden_size,
-                k=info.top_k,
-                layer_plan=plan.layers[layer_index],
-                topology=topology,
-                ep_index=rank,
-                options=options,
-            )
-            return layer.to(next(experts[0].parameters()).device)
-
         blocks = convert_moe_blocks(served, make_routed_experts=make_routed_experts)
         layers = [block.routed_experts for block in blocks]
     for layer in layers:
@@ -493,6 +522,7 @@ def _serve_grace(
         plan=plan,
         blocks=tuple(blocks),
         layers=tuple(layers),
+        load=load_stats,
     )
     from ds_grace.online import OnlineReplicator
 
@@ -512,11 +542,13 @@ def _serve_vanilla(
     moe: ModelMoE,
     topology: Topology,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     from ds_grace.comm.deepspeed_groups import moe_layers
     from ds_grace.vanilla import DroppedRouteCounter, serve_vanilla
 
     blocks: list[nn.Module] = []
+    load_stats = None
     if moe.family != "deepspeed_moe":
         from ds_grace.models import convert_moe_blocks
 
@@ -531,7 +563,19 @@ def _serve_vanilla(
                 vanilla=grace.vanilla,
             )
 
-        blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        if checkpoint is None:
+            blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        else:
+            from ds_grace.models.sharded_load import contiguous_experts, load_converted
+
+            blocks, load_stats = load_converted(
+                checkpoint,
+                make_routed_experts=make_routed_experts,
+                slots_of_layer=lambda index: contiguous_experts(
+                    moe.blocks[index].num_experts, ep_rank=rank, ep_size=topology.world_size
+                ),
+                device=_served_device(),
+            )
     engine = serve_vanilla(module, ds_config, grace.vanilla)
     layers = tuple(layer for _, layer in moe_layers(engine.module))
     engine.grace = ServedMoE(
@@ -543,5 +587,12 @@ def _serve_vanilla(
         blocks=tuple(blocks),
         layers=layers,
         dropped_routes=DroppedRouteCounter(engine),
+        load=load_stats,
     )
     return engine
+
+
+def _served_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
