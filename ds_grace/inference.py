@@ -397,6 +397,13 @@ def init_inference(
     if checkpoint is not None:
         source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "its config.json"
         checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
+    online = grace.replication.online
+    if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
+        if checkpoint is None:
+            raise GraceConfigError(
+                'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
+                "checkpoint folder, not an nn.Module"
+            )
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     if plan is not None:
@@ -526,7 +533,7 @@ def _serve_grace(
     )
     from ds_grace.online import OnlineReplicator
 
-    online = OnlineReplicator.from_served(served, grace)
+    online = OnlineReplicator.from_served(served, grace, checkpoint=checkpoint)
     if online is not None:
         # every rank runs the same forwards in lockstep, so stepping on each forward keeps them aligned
         engine.module.register_forward_hook(lambda *_: online.step())

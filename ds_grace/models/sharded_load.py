@@ -438,32 +438,51 @@ class ShardedCheckpoint:
     ) -> None:
         """Fill `modules` (meta GatedExpertMLPs, one per slot) with experts `expert_ids` of MoE layer
         `layer_index`, reading only those experts' tensors (or rows)."""
-        layer = self.experts[layer_index]
         if len(expert_ids) != len(modules):
             raise ValueError(f"expert_ids ({len(expert_ids)}) and modules ({len(modules)}) differ in length")
         for expert, module in zip(expert_ids, modules):
-            if not 0 <= expert < layer.num_experts:
-                raise CheckpointError(
-                    f"expert {expert} of MoE layer {layer_index} is not in the checkpoint "
-                    f"({layer.prefix}.experts holds {layer.num_experts})"
-                )
-            dtype = module.gate_up_proj.dtype
-            if layer.layout == "fused":
-                gate_up_key, down_key = layer.keys(expert)
-                gate_up = self.reader.read(self.tensors[gate_up_key], row=expert, dtype=dtype, device=device)
-                down = self.reader.read(self.tensors[down_key], row=expert, dtype=dtype, device=device)
-            else:
-                gate_key, up_key, down_key = layer.keys(expert)
-                gate = self.reader.read(self.tensors[gate_key], dtype=dtype, device=device)
-                up = self.reader.read(self.tensors[up_key], dtype=dtype, device=device)
-                gate_up = torch.cat([gate, up], dim=0)  # transformers' order: gate rows, then up rows
-                del gate, up
-                down = self.reader.read(self.tensors[down_key], dtype=dtype, device=device)
-            _replace_tensor(module, "gate_up_proj", gate_up)
-            _replace_tensor(module, "down_proj", down)
-            self.stats.expert_bytes += sum(t.numel() * t.element_size() for t in (gate_up, down))
+            self.stats.expert_bytes += self._fill_expert(layer_index, expert, module, device=device)
         held = self.stats.expert_slots.get(layer_index, ())
         self.stats.expert_slots[layer_index] = held + tuple(int(e) for e in expert_ids)
+
+    def _fill_expert(self, layer_index: int, expert: int, module: nn.Module, *, device: Any) -> int:
+        """Read expert `expert` of MoE layer `layer_index` into `module`; the bytes it now holds."""
+        layer = self.experts[layer_index]
+        if not 0 <= expert < layer.num_experts:
+            raise CheckpointError(
+                f"expert {expert} of MoE layer {layer_index} is not in the checkpoint "
+                f"({layer.prefix}.experts holds {layer.num_experts})"
+            )
+        dtype = module.gate_up_proj.dtype
+        if layer.layout == "fused":
+            gate_up_key, down_key = layer.keys(expert)
+            gate_up = self.reader.read(self.tensors[gate_up_key], row=expert, dtype=dtype, device=device)
+            down = self.reader.read(self.tensors[down_key], row=expert, dtype=dtype, device=device)
+        else:
+            gate_key, up_key, down_key = layer.keys(expert)
+            gate = self.reader.read(self.tensors[gate_key], dtype=dtype, device=device)
+            up = self.reader.read(self.tensors[up_key], dtype=dtype, device=device)
+            gate_up = torch.cat([gate, up], dim=0)  # transformers' order: gate rows, then up rows
+            del gate, up
+            down = self.reader.read(self.tensors[down_key], dtype=dtype, device=device)
+        _replace_tensor(module, "gate_up_proj", gate_up)
+        _replace_tensor(module, "down_proj", down)
+        return sum(t.numel() * t.element_size() for t in (gate_up, down))
+
+    def read_expert(self, layer_index: int, expert: int, *, like: nn.Module) -> nn.Module:
+        """A new expert module of expert `expert` of MoE layer `layer_index`, read from the files, with
+        the dtype, device and activation of `like` (a live GatedExpertMLP): a replica moving in."""
+        from ds_grace.models.experts import GatedExpertMLP
+
+        layer = self.experts[layer_index]
+        dtype = like.gate_up_proj.dtype
+        module = GatedExpertMLP(
+            gate_up_proj=torch.empty(layer.gate_up_shape, dtype=dtype, device="meta"),
+            down_proj=torch.empty(layer.down_shape, dtype=dtype, device="meta"),
+            act_fn=like.act_fn,
+        )
+        self._fill_expert(layer_index, expert, module, device=like.gate_up_proj.device)
+        return module
 
     def finish(self, served: nn.Module) -> LoadStats:
         """Close the files; check nothing of `served` is left on the meta device; the rank's stats."""

@@ -323,3 +323,19 @@ def test_missing_dense_tensor(checkpoints, tmp_path, no_collective):
         match=r"has no tensor lm_head.weight \(shape \[128, 32\]\), which the model of .*config.json needs",
     ):
         _serve(path, tmp_path, grace=False)
+
+
+def test_replicas_from_disk_need_a_checkpoint_folder(checkpoints, tmp_path, no_collective):
+    from ds_grace.config import GraceConfigError
+
+    _plan(2).save(tmp_path / "plan.json")
+    online = {"enabled": True, "source": "disk"}
+    config = {
+        "dtype": "fp32",
+        "grace": {"plan": {"path": str(tmp_path / "plan.json")}, "replication": {"online": online}},
+    }
+    with pytest.raises(
+        GraceConfigError,
+        match=r'online.source \("disk"\) reads replicas from the checkpoint: serve a checkpoint folder',
+    ):
+        ds_grace.init_inference(load_checkpoint(checkpoints["mixtral"]), config=config)
