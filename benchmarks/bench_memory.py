@@ -18,7 +18,8 @@ tensors and expert rows requested from the safetensors files (in the files' dtyp
 The checkpoint is Mixtral's architecture in the published per-expert layout
 (``block_sparse_moe.experts.{j}.w1/w2/w3.weight``), random weights from a seed, written tensor by tensor
 into ~1 GB shards with ``model.safetensors.index.json``. The headline first computes the logits of a fixed
-batch in a single process of its own (transformers from_pretrained, one copy of the model), then serves the
+batch in a single process of its own (``load_whole_model``: one copy of the model, read with safetensors into
+a transformers model), then serves the
 folder with GRACE on 4 ranks and compares rank 0's logits; the checkpoint is deleted afterwards.
 Results: ``benchmarks/results/bench_memory.json`` (``--headline`` adds its ``headline`` entry).
 """
@@ -233,15 +234,49 @@ def rank_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def reference_main(args: argparse.Namespace) -> int:
-    """Single-process logits of the fixed batch, transformers from_pretrained (one copy of the model)."""
+def load_whole_model(folder: Path) -> Any:
+    """The whole checkpoint in one transformers model, one copy: each tensor is read from its shard
+    (safetensors.safe_open, independent of ds_grace's loader) straight into the model's tensors, the
+    per-expert w1/w3/w2 into the fused [E, 2I, D] / [E, D, I] ones (transformers from_pretrained peaks
+    near two copies here: it fuses the experts after reading them)."""
     import torch
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ds_grace.models import load_checkpoint
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = {name: torch.empty(shape) for name, shape in shapes.items()}
+    inner = config.intermediate_size
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            for key in handle.keys():
+                name = key.replace(".block_sparse_moe.", ".mlp.")
+                parts = name.split(".")
+                if "experts" not in parts:
+                    state[name].copy_(handle.get_tensor(key))
+                    continue
+                at = parts.index("experts")
+                base, expert, which = ".".join(parts[: at + 1]), int(parts[at + 1]), parts[at + 2]
+                if which == "w2":
+                    state[f"{base}.down_proj"][expert].copy_(handle.get_tensor(key))
+                else:  # gate rows (w1) first, then up rows (w3)
+                    rows = slice(0, inner) if which == "w1" else slice(inner, 2 * inner)
+                    state[f"{base}.gate_up_proj"][expert, rows].copy_(handle.get_tensor(key))
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def reference_main(args: argparse.Namespace) -> int:
+    """Single-process logits of the fixed batch, the whole model in one transformers model."""
+    import torch
 
     torch.set_num_threads(2)
     begin = time.perf_counter()
-    model = load_checkpoint(args.model, dtype=torch.float32)
+    model = load_whole_model(Path(args.model))
     with torch.no_grad():
         logits = model(batch()).logits
     torch.save(logits, args.out)
@@ -360,7 +395,10 @@ def run_headline(workdir: Path) -> dict[str, Any]:
         shutil.rmtree(model, ignore_errors=True)
     return {
         "checkpoint": {**HEADLINE, "num_experts": NUM_EXPERTS, **written, "write_s": round(write_s, 1)},
-        "reference": {"how": "transformers from_pretrained, one process", **reference},
+        "reference": {
+            "how": "one process, one copy: load_whole_model + the transformers forward",
+            **reference,
+        },
         "grace": summarize(rows),
         "logits_max_abs_diff": diff,
         "logits_shape": list(want.shape),

@@ -50,6 +50,7 @@ from ds_grace.vanilla_hf import deepspeed_capacity_routes as deepspeed_capacity_
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
     from ds_grace.models.sharded_load import LoadStats, ShardedCheckpoint
     from ds_grace.online import OnlineReplicator
     from ds_grace.planning.plan import GracePlan
@@ -394,8 +395,10 @@ def init_inference(
     module.eval()
     plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
     ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
+    if checkpoint is None and moe.family == "deepspeed_moe":
+        checkpoint = _deepspeed_checkpoint(module, ds_config)
     if checkpoint is not None:
-        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "its config.json"
+        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "the model"
         checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
     online = grace.replication.online
     if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
@@ -404,6 +407,9 @@ def init_inference(
                 'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
                 "checkpoint folder, not an nn.Module"
             )
+
+    if _is_deepspeed_checkpoint(checkpoint):
+        ds_config = {key: value for key, value in ds_config.items() if key != "checkpoint"}
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     if plan is not None:
@@ -416,6 +422,24 @@ def init_inference(
             module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
         )
     return engine
+
+
+def _deepspeed_checkpoint(module: nn.Module, ds_config: Mapping[str, Any]) -> DeepSpeedMoECheckpoint | None:
+    """DeepSpeed's MoE checkpoint folder named by ds_config's "checkpoint" (as deepspeed.init_inference takes
+    it), opened and checked against the model; None when there is none (ds_grace then reads the experts)."""
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint, is_deepspeed_moe_checkpoint
+
+    path = ds_config.get("checkpoint")
+    if path is None:
+        return None
+    if not is_deepspeed_moe_checkpoint(path):
+        from ds_grace.models import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint ({path!r}) must be a folder DeepSpeed's save_checkpoint wrote (holding 'latest' or "
+            "mp_rank_00_model_states.pt) for a model of deepspeed.moe.layer.MoE layers"
+        )
+    return DeepSpeedMoECheckpoint.open(path, model=module)
 
 
 def _with_expert_parallel_size(
@@ -484,7 +508,10 @@ def _serve_grace(
         )
         return layer.to(next(experts[0].parameters()).device)
 
-    if checkpoint is not None:  # converted before DeepSpeed sees the model: it moves only this rank's share
+    if _is_deepspeed_checkpoint(checkpoint):  # each rank reads only its slots' expert files
+        layers = checkpoint.grace_layers(plan=plan, rank=rank, options=options, device=_served_device())
+        load_stats = checkpoint.stats
+    elif checkpoint is not None:  # converted before DeepSpeed sees the model: it moves only its share
         from ds_grace.models.sharded_load import load_converted
 
         blocks, load_stats = load_converted(
@@ -498,7 +525,8 @@ def _serve_grace(
     ep_rank_lists = [list(range(topology.world_size))]
     groups = create_grace_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
     if checkpoint is not None:
-        layers = [block.routed_experts for block in blocks]
+        if not _is_deepspeed_checkpoint(checkpoint):  # DeepSpeed checkpoints' layers were made above
+            layers = [block.routed_experts for block in blocks]
     elif moe.family == "deepspeed_moe":
         layers = []
         for index, info in enumerate(moe.blocks):
@@ -556,7 +584,13 @@ def _serve_vanilla(
 
     blocks: list[nn.Module] = []
     load_stats = None
-    if moe.family != "deepspeed_moe":
+    if _is_deepspeed_checkpoint(checkpoint):
+        from ds_grace.comm.deepspeed_groups import expert_parallel_rank
+
+        ep_rank = expert_parallel_rank(rank, _single_ep_size(moe))
+        checkpoint.load_local_experts(ep_rank=ep_rank, device=_served_device())
+        load_stats = checkpoint.stats
+    elif moe.family != "deepspeed_moe":
         from ds_grace.models import convert_moe_blocks
 
         def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
@@ -597,6 +631,12 @@ def _serve_vanilla(
         load=load_stats,
     )
     return engine
+
+
+def _is_deepspeed_checkpoint(checkpoint: object) -> bool:
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+
+    return isinstance(checkpoint, DeepSpeedMoECheckpoint)
 
 
 def _served_device() -> str:

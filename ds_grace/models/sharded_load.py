@@ -484,6 +484,11 @@ class ShardedCheckpoint:
         self._fill_expert(layer_index, expert, module, device=like.gate_up_proj.device)
         return module
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the files so far (the load and any replica read afterwards)."""
+        return self.reader.bytes_read
+
     def finish(self, served: nn.Module) -> LoadStats:
         """Close the files; check nothing of `served` is left on the meta device; the rank's stats."""
         self.reader.close()

@@ -53,6 +53,7 @@ from ds_grace.online.schedule import ReplicaCopy, cross_node_bytes, freed_replic
 from ds_grace.planning.plan import GracePlan
 
 if TYPE_CHECKING:
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
     from ds_grace.models.sharded_load import ShardedCheckpoint
 
 Replanner = Callable[[GracePlan, np.ndarray], ReplanResult]
@@ -93,7 +94,7 @@ class OnlineReplicator:
         max_experts_per_gpu: int | None = None,
         plan: GracePlan | None = None,
         groups: GraceGroups | None = None,
-        checkpoint: ShardedCheckpoint | None = None,
+        checkpoint: ShardedCheckpoint | DeepSpeedMoECheckpoint | None = None,
     ) -> None:
         if config.source == "disk" and checkpoint is None:
             raise ValueError(
@@ -151,7 +152,11 @@ class OnlineReplicator:
 
     @classmethod
     def from_served(
-        cls, served: Any, grace: GraceConfig, *, checkpoint: ShardedCheckpoint | None = None
+        cls,
+        served: Any,
+        grace: GraceConfig,
+        *,
+        checkpoint: ShardedCheckpoint | DeepSpeedMoECheckpoint | None = None,
     ) -> OnlineReplicator | None:
         """For what init_inference set up (``engine.grace``: its GraceMoE ``layers`` and ``plan``), and
         the checkpoint folder it was served from (needed for grace.replication.online.source "disk")."""
@@ -332,7 +337,7 @@ class OnlineReplicator:
         """Fill this rank's staging bytes of `chunks` from the checkpoint files (no transfer)."""
         pending = self._pending
         assert pending is not None and self.checkpoint is not None
-        begin, read_before = time.perf_counter(), self.checkpoint.reader.bytes_read
+        begin, read_before = time.perf_counter(), self.checkpoint.bytes_read
         images: dict[tuple[int, int], torch.Tensor] = pending["disk_images"]
         for chunk in chunks:
             if chunk.dst != self.ep_index:
@@ -345,7 +350,7 @@ class OnlineReplicator:
             pending["staging"][chunk.key][chunk.start : chunk.stop].copy_(image[chunk.start : chunk.stop])
             if chunk.stop == image.numel():
                 del images[chunk.key]
-        pending["disk_bytes_read"] += self.checkpoint.reader.bytes_read - read_before
+        pending["disk_bytes_read"] += self.checkpoint.bytes_read - read_before
         pending["transfer_s"] += time.perf_counter() - begin
 
     def _live_module(self, layer_index: int, expert: int) -> nn.Module:

@@ -283,7 +283,7 @@ def test_expert_count_differs_from_the_plan(checkpoints, references, tmp_path, n
         r"\(.*plan.json\) has 8",
     ):
         _serve(fused, tmp_path)
-    with pytest.raises(CheckpointError, match=r"holds 6 experts but its config.json has 8"):
+    with pytest.raises(CheckpointError, match=r"holds 6 experts but the model has 8"):
         _serve(fused, tmp_path, grace=False)
 
 
