@@ -21,6 +21,11 @@ DeepSpeed's InferenceEngine. Steps, in this order:
      capacity rule to the model's own routing (lossless or capacity-dropping, per grace.vanilla). These
      blocks are converted before ``deepspeed.init_inference`` so that DeepSpeed sees MoE layers and creates
      the group, which is then wired into every layer.
+5. A checkpoint folder (or, for deepspeed.moe.layer.MoE models, DeepSpeed's MoE checkpoint named by the
+   ``checkpoint`` key) is served sharded: only headers are read in step 1 (and checked there); the model
+   is a meta-device skeleton whose MoE blocks are converted before step 3, with only the dense tensors
+   and this rank's expert slots read from the files (ds_grace.models.sharded_load,
+   ds_grace.models.deepspeed_checkpoint), so DeepSpeed's engine moves only this rank's share.
 
 The engine gets an attribute ``grace`` (a :class:`ServedMoE`): the mode, topology, plan, converted layers
 and their counters. Heavy libraries (torch.distributed, deepspeed, transformers) are imported on use, so
