@@ -51,7 +51,8 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
-# a reading handle is reopened after this many bytes so that its mapped file pages are let go
+# a reading handle is dropped after this many bytes: its file mapping (and the resident pages read
+# through it) goes once no tensor read through it is left, e.g. after a dtype or device conversion
 _REOPEN_BYTES = 64 << 20
 
 
@@ -124,7 +125,13 @@ def list_tensors(folder: str | Path) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-    """Reads whole tensors or expert rows from safetensors files and counts the bytes it read."""
+    """Reads whole tensors or expert rows from safetensors files and counts the bytes it read.
+
+    safetensors maps the files: a whole tensor read in its file's dtype onto the CPU stays a view of the
+    file's (private, copy-on-write) mapping, as transformers' own loading leaves it, so only the pages of
+    the tensors read become resident. A row of a fused [E, ...] tensor is copied out, so that a slot
+    owns exactly its row, not a view over every expert's.
+    """
 
     def __init__(self, *, reopen_bytes: int = _REOPEN_BYTES) -> None:
         self.bytes_read = 0
@@ -146,7 +153,7 @@ class TensorReader:
         self.bytes_read += nbytes
         self._since_open[path] += nbytes
         if self._since_open[path] >= self._reopen_bytes:
-            del self._handles[path]  # unmaps the file; the next read opens it again
+            del self._handles[path]  # the next read opens the file again
 
     def read(
         self, info: TensorInfo, *, row: int | None = None, dtype: torch.dtype, device: torch.device | str
@@ -159,7 +166,7 @@ class TensorReader:
             raw = handle.get_slice(info.key)[row : row + 1][0]
         self._count(info.file, raw)
         self.reads.append((info.key, row))
-        return raw.to(device=device, dtype=dtype)
+        return raw.to(device=device, dtype=dtype, copy=row is not None)
 
     def close(self) -> None:
         self._handles.clear()

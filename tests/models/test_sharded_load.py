@@ -181,7 +181,7 @@ def test_fused_and_per_expert_layouts_load_identical_weights(checkpoints, refere
     fused = _fused_copy(references[family], checkpoints[family], tmp_path / "fused", shards=3)
     for mode, rank in (("grace", 2), ("vanilla", 1)):
         per_expert_ckpt, _, per_expert_stats = _load_rank(checkpoints[family], mode=mode, rank=rank)
-        fused_ckpt, _, fused_stats = _load_rank(fused, mode=mode, rank=rank)
+        fused_ckpt, fused_blocks, fused_stats = _load_rank(fused, mode=mode, rank=rank)
         assert {layer.layout for layer in fused_ckpt.experts} == {"fused"}
         assert {layer.layout for layer in per_expert_ckpt.experts} == {
             "w1_w3_w2" if family == "mixtral" else "gate_up_down"
@@ -194,6 +194,10 @@ def test_fused_and_per_expert_layouts_load_identical_weights(checkpoints, refere
         assert fused_stats.bytes_read == per_expert_stats.bytes_read == fused_stats.own_share_bytes
         rows = {(key, row) for key, row in fused_ckpt.reader.reads if row is not None}
         assert {row for _, row in rows} == set(_slots(mode, 0, rank))
+        for block in fused_blocks:  # a slot owns its row, not a view over the whole [E, ...] tensor
+            for module in expert_slot_modules(block.routed_experts):
+                for tensor in (module.gate_up_proj, module.down_proj):
+                    assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 def test_served_dtype_differs_from_the_files(checkpoints):
@@ -339,3 +343,13 @@ def test_replicas_from_disk_need_a_checkpoint_folder(checkpoints, tmp_path, no_c
         match=r'online.source \("disk"\) reads replicas from the checkpoint: serve a checkpoint folder',
     ):
         ds_grace.init_inference(load_checkpoint(checkpoints["mixtral"]), config=config)
+
+
+def test_tied_output_embeddings_are_shared_not_read_twice(tmp_path):
+    path = tiny_checkpoint("qwen3_moe", tmp_path / "tied", seed=5, tie_word_embeddings=True)
+    assert "lm_head.weight" not in list_tensors(path)
+    checkpoint, _, stats = _load_rank(path, mode="vanilla", rank=0)
+    model = checkpoint.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, load_checkpoint(path).lm_head.weight)
+    assert held_bytes(model) == stats.own_share_bytes == stats.bytes_read
