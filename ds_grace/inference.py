@@ -400,21 +400,9 @@ def init_inference(
     module.eval()
     plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
     ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
-    if checkpoint is None and moe.family == "deepspeed_moe":
-        checkpoint = _deepspeed_checkpoint(module, ds_config)
-    if checkpoint is not None:
-        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "the model"
-        checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
-    online = grace.replication.online
-    if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
-        if checkpoint is None:
-            raise GraceConfigError(
-                'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
-                "checkpoint folder, not an nn.Module"
-            )
-
-    if _is_deepspeed_checkpoint(checkpoint):
-        ds_config = {key: value for key, value in ds_config.items() if key != "checkpoint"}
+    checkpoint, ds_config = _checked_checkpoint(
+        checkpoint, module, ds_config, grace=grace, plan=plan, moe=moe
+    )
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     if plan is not None:
@@ -427,6 +415,35 @@ def init_inference(
             module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
         )
     return engine
+
+
+def _checked_checkpoint(
+    checkpoint: ShardedCheckpoint | None,
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    grace: GraceConfig,
+    plan: GracePlan | None,
+    moe: ModelMoE,
+) -> tuple[ShardedCheckpoint | DeepSpeedMoECheckpoint | None, dict[str, Any]]:
+    """The checkpoint to serve from (a folder's, or DeepSpeed's MoE checkpoint named by ds_config's
+    "checkpoint" for deepspeed.moe.layer.MoE models, which is then taken out of the DeepSpeed part),
+    checked against the plan or the model and the grace block; local, before any collective."""
+    if checkpoint is None and moe.family == "deepspeed_moe":
+        checkpoint = _deepspeed_checkpoint(module, ds_config)
+        if checkpoint is not None:
+            ds_config = {key: value for key, value in ds_config.items() if key != "checkpoint"}
+    if checkpoint is not None:
+        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "the model"
+        checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
+    online = grace.replication.online
+    if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
+        if checkpoint is None:
+            raise GraceConfigError(
+                'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
+                "checkpoint folder, not an nn.Module"
+            )
+    return checkpoint, ds_config
 
 
 def _deepspeed_checkpoint(module: nn.Module, ds_config: Mapping[str, Any]) -> DeepSpeedMoECheckpoint | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -537,8 +537,8 @@ def contiguous_experts(num_experts: int, *, ep_rank: int, ep_size: int) -> Itera
 def load_converted(
     checkpoint: ShardedCheckpoint,
     *,
-    make_routed_experts: Any,
-    slots_of_layer: Any,
+    make_routed_experts: Callable[[int, list[nn.Module]], nn.Module],
+    slots_of_layer: Callable[[int], Iterable[int]],
     device: torch.device | str,
 ) -> tuple[list[nn.Module], LoadStats]:
     """Materialise the dense tensors, convert the MoE blocks (their experts still on the meta device) with
