@@ -69,6 +69,9 @@ class OnlineReplicationConfig(_Section):
     threshold: float = Field(0.85, gt=0.0, le=1.0, description="Re-plan when balancedness falls below.")
     window: int = Field(4, ge=1, description="Intervals of history the re-planner looks at.")
     max_bytes_per_interval: int | None = Field(None, ge=0, description="Cap on replica bytes moved.")
+    source: Literal["peer", "disk"] = Field(
+        "peer", description="Where a replica moving in comes from: a live copy on a peer, or the checkpoint."
+    )
 
 
 class ReplicationConfig(_Section):

@@ -21,6 +21,11 @@ DeepSpeed's InferenceEngine. Steps, in this order:
      capacity rule to the model's own routing (lossless or capacity-dropping, per grace.vanilla). These
      blocks are converted before ``deepspeed.init_inference`` so that DeepSpeed sees MoE layers and creates
      the group, which is then wired into every layer.
+5. A checkpoint folder (or, for deepspeed.moe.layer.MoE models, DeepSpeed's MoE checkpoint named by the
+   ``checkpoint`` key) is served sharded: only headers are read in step 1 (and checked there); the model
+   is a meta-device skeleton whose MoE blocks are converted before step 3, with only the dense tensors
+   and this rank's expert slots read from the files (ds_grace.models.sharded_load,
+   ds_grace.models.deepspeed_checkpoint), so DeepSpeed's engine moves only this rank's share.
 
 The engine gets an attribute ``grace`` (a :class:`ServedMoE`): the mode, topology, plan, converted layers
 and their counters. Heavy libraries (torch.distributed, deepspeed, transformers) are imported on use, so
@@ -50,6 +55,8 @@ from ds_grace.vanilla_hf import deepspeed_capacity_routes as deepspeed_capacity_
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+    from ds_grace.models.sharded_load import LoadStats, ShardedCheckpoint
     from ds_grace.online import OnlineReplicator
     from ds_grace.planning.plan import GracePlan
     from ds_grace.vanilla import DroppedRouteCounter
@@ -324,6 +331,8 @@ class ServedMoE:
     dropped_routes: DroppedRouteCounter | None = None
     # grace.replication.online: steps after every forward of the engine; its .plan is the live plan
     online: OnlineReplicator | None = None
+    # served from a checkpoint folder: this rank's bytes read and held (ds_grace.models.sharded_load)
+    load: LoadStats | None = None
 
     @property
     def counters(self) -> tuple[TrafficCounters, ...]:
@@ -356,15 +365,20 @@ class ServedMoE:
 # ---- init_inference ----
 
 
-def _load_model(model: nn.Module | str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+def _load_model(
+    model: nn.Module | str | os.PathLike[str], dtype: torch.dtype
+) -> tuple[nn.Module, ShardedCheckpoint | None]:
+    """(module, None) for a module; for a folder, its meta-device skeleton and the ShardedCheckpoint that
+    fills it with this rank's share once the placement is known (nothing but headers is read here)."""
     if isinstance(model, nn.Module):
-        return model
+        return model, None
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a checkpoint folder path")
-    from ds_grace.models import load_checkpoint
+    from ds_grace.models.sharded_load import ShardedCheckpoint
 
     check_checkpoint_folder(model)
-    return load_checkpoint(model, dtype=dtype)
+    checkpoint = ShardedCheckpoint.open(model, dtype=dtype)
+    return checkpoint.model, checkpoint
 
 
 def init_inference(
@@ -381,19 +395,73 @@ def init_inference(
     dtype = validate_deepspeed_config(ds_config)
     world_size, rank = _world()
     topology = grace.resolve_topology(world_size=world_size)
-    module = _load_model(model, dtype)
+    module, checkpoint = _load_model(model, dtype)
     moe = describe_moe(module)
     module.eval()
     plan = resolve_plan(grace, topology=topology, moe=moe) if grace.enabled else None
     ds_config = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
+    checkpoint, ds_config = _checked_checkpoint(
+        checkpoint, module, ds_config, grace=grace, plan=plan, moe=moe
+    )
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     if plan is not None:
         _check_same_plan_everywhere(plan)
-        engine = _serve_grace(module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank)
+        engine = _serve_grace(
+            module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank, checkpoint=checkpoint
+        )
     else:
-        engine = _serve_vanilla(module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank)
+        engine = _serve_vanilla(
+            module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
+        )
     return engine
+
+
+def _checked_checkpoint(
+    checkpoint: ShardedCheckpoint | None,
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    grace: GraceConfig,
+    plan: GracePlan | None,
+    moe: ModelMoE,
+) -> tuple[ShardedCheckpoint | DeepSpeedMoECheckpoint | None, dict[str, Any]]:
+    """The checkpoint to serve from (a folder's, or DeepSpeed's MoE checkpoint named by ds_config's
+    "checkpoint" for deepspeed.moe.layer.MoE models, which is then taken out of the DeepSpeed part),
+    checked against the plan or the model and the grace block; local, before any collective."""
+    if checkpoint is None and moe.family == "deepspeed_moe":
+        checkpoint = _deepspeed_checkpoint(module, ds_config)
+        if checkpoint is not None:
+            ds_config = {key: value for key, value in ds_config.items() if key != "checkpoint"}
+    if checkpoint is not None:
+        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "the model"
+        checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
+    online = grace.replication.online
+    if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
+        if checkpoint is None:
+            raise GraceConfigError(
+                'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
+                "checkpoint folder, not an nn.Module"
+            )
+    return checkpoint, ds_config
+
+
+def _deepspeed_checkpoint(module: nn.Module, ds_config: Mapping[str, Any]) -> DeepSpeedMoECheckpoint | None:
+    """DeepSpeed's MoE checkpoint folder named by ds_config's "checkpoint" (as deepspeed.init_inference takes
+    it), opened and checked against the model; None when there is none (ds_grace then reads the experts)."""
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint, is_deepspeed_moe_checkpoint
+
+    path = ds_config.get("checkpoint")
+    if path is None:
+        return None
+    if not is_deepspeed_moe_checkpoint(path):
+        from ds_grace.models import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint ({path!r}) must be a folder DeepSpeed's save_checkpoint wrote (holding 'latest' or "
+            "mp_rank_00_model_states.pt) for a model of deepspeed.moe.layer.MoE layers"
+        )
+    return DeepSpeedMoECheckpoint.open(path, model=module)
 
 
 def _with_expert_parallel_size(
@@ -437,6 +505,7 @@ def _serve_grace(
     plan: GracePlan,
     moe: ModelMoE,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     import deepspeed
 
@@ -445,12 +514,42 @@ def _serve_grace(
 
     topology = plan.topology
     options = RuntimeOptions.from_config(grace)
+    blocks: list[nn.Module] = []
+    load_stats = None
+
+    def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
+        info = moe.blocks[layer_index]
+        layer = GraceMoE.from_experts(
+            experts,
+            hidden_size=info.hidden_size,
+            k=info.top_k,
+            layer_plan=plan.layers[layer_index],
+            topology=topology,
+            ep_index=rank,
+            options=options,
+        )
+        return layer.to(next(experts[0].parameters()).device)
+
+    if _is_deepspeed_checkpoint(checkpoint):  # each rank reads only its slots' expert files
+        layers = checkpoint.grace_layers(plan=plan, rank=rank, options=options, device=_served_device())
+        load_stats = checkpoint.stats
+    elif checkpoint is not None:  # converted before DeepSpeed sees the model: it moves only its share
+        from ds_grace.models.sharded_load import load_converted
+
+        blocks, load_stats = load_converted(
+            checkpoint,
+            make_routed_experts=make_routed_experts,
+            slots_of_layer=lambda index: plan.layers[index].slots[rank],
+            device=_served_device(),
+        )
     engine = deepspeed.init_inference(module, config=ds_config)
     served = engine.module
     ep_rank_lists = [list(range(topology.world_size))]
     groups = create_grace_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
-    blocks: list[nn.Module] = []
-    if moe.family == "deepspeed_moe":
+    if checkpoint is not None:
+        if not _is_deepspeed_checkpoint(checkpoint):  # DeepSpeed checkpoints' layers were made above
+            layers = [block.routed_experts for block in blocks]
+    elif moe.family == "deepspeed_moe":
         layers = []
         for index, info in enumerate(moe.blocks):
             parent_name, _, attribute = info.name.rpartition(".")
@@ -468,19 +567,6 @@ def _serve_grace(
     else:
         from ds_grace.models import convert_moe_blocks
 
-        def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
-            info = moe.blocks[layer_index]
-            layer = GraceMoE.from_experts(
-                experts,
-                hidden_size=info.hidden_size,
-                k=info.top_k,
-                layer_plan=plan.layers[layer_index],
-                topology=topology,
-                ep_index=rank,
-                options=options,
-            )
-            return layer.to(next(experts[0].parameters()).device)
-
         blocks = convert_moe_blocks(served, make_routed_experts=make_routed_experts)
         layers = [block.routed_experts for block in blocks]
     for layer in layers:
@@ -493,10 +579,11 @@ def _serve_grace(
         plan=plan,
         blocks=tuple(blocks),
         layers=tuple(layers),
+        load=load_stats,
     )
     from ds_grace.online import OnlineReplicator
 
-    online = OnlineReplicator.from_served(served, grace)
+    online = OnlineReplicator.from_served(served, grace, checkpoint=checkpoint)
     if online is not None:
         # every rank runs the same forwards in lockstep, so stepping on each forward keeps them aligned
         engine.module.register_forward_hook(lambda *_: online.step())
@@ -512,12 +599,20 @@ def _serve_vanilla(
     moe: ModelMoE,
     topology: Topology,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     from ds_grace.comm.deepspeed_groups import moe_layers
     from ds_grace.vanilla import DroppedRouteCounter, serve_vanilla
 
     blocks: list[nn.Module] = []
-    if moe.family != "deepspeed_moe":
+    load_stats = None
+    if _is_deepspeed_checkpoint(checkpoint):
+        from ds_grace.comm.deepspeed_groups import expert_parallel_rank
+
+        ep_rank = expert_parallel_rank(rank, _single_ep_size(moe))
+        checkpoint.load_local_experts(ep_rank=ep_rank, device=_served_device())
+        load_stats = checkpoint.stats
+    elif moe.family != "deepspeed_moe":
         from ds_grace.models import convert_moe_blocks
 
         def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
@@ -531,7 +626,19 @@ def _serve_vanilla(
                 vanilla=grace.vanilla,
             )
 
-        blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        if checkpoint is None:
+            blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        else:
+            from ds_grace.models.sharded_load import contiguous_experts, load_converted
+
+            blocks, load_stats = load_converted(
+                checkpoint,
+                make_routed_experts=make_routed_experts,
+                slots_of_layer=lambda index: contiguous_experts(
+                    moe.blocks[index].num_experts, ep_rank=rank, ep_size=topology.world_size
+                ),
+                device=_served_device(),
+            )
     engine = serve_vanilla(module, ds_config, grace.vanilla)
     layers = tuple(layer for _, layer in moe_layers(engine.module))
     engine.grace = ServedMoE(
@@ -543,5 +650,18 @@ def _serve_vanilla(
         blocks=tuple(blocks),
         layers=layers,
         dropped_routes=DroppedRouteCounter(engine),
+        load=load_stats,
     )
     return engine
+
+
+def _is_deepspeed_checkpoint(checkpoint: object) -> bool:
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+
+    return isinstance(checkpoint, DeepSpeedMoECheckpoint)
+
+
+def _served_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
