@@ -9,7 +9,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ds_grace", "ds_grace.*", "benchmarks", "benchmarks.*"]),
-    package_data={"ds_grace": ["data/traces/*.md", "data/traces/*/*.jsonl", "data/traces/*/*/*.json"]},
+    package_data={
+        "ds_grace": [
+            "data/traces/*.md",
+            "data/traces/*/*.jsonl",  # mixtral/, qwen15_moe/, olmoe_tokens/
+            "data/traces/*/*/*.json",
+        ]
+    },
     # torch, DeepSpeed and transformers: the versions the test suite runs with. transformers 4.x (experts as a
     # ModuleList) is refused by the adapters, and 5.0 records router logits differently from what they
     # read; the others' lower bounds are below every API the code calls.

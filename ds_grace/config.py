@@ -72,12 +72,30 @@ class OnlineReplicationConfig(_Section):
     threshold: float = Field(0.85, gt=0.0, le=1.0, description="Re-plan when balancedness falls below.")
     window: int = Field(4, ge=1, description="Intervals of history the re-planner looks at.")
     max_bytes_per_interval: int | None = Field(None, ge=0, description="Cap on replica bytes moved.")
+    source: Literal["peer", "disk"] = Field(
+        "peer", description="Where a replica moving in comes from: a live copy on a peer, or the checkpoint."
+    )
 
 
 class ReplicationConfig(_Section):
     enabled: bool = True
     mode: Literal["paper", "budget"] = "budget"
-    extra_slots_per_gpu: int = Field(1, ge=0, description="Replica slots per GPU (budget mode).")
+    extra_slots_per_gpu: int = Field(
+        1,
+        ge=0,
+        description="Budget mode: slots per GPU = ceil(E / GPUs) + this (when slots_per_gpu is unset).",
+    )
+    slots_per_gpu: int | None = Field(
+        None,
+        ge=1,
+        description="Budget mode: exactly this many expert slots on every GPU (grace and eplb), all used; "
+        "must be in [ceil(E / GPUs), E]. Unset: ceil(E / GPUs) + extra_slots_per_gpu.",
+    )
+    robust: bool = Field(
+        True,
+        description="Budget mode, per-token traces: plan for traffic the trace did not record (shrunk loads, "
+        "variant chosen by validation on the sample's second half; see ds_grace/planning/robust.py).",
+    )
     online: OnlineReplicationConfig = OnlineReplicationConfig()
 
 
@@ -139,6 +157,14 @@ class GraceConfig(_Section):
             raise _Contradiction(
                 "grace.replication.extra_slots_per_gpu (0) must be >= 1 in budget mode while replication "
                 "is enabled; set grace.replication.enabled to false for no replicas"
+            )
+        if self.replication.slots_per_gpu is not None and (
+            self.replication.mode != "budget" or not self.replication.enabled
+        ):
+            raise _Contradiction(
+                f"grace.replication.slots_per_gpu ({self.replication.slots_per_gpu}) is set but replication "
+                f"{'is disabled' if not self.replication.enabled else 'mode is ' + repr(self.replication.mode)}; "
+                "it applies to enabled replication in mode 'budget'"
             )
         return self
 

@@ -5,8 +5,8 @@ math of a launch: the serving mode, every grace setting that is used in that mod
 vanilla, all other sections for GRACE, grace.replication.online.* included), the plan's content hash, the
 topology and world size, the dtype and every key of the DeepSpeed part (moe.ep_size as resolved), and the
 ds_grace, DeepSpeed, torch and transformers versions. Not in it, because ranks may differ there safely:
-the paths grace.plan.path and grace.profile.trace (their content is in the plan hash), profile.tokens and
-communication.timeout_s.
+the paths grace.plan.path and grace.profile.trace (their content is in the plan hash), profile.tokens,
+communication.timeout_s and DeepSpeed's path keys (checkpoint, base_dir, save_mp_checkpoint_path).
 
 ``rank_identity(checked)`` is what only this rank knows: its rank and host. ``disagreements`` compares the
 gathered fingerprints and identities (pure) and returns one line per problem, naming the field and every
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 LOCAL_FIELDS = frozenset(
     {"grace.plan.path", "grace.profile.trace", "grace.profile.tokens", "grace.communication.timeout_s"}
 )
+
+# DeepSpeed keys that are paths: a checkpoint folder may sit elsewhere on every node
+LOCAL_DEEPSPEED_PREFIXES = ("ds_config.checkpoint", "ds_config.base_dir", "ds_config.save_mp_checkpoint_path")
 
 
 class RankMismatchError(GraceConfigError):
@@ -79,7 +82,13 @@ def run_fingerprint(checked: Checked) -> dict[str, Any]:
     fields["dtype"] = str(checked.dtype).removeprefix("torch.")
     deepspeed_part: dict[str, Any] = {}
     _flatten("ds_config", checked.ds_config, deepspeed_part)
-    fields.update({k: json.dumps(v, sort_keys=True) for k, v in deepspeed_part.items()})
+    fields.update(
+        {
+            k: json.dumps(v, sort_keys=True)
+            for k, v in deepspeed_part.items()
+            if not k.startswith(LOCAL_DEEPSPEED_PREFIXES)
+        }
+    )
     fields.update(_versions())
     return fields
 

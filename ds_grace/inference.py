@@ -25,6 +25,11 @@ DeepSpeed's InferenceEngine. Steps, in this order:
      capacity rule to the model's own routing (lossless or capacity-dropping, per grace.vanilla). These
      blocks are converted before ``deepspeed.init_inference`` so that DeepSpeed sees MoE layers and creates
      the group, which is then wired into every layer.
+5. A checkpoint folder (or, for deepspeed.moe.layer.MoE models, DeepSpeed's MoE checkpoint named by the
+   ``checkpoint`` key) is served sharded: only headers are read in step 1 (and checked there); the model
+   is a meta-device skeleton whose MoE blocks are converted before step 3, with only the dense tensors
+   and this rank's expert slots read from the files (ds_grace.models.sharded_load,
+   ds_grace.models.deepspeed_checkpoint), so DeepSpeed's engine moves only this rank's share.
 
 The engine gets an attribute ``grace`` (a :class:`ServedMoE`): the mode, topology, plan, converted layers
 and their counters. Heavy libraries (torch.distributed, deepspeed, transformers) are imported on use, so
@@ -46,7 +51,7 @@ from torch import nn
 from ds_grace.comm.collectives import check_ranks_agree, init_distributed, is_distributed, world
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import rank_identity, run_fingerprint
-from ds_grace.preflight import preflight, world_from_env
+from ds_grace.preflight import preflight, single_ep_size, world_from_env
 
 # re-exported: the local checks moved to ds_grace.preflight (shared with `ds-grace check-config`)
 from ds_grace.preflight import resolve_plan as resolve_plan
@@ -60,6 +65,8 @@ from ds_grace.vanilla_hf import deepspeed_capacity_routes as deepspeed_capacity_
 
 if TYPE_CHECKING:
     from ds_grace.comm.counters import TrafficCounters
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+    from ds_grace.models.sharded_load import LoadStats, ShardedCheckpoint
     from ds_grace.online import OnlineReplicator
     from ds_grace.planning.plan import GracePlan
     from ds_grace.vanilla import DroppedRouteCounter
@@ -225,6 +232,8 @@ class ServedMoE:
     dropped_routes: DroppedRouteCounter | None = None
     # grace.replication.online: steps after every forward of the engine; its .plan is the live plan
     online: OnlineReplicator | None = None
+    # served from a checkpoint folder: this rank's bytes read and held (ds_grace.models.sharded_load)
+    load: LoadStats | None = None
 
     @property
     def counters(self) -> tuple[TrafficCounters, ...]:
@@ -257,15 +266,20 @@ class ServedMoE:
 # ---- init_inference ----
 
 
-def _load_model(model: nn.Module | str | os.PathLike[str], dtype: torch.dtype) -> nn.Module:
+def _load_model(
+    model: nn.Module | str | os.PathLike[str], dtype: torch.dtype
+) -> tuple[nn.Module, ShardedCheckpoint | None]:
+    """(module, None) for a module; for a folder, its meta-device skeleton and the ShardedCheckpoint that
+    fills it with this rank's share once the placement is known (nothing but headers is read here)."""
     if isinstance(model, nn.Module):
-        return model
+        return model, None
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model ({type(model).__name__}) must be an nn.Module or a checkpoint folder path")
-    from ds_grace.models import load_checkpoint
+    from ds_grace.models.sharded_load import ShardedCheckpoint
 
     check_checkpoint_folder(model)
-    return load_checkpoint(model, dtype=dtype)
+    checkpoint = ShardedCheckpoint.open(model, dtype=dtype)
+    return checkpoint.model, checkpoint
 
 
 def init_inference(
@@ -280,25 +294,78 @@ def init_inference(
     ``engine.grace`` (a ServedMoE)."""
     ds_config, grace = split_config(config, kwargs)
     world_size, rank = _world()
-    loaded: list[nn.Module] = []
+    loaded: list[tuple[nn.Module, ShardedCheckpoint | None]] = []
 
     def describe_model(dtype: torch.dtype) -> ModelMoE:
         loaded.append(_load_model(model, dtype))
-        return describe_moe(loaded[0])
+        return describe_moe(loaded[0][0])
 
     checked = preflight(ds_config, grace, world_size=world_size, rank=rank, describe_model=describe_model)
-    module, moe, plan, topology = loaded[0], checked.moe, checked.plan, checked.topology
-    ds_config = checked.ds_config
+    (module, sharded), moe, plan, topology = loaded[0], checked.moe, checked.plan, checked.topology
     module.eval()
+    checkpoint, ds_config = _checked_checkpoint(
+        sharded, module, checked.ds_config, grace=grace, plan=plan, moe=moe
+    )
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     # the first collective: every rank's settings, plan, layout and versions must agree before any MoE one
     check_ranks_agree(run_fingerprint(checked), rank_identity(checked))
     if plan is not None:
-        engine = _serve_grace(module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank)
+        engine = _serve_grace(
+            module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank, checkpoint=checkpoint
+        )
     else:
-        engine = _serve_vanilla(module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank)
+        engine = _serve_vanilla(
+            module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
+        )
     return engine
+
+
+def _checked_checkpoint(
+    checkpoint: ShardedCheckpoint | None,
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    grace: GraceConfig,
+    plan: GracePlan | None,
+    moe: ModelMoE,
+) -> tuple[ShardedCheckpoint | DeepSpeedMoECheckpoint | None, dict[str, Any]]:
+    """The checkpoint to serve from (a folder's, or DeepSpeed's MoE checkpoint named by ds_config's
+    "checkpoint" for deepspeed.moe.layer.MoE models, which is then taken out of the DeepSpeed part),
+    checked against the plan or the model and the grace block; local, before any collective."""
+    if checkpoint is None and moe.family == "deepspeed_moe":
+        checkpoint = _deepspeed_checkpoint(module, ds_config)
+        if checkpoint is not None:
+            ds_config = {key: value for key, value in ds_config.items() if key != "checkpoint"}
+    if checkpoint is not None:
+        source = f"the plan ({grace.plan.path or grace.profile.trace})" if plan else "the model"
+        checkpoint.check_num_experts(plan.num_experts if plan else moe.num_experts, source=source)
+    online = grace.replication.online
+    if grace.enabled and grace.replication.enabled and online.enabled and online.source == "disk":
+        if checkpoint is None:
+            raise GraceConfigError(
+                'grace.replication.online.source ("disk") reads replicas from the checkpoint: serve a '
+                "checkpoint folder, not an nn.Module"
+            )
+    return checkpoint, ds_config
+
+
+def _deepspeed_checkpoint(module: nn.Module, ds_config: Mapping[str, Any]) -> DeepSpeedMoECheckpoint | None:
+    """DeepSpeed's MoE checkpoint folder named by ds_config's "checkpoint" (as deepspeed.init_inference takes
+    it), opened and checked against the model; None when there is none (ds_grace then reads the experts)."""
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint, is_deepspeed_moe_checkpoint
+
+    path = ds_config.get("checkpoint")
+    if path is None:
+        return None
+    if not is_deepspeed_moe_checkpoint(path):
+        from ds_grace.models import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint ({path!r}) must be a folder DeepSpeed's save_checkpoint wrote (holding 'latest' or "
+            "mp_rank_00_model_states.pt) for a model of deepspeed.moe.layer.MoE layers"
+        )
+    return DeepSpeedMoECheckpoint.open(path, model=module)
 
 
 def _serve_grace(
@@ -309,6 +376,7 @@ def _serve_grace(
     plan: GracePlan,
     moe: ModelMoE,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     import deepspeed
 
@@ -317,12 +385,42 @@ def _serve_grace(
 
     topology = plan.topology
     options = RuntimeOptions.from_config(grace)
+    blocks: list[nn.Module] = []
+    load_stats = None
+
+    def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
+        info = moe.blocks[layer_index]
+        layer = GraceMoE.from_experts(
+            experts,
+            hidden_size=info.hidden_size,
+            k=info.top_k,
+            layer_plan=plan.layers[layer_index],
+            topology=topology,
+            ep_index=rank,
+            options=options,
+        )
+        return layer.to(next(experts[0].parameters()).device)
+
+    if _is_deepspeed_checkpoint(checkpoint):  # each rank reads only its slots' expert files
+        layers = checkpoint.grace_layers(plan=plan, rank=rank, options=options, device=_served_device())
+        load_stats = checkpoint.stats
+    elif checkpoint is not None:  # converted before DeepSpeed sees the model: it moves only its share
+        from ds_grace.models.sharded_load import load_converted
+
+        blocks, load_stats = load_converted(
+            checkpoint,
+            make_routed_experts=make_routed_experts,
+            slots_of_layer=lambda index: plan.layers[index].slots[rank],
+            device=_served_device(),
+        )
     engine = deepspeed.init_inference(module, config=ds_config)
     served = engine.module
     ep_rank_lists = [list(range(topology.world_size))]
     groups = create_grace_groups(topology, timeout_s=options.timeout_s, ep_rank_lists=ep_rank_lists)
-    blocks: list[nn.Module] = []
-    if moe.family == "deepspeed_moe":
+    if checkpoint is not None:
+        if not _is_deepspeed_checkpoint(checkpoint):  # DeepSpeed checkpoints' layers were made above
+            layers = [block.routed_experts for block in blocks]
+    elif moe.family == "deepspeed_moe":
         layers = []
         for index, info in enumerate(moe.blocks):
             parent_name, _, attribute = info.name.rpartition(".")
@@ -340,19 +438,6 @@ def _serve_grace(
     else:
         from ds_grace.models import convert_moe_blocks
 
-        def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
-            info = moe.blocks[layer_index]
-            layer = GraceMoE.from_experts(
-                experts,
-                hidden_size=info.hidden_size,
-                k=info.top_k,
-                layer_plan=plan.layers[layer_index],
-                topology=topology,
-                ep_index=rank,
-                options=options,
-            )
-            return layer.to(next(experts[0].parameters()).device)
-
         blocks = convert_moe_blocks(served, make_routed_experts=make_routed_experts)
         layers = [block.routed_experts for block in blocks]
     for layer in layers:
@@ -365,10 +450,11 @@ def _serve_grace(
         plan=plan,
         blocks=tuple(blocks),
         layers=tuple(layers),
+        load=load_stats,
     )
     from ds_grace.online import OnlineReplicator
 
-    online = OnlineReplicator.from_served(served, grace)
+    online = OnlineReplicator.from_served(served, grace, checkpoint=checkpoint)
     if online is not None:
         # every rank runs the same forwards in lockstep, so stepping on each forward keeps them aligned
         engine.module.register_forward_hook(lambda *_: online.step())
@@ -384,12 +470,20 @@ def _serve_vanilla(
     moe: ModelMoE,
     topology: Topology,
     rank: int,
+    checkpoint: ShardedCheckpoint | None = None,
 ) -> Any:
     from ds_grace.comm.deepspeed_groups import moe_layers
     from ds_grace.vanilla import DroppedRouteCounter, serve_vanilla
 
     blocks: list[nn.Module] = []
-    if moe.family != "deepspeed_moe":
+    load_stats = None
+    if _is_deepspeed_checkpoint(checkpoint):
+        from ds_grace.comm.deepspeed_groups import expert_parallel_rank
+
+        ep_rank = expert_parallel_rank(rank, single_ep_size(moe))
+        checkpoint.load_local_experts(ep_rank=ep_rank, device=_served_device())
+        load_stats = checkpoint.stats
+    elif moe.family != "deepspeed_moe":
         from ds_grace.models import convert_moe_blocks
 
         def make_routed_experts(layer_index: int, experts: list[nn.Module]) -> nn.Module:
@@ -403,7 +497,19 @@ def _serve_vanilla(
                 vanilla=grace.vanilla,
             )
 
-        blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        if checkpoint is None:
+            blocks = convert_moe_blocks(module, make_routed_experts=make_routed_experts)
+        else:
+            from ds_grace.models.sharded_load import contiguous_experts, load_converted
+
+            blocks, load_stats = load_converted(
+                checkpoint,
+                make_routed_experts=make_routed_experts,
+                slots_of_layer=lambda index: contiguous_experts(
+                    moe.blocks[index].num_experts, ep_rank=rank, ep_size=topology.world_size
+                ),
+                device=_served_device(),
+            )
     engine = serve_vanilla(module, ds_config, grace.vanilla)
     layers = tuple(layer for _, layer in moe_layers(engine.module))
     engine.grace = ServedMoE(
@@ -415,5 +521,18 @@ def _serve_vanilla(
         blocks=tuple(blocks),
         layers=layers,
         dropped_routes=DroppedRouteCounter(engine),
+        load=load_stats,
     )
     return engine
+
+
+def _is_deepspeed_checkpoint(checkpoint: object) -> bool:
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+
+    return isinstance(checkpoint, DeepSpeedMoECheckpoint)
+
+
+def _served_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()

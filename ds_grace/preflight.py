@@ -223,7 +223,7 @@ def _with_expert_parallel_size(
 ) -> dict[str, Any]:
     """ds_config with the moe.ep_size DeepSpeed's engine must build its groups for, checked locally."""
     if moe is not None and moe.family == "deepspeed_moe":
-        ep_size = _single_ep_size(moe)
+        ep_size = single_ep_size(moe)
         if grace.enabled and ep_size not in (1, world_size):
             raise GraceConfigError(
                 f"DeepSpeed MoE layers with ep_size {ep_size} cannot be served by GRACE: ep_size must be 1 "
@@ -244,7 +244,7 @@ def _with_expert_parallel_size(
     )
 
 
-def _single_ep_size(moe: ModelMoE) -> int:
+def single_ep_size(moe: ModelMoE) -> int:
     sizes = sorted({block.ep_size for block in moe.blocks})
     if len(sizes) != 1:
         raise GraceConfigError(f"the model's MoE layers must share one ep_size, found {sizes}")

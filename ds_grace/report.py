@@ -1,6 +1,10 @@
 """Plots and a markdown summary of a GracePlan on a routing trace (``ds-grace report``).
 
 Shape legend: E experts, R ranks (GPUs).
+
+With a held-out trace (traffic the plan was not fitted to, e.g. from ``ds-grace split-trace``),
+``held_out.png`` puts the plan's per-GPU load and its metrics on the fitting trace next to the same on
+the held-out trace, and summary.md gains an in-sample / held-out table.
 """
 
 from __future__ import annotations
@@ -110,6 +114,76 @@ def plot_placement(plan: GracePlan, layer: int, path: Path) -> None:
     plt.close(fig)
 
 
+def _check_matches(plan: GracePlan, trace: RoutingTrace | ExpertLoads, name: str) -> np.ndarray:
+    loads_LE = expert_loads(trace)
+    if loads_LE.shape != (plan.num_layers, plan.num_experts):
+        raise PlanError(
+            f"{name} has {loads_LE.shape[0]} layers of {loads_LE.shape[1]} experts but the plan has "
+            f"{plan.num_layers} of {plan.num_experts}"
+        )
+    return loads_LE
+
+
+def _all_metrics(plan: GracePlan, trace: RoutingTrace | ExpertLoads) -> dict[str, object]:
+    from ds_grace.replayed import REPLAYED_KEYS, replayed_metrics  # torch only where replayed
+
+    metrics: dict[str, object] = dict(evaluate_plan(trace, plan))
+    if isinstance(trace, RoutingTrace):
+        metrics.update(replayed_metrics(trace, plan))
+    else:
+        metrics.update(dict.fromkeys(REPLAYED_KEYS))
+    return metrics
+
+
+def plot_held_out(
+    plan: GracePlan,
+    fitted: RoutingTrace | ExpertLoads,
+    held_out: RoutingTrace | ExpertLoads,
+    layer: int,
+    path: Path,
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Per-GPU load of `layer` and the plan-wide metrics, in-sample next to held-out."""
+    routing = plan.meta.get("routing_policy", "tar")
+    world = plan.topology.world_size
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 0.35 * world + 7), 4))
+    width = 0.4
+    for i, (label, trace) in enumerate((("in-sample", fitted), ("held-out", held_out))):
+        loads_E = expert_loads(trace)[layer]
+        gpu_R = expected_gpu_loads(loads_E, plan.layers[layer], plan.topology, routing)
+        left.bar(
+            np.arange(world) + (i - 0.5) * width,
+            gpu_R / gpu_R.mean(),
+            width,
+            label=f"{label}: mean/max {gpu_R.mean() / gpu_R.max():.3f}",
+        )
+    left.axhline(1.0, color="black", lw=0.8, ls="--")
+    left.set_xticks(np.arange(world))
+    left.set_xlabel("GPU (rank)")
+    left.set_ylabel("expected load / mean")
+    left.set_title(f"layer {layer}: per-GPU load of this plan")
+    left.legend(fontsize=7)
+    fitted_metrics, held_metrics = _all_metrics(plan, fitted), _all_metrics(plan, held_out)
+    keys = [
+        key
+        for key in (
+            "balancedness",
+            "balancedness_replayed",
+            "cross_node_copies_per_token",
+            "cross_node_copies_replayed",
+        )
+        if fitted_metrics[key] is not None and held_metrics[key] is not None
+    ]
+    for i, (label, metrics) in enumerate((("in-sample", fitted_metrics), ("held-out", held_metrics))):
+        right.bar(np.arange(len(keys)) + (i - 0.5) * width, [metrics[k] for k in keys], width, label=label)
+    right.set_xticks(np.arange(len(keys)), [k.replace("_", "\n", 2) for k in keys], fontsize=7)
+    right.set_title(f"{plan.policy} on {plan.topology}: all layers")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return fitted_metrics, held_metrics
+
+
 def _fmt(value: object) -> str:
     return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -156,15 +230,18 @@ def summary_markdown(plan: GracePlan, trace: RoutingTrace | ExpertLoads, layer: 
 
 
 def write_report(
-    plan: GracePlan, trace: RoutingTrace | ExpertLoads, out_dir: str | Path, *, layer: int = 0
+    plan: GracePlan,
+    trace: RoutingTrace | ExpertLoads,
+    out_dir: str | Path,
+    *,
+    layer: int = 0,
+    held_out: RoutingTrace | ExpertLoads | None = None,
 ) -> list[Path]:
-    """Write the plots and summary.md into out_dir; return the written paths."""
-    loads_LE = expert_loads(trace)
-    if loads_LE.shape != (plan.num_layers, plan.num_experts):
-        raise PlanError(
-            f"trace has {loads_LE.shape[0]} layers of {loads_LE.shape[1]} experts but the plan has "
-            f"{plan.num_layers} of {plan.num_experts}"
-        )
+    """Write the plots and summary.md into out_dir (with `held_out`, also held_out.png and an
+    in-sample / held-out table); return the written paths."""
+    loads_LE = _check_matches(plan, trace, "trace")
+    if held_out is not None:
+        _check_matches(plan, held_out, "held-out trace")
     if not 0 <= layer < plan.num_layers:
         raise ValueError(f"--layer ({layer}) must be in [0, {plan.num_layers})")
     out = Path(out_dir)
@@ -176,6 +253,28 @@ def write_report(
     routing = plan.meta.get("routing_policy", "tar")
     plot_gpu_load(plan, loads_LE[layer], layer, out / "gpu_load.png", routing)
     plot_placement(plan, layer, out / "placement.png")
-    write_text_atomic(out / "summary.md", summary_markdown(plan, trace, layer))
-    written += [out / "gpu_load.png", out / "placement.png", out / "summary.md"]
+    summary = summary_markdown(plan, trace, layer)
+    written += [out / "gpu_load.png", out / "placement.png"]
+    if held_out is not None:
+        fitted_metrics, held_metrics = plot_held_out(plan, trace, held_out, layer, out / "held_out.png")
+        written.append(out / "held_out.png")
+        summary += "\n".join(
+            [
+                "",
+                "## In-sample and held-out",
+                "",
+                "`held_out.png`: the plan on the trace it was fitted to and on the held-out trace "
+                "(replayed: every token on one origin GPU by consecutive blocks, routed as the runtime routes).",
+                "",
+                "| metric | in-sample | held-out |",
+                "| --- | --- | --- |",
+                *[
+                    f"| {key} | {_fmt(fitted_metrics[key])} | {_fmt(held_metrics[key])} |"
+                    for key in (*METRIC_KEYS, "balancedness_replayed", "cross_node_copies_replayed")
+                ],
+                "",
+            ]
+        )
+    write_text_atomic(out / "summary.md", summary)
+    written.append(out / "summary.md")
     return written

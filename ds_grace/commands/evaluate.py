@@ -3,8 +3,11 @@
     ds-grace evaluate --trace PATH --plan plan.json [--json] [--routing-policy tar|wrr|primary]
 
 With --json, prints one JSON object holding cross_node_copies_per_token, cross_gpu_copies_per_token,
-balancedness, max_gpu_load_ratio and vanilla_cross_node_copies_per_token (null where the trace
-cannot give one, e.g. loads-only traces), plus the policies used.
+balancedness, max_gpu_load_ratio and vanilla_cross_node_copies_per_token (expectations over origin
+GPUs; null where the trace cannot give one, e.g. loads-only traces), the replayed metrics
+balancedness_replayed, cross_node_copies_replayed and cross_gpu_copies_replayed (every token on one
+origin GPU by consecutive blocks and routed by the runtime's TAR / WRR choice; ds_grace/replayed.py;
+null for loads-only traces), plus the policies used.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import sys
 
 from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan
 from ds_grace.planning.plan import GracePlan, PlanError
-from ds_grace.trace import TraceError, load_trace
+from ds_grace.replayed import REPLAYED_KEYS, replayed_metrics
+from ds_grace.trace import RoutingTrace, TraceError, load_trace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--trace", required=True, help="routing trace: .npz, Mixtral .jsonl or OLMoE counts .json"
+        "--trace",
+        required=True,
+        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also read)",
     )
     parser.add_argument("--plan", required=True, help="plan file (JSON) from `ds-grace plan`")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -37,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         plan = GracePlan.load(args.plan)
         trace = load_trace(args.trace)
         metrics = evaluate_plan(trace, plan, routing_policy=args.routing_policy, per_layer=args.per_layer)
+        if isinstance(trace, RoutingTrace):
+            metrics.update(
+                replayed_metrics(trace, plan, routing_policy=args.routing_policy, per_layer=args.per_layer)
+            )
+        else:
+            metrics.update(dict.fromkeys(REPLAYED_KEYS))
     except (PlanError, TraceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"plan {args.plan} ({plan.policy}, {plan.topology}, routing {metrics['routing_policy']}) on {args.trace}"
     )
-    for key in METRIC_KEYS:
+    for key in (*METRIC_KEYS, *REPLAYED_KEYS):
         value = metrics[key]
         print(f"  {key:38s} {'n/a' if value is None else f'{value:.4f}'}")
     return 0

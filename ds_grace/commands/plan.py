@@ -1,10 +1,15 @@
 """`ds-grace plan`: build a GracePlan (JSON) from a routing trace.
 
     ds-grace plan --trace PATH --nodes N --gpus-per-node G [--policy grace|contiguous|occult|eplb]
-                  [--extra-slots-per-gpu S] --out plan.json
+                  [--slots-per-gpu S | --extra-slots-per-gpu X] --out plan.json
+
+Memory is per GPU: grace and eplb give every GPU exactly S expert slots (default ceil(E / GPUs) + 1),
+all used; contiguous and occult hold ceil(E / GPUs) or fewer.
 
 Options default to the "grace" block of --config (or GraceConfig's defaults); the flags override
-single fields. PATH may be a RoutingTrace (.npz), a Mixtral routing .jsonl or OLMoE counts .json.
+single fields. PATH is a trace file (.npz) from `ds-grace import-trace` or `ds-grace profile`; route logs
+(.jsonl with a header) and OLMoE counts (.json) are also read directly. Mixtral JSONL records no expert
+count: import it with `ds-grace import-trace FILE --num-experts 8`.
 """
 
 from __future__ import annotations
@@ -32,14 +37,25 @@ def _ratio(value: str) -> float | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--trace", required=True, help="routing trace: .npz, Mixtral .jsonl or OLMoE counts .json"
+        "--trace",
+        required=True,
+        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also read)",
     )
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
     parser.add_argument("--policy", choices=PLANNER_POLICIES, default="grace")
     parser.add_argument("--out", required=True, help="plan file to write (JSON)")
     parser.add_argument("--config", help="ds_config.json whose grace block gives the defaults")
-    parser.add_argument("--extra-slots-per-gpu", type=int, help="replica slots per GPU (0: no replication)")
+    parser.add_argument(
+        "--slots-per-gpu",
+        type=int,
+        help="expert slots on every GPU (grace, eplb), all used; in [ceil(E / GPUs), E] (default: ceil(E / GPUs) + 1)",
+    )
+    parser.add_argument(
+        "--extra-slots-per-gpu",
+        type=int,
+        help="slots per GPU beyond ceil(E / GPUs) (0: no replication)",
+    )
     parser.add_argument("--replication-mode", choices=("paper", "budget"))
     parser.add_argument("--ratio", type=_ratio, help='GPU-level size slack r in [0, 1] or "auto"')
     parser.add_argument("--affinity", choices=("intra", "intra+inter"))
@@ -64,6 +80,8 @@ def overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
         grouping["max_experts_per_gpu"] = args.max_experts_per_gpu
     if args.replication_mode is not None:
         replication["mode"] = args.replication_mode
+    if args.slots_per_gpu is not None:
+        replication.update(enabled=True, slots_per_gpu=args.slots_per_gpu)
     if args.extra_slots_per_gpu is not None:
         if args.extra_slots_per_gpu == 0:
             replication["enabled"] = False
@@ -116,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": plan.num_layers,
         "experts": plan.num_experts,
         "replicas": sum(layer.replica_count() for layer in plan.layers),
+        "slots_per_gpu": sorted({len(slots) for layer in plan.layers for slots in layer.slots}),
         "routing_policy": plan.meta.get("routing_policy"),
         "content_hash": plan.content_hash,
     }

@@ -6,8 +6,11 @@ The text is tokenised with the folder's tokenizer, or with the byte-level fallba
 holds no tokenizer files (see ds_grace.profiling), cut into sequences of --seq-len tokens and run in
 batches of --batch-size with the whole model in this process. Under the deepspeed launcher
 (``deepspeed --num_gpus R --no_local_rank --module ds_grace.cli profile ...``; --no_local_rank keeps
-the launcher's --local_rank argument from landing before the subcommand) sequence i goes to rank
-i % R, every rank runs its share in lockstep with the others, and rank 0 writes the gathered trace.
+the launcher's --local_rank argument from landing before the subcommand) the model is served sharded,
+as lossless vanilla DeepSpeed-MoE (contiguous placement: each rank reads and holds the dense weights and
+its E / R experts only, so a model that fits on no single device can be profiled), sequence i goes to
+rank i % R, every rank runs its share in lockstep with the others, and rank 0 writes the gathered trace
+(rank 0's sequences first, then rank 1's, ...).
 The output feeds ``ds-grace plan --trace``.
 """
 
@@ -38,6 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _error(message: str) -> int:
     print(f"ds-grace profile: error: {message}", file=sys.stderr)
     return 2
+
+
+def _serve_sharded(folder: str, *, dtype: str):
+    """Under a launcher: the folder served as lossless vanilla DeepSpeed-MoE (contiguous placement), so
+    every rank reads and holds only the dense weights and its E / R experts; an error message otherwise."""
+    import ds_grace
+    from ds_grace.config import GraceConfigError
+    from ds_grace.models import ModelAdapterError
+
+    config = {"dtype": dtype, "grace": {"enabled": False, "vanilla": {"drop_tokens": False}}}
+    try:
+        return ds_grace.init_inference(folder, config=config)
+    except (GraceConfigError, ModelAdapterError) as exc:
+        return str(exc)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if not token_ids:
         return _error(f"--data file ({data}) holds no text")
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    model = load_checkpoint(args.model, dtype=dtype)
+    if world_size > 1:
+        model = _serve_sharded(args.model, dtype=args.dtype)
+        if isinstance(model, str):
+            return _error(model)
+    else:
+        model = load_checkpoint(args.model, dtype=dtype)
     batches = token_batches(
         token_ids, seq_len=args.seq_len, batch_size=args.batch_size, rank=rank, world_size=world_size
     )

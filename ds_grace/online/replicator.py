@@ -16,7 +16,10 @@ boundary between two forwards, all ranks run the same sequence:
    plan's hash, or "none") is checked across ranks before any byte moves, so a rank that alone
    decides differently is a PlanMismatchError on every rank, not a hang;
 5. the next chunks of a pending migration, up to ``max_bytes_per_interval`` in total, start
-   point-to-point into staging buffers beside the live experts.
+   point-to-point into staging buffers beside the live experts (``source: "peer"``), or, with
+   ``source: "disk"`` and a model served from a checkpoint folder, each destination reads them from
+   the checkpoint files (no transfer). Every migration record says which (``source``) and how many
+   bytes (``bytes_from_peers``, ``bytes_read_from_disk``; ``rank_bytes_read_from_disk`` is this rank's).
 Outputs never change: a token's experts and gate weights are the gate's, only the instance that
 computes them moves, and every instance is a byte-exact copy.
 """
@@ -27,7 +30,7 @@ import copy
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from ds_grace.comm.groups import GraceGroups
 from ds_grace.comm.migration import (
     HASH_WORDS,
     NO_PLAN_HASH,
+    Chunk,
     TransferBatch,
     check_same_hash,
     gather_fields,
@@ -49,6 +53,10 @@ from ds_grace.moe.layer import GraceMoE
 from ds_grace.online.replan import ReplanResult, predicted_balancedness, replan
 from ds_grace.online.schedule import ReplicaCopy, cross_node_bytes, freed_replicas, next_chunks, plan_copies
 from ds_grace.planning.plan import GracePlan
+
+if TYPE_CHECKING:
+    from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
+    from ds_grace.models.sharded_load import ShardedCheckpoint
 
 Replanner = Callable[[GracePlan, np.ndarray], ReplanResult]
 
@@ -88,7 +96,12 @@ class OnlineReplicator:
         max_experts_per_gpu: int | None = None,
         plan: GracePlan | None = None,
         groups: GraceGroups | None = None,
+        checkpoint: ShardedCheckpoint | DeepSpeedMoECheckpoint | None = None,
     ) -> None:
+        if config.source == "disk" and checkpoint is None:
+            raise ValueError(
+                'grace.replication.online.source ("disk") needs the model served from a checkpoint folder'
+            )
         if not layers:
             raise ValueError("layers is empty; online replication needs >= 1 GraceMoE layer")
         for i, layer in enumerate(layers):
@@ -104,6 +117,7 @@ class OnlineReplicator:
         elif plan.layers != live_layers:
             raise ValueError("plan.layers differ from the layers' served plans")
         self.config = config
+        self.checkpoint = checkpoint
         self.replication = replication if replication is not None else ReplicationConfig()
         self.max_experts_per_gpu = max_experts_per_gpu
         self.groups = groups if groups is not None else first.groups()
@@ -139,12 +153,19 @@ class OnlineReplicator:
         )
 
     @classmethod
-    def from_served(cls, served: Any, grace: GraceConfig) -> OnlineReplicator | None:
-        """For what init_inference set up (``engine.grace``: its GraceMoE ``layers`` and ``plan``)."""
+    def from_served(
+        cls,
+        served: Any,
+        grace: GraceConfig,
+        *,
+        checkpoint: ShardedCheckpoint | DeepSpeedMoECheckpoint | None = None,
+    ) -> OnlineReplicator | None:
+        """For what init_inference set up (``engine.grace``: its GraceMoE ``layers`` and ``plan``), and
+        the checkpoint folder it was served from (needed for grace.replication.online.source "disk")."""
         layers = [layer for layer in served.layers if isinstance(layer, GraceMoE)]
         if len(layers) != len(served.layers):
             raise ValueError("engine.grace.layers must all be GraceMoE (online replication needs grace mode)")
-        return cls.from_config(layers, grace, plan=served.plan)
+        return cls.from_config(layers, grace, plan=served.plan, checkpoint=checkpoint)
 
     # ---- monitor ----
 
@@ -279,6 +300,8 @@ class OnlineReplicator:
             "decided_at_step": self._step,
             "intervals": 0,
             "cross_node_bytes": 0,
+            "disk_bytes_read": 0,  # by this rank, from the checkpoint files
+            "disk_images": {},
             "transfer_s": 0.0,
             "stall_s": 0.0,
         }
@@ -302,14 +325,37 @@ class OnlineReplicator:
         chunks, pending["cursor"] = next_chunks(
             pending["copies"], cursor=pending["cursor"], budget=self.config.max_bytes_per_interval
         )
+        pending["intervals"] += 1
+        if self.config.source == "disk":
+            self._read_from_disk(chunks)
+            return sum(c.nbytes for c in chunks)
         sources = {c.key: module_bytes(self._live_module(*c.key)) for c in chunks if c.src == self.ep_index}
         self._in_flight = start_transfers(
             chunks, source_bytes=sources, staging_bytes=pending["staging"], groups=self.groups
         )
         moved = sum(c.nbytes for c in chunks)
-        pending["intervals"] += 1
         pending["cross_node_bytes"] += cross_node_bytes(chunks, self.topology)
         return moved
+
+    def _read_from_disk(self, chunks: Sequence[Chunk]) -> None:
+        """Fill this rank's staging bytes of `chunks` from the checkpoint files (no transfer)."""
+        pending = self._pending
+        assert pending is not None and self.checkpoint is not None
+        begin, read_before = time.perf_counter(), self.checkpoint.bytes_read
+        images: dict[tuple[int, int], torch.Tensor] = pending["disk_images"]
+        for chunk in chunks:
+            if chunk.dst != self.ep_index:
+                continue
+            if chunk.key not in images:
+                layer_index, expert = chunk.key
+                like = self.layers[layer_index].deepspeed_moe.experts.deepspeed_experts[0]
+                images[chunk.key] = module_bytes(self.checkpoint.read_expert(layer_index, expert, like=like))
+            image = images[chunk.key]
+            pending["staging"][chunk.key][chunk.start : chunk.stop].copy_(image[chunk.start : chunk.stop])
+            if chunk.stop == image.numel():
+                del images[chunk.key]
+        pending["disk_bytes_read"] += self.checkpoint.bytes_read - read_before
+        pending["transfer_s"] += time.perf_counter() - begin
 
     def _live_module(self, layer_index: int, expert: int) -> nn.Module:
         layer = self.layers[layer_index]
@@ -345,6 +391,10 @@ class OnlineReplicator:
                 "replicas_added": len(copies),
                 "replicas_freed": len(freed),
                 "bytes_moved": pending["total_bytes"],
+                "source": self.config.source,
+                "bytes_from_peers": pending["total_bytes"] if self.config.source == "peer" else 0,
+                "bytes_read_from_disk": pending["total_bytes"] if self.config.source == "disk" else 0,
+                "rank_bytes_read_from_disk": pending["disk_bytes_read"],
                 "cross_node_bytes": pending["cross_node_bytes"],
                 "transfer_intervals": pending["intervals"],
                 "transfer_s": pending["transfer_s"],

@@ -105,8 +105,8 @@ def eplb_layer(
     num_groups: int | None = None,
     max_experts_per_gpu: int | None = None,
 ) -> LayerPlan:
-    """EPLB-style placement of one layer: every GPU gets ceil(E / D) + extra_slots_per_gpu slots
-    (at most the experts of its node, since one GPU never holds two copies of an expert).
+    """EPLB-style placement of one layer: every GPU gets exactly ceil(E / D) + extra_slots_per_gpu
+    slots (at most E: one GPU never holds two copies of an expert), every slot used.
 
     Hierarchical when num_groups divides into the nodes (E % num_groups == 0 and
     num_groups % N == 0): pack expert groups onto nodes by load, replicate inside each node (one more
@@ -123,12 +123,23 @@ def eplb_layer(
             f"grace.grouping.max_experts_per_gpu ({max_experts_per_gpu}) is below the {per_gpu} slots per GPU "
             "an EPLB plan with this many extra slots needs"
         )
+    if per_gpu > num_experts:
+        raise PlanError(
+            f"an EPLB plan with {per_gpu} slots per GPU would hold an expert twice on one GPU; "
+            f"at most E = {num_experts} slots per GPU"
+        )
     num_groups = num_experts if num_groups is None else num_groups
-    if num_groups >= 1 and num_experts % num_groups == 0 and num_groups % topology.num_nodes == 0:
+    # hierarchical when the groups divide into the nodes and a node's experts fill its GPUs' slots
+    # (more slots per GPU than experts per node would need two copies on one GPU): else global
+    if (
+        num_groups >= 1
+        and num_experts % num_groups == 0
+        and num_groups % topology.num_nodes == 0
+        and per_gpu <= num_experts // topology.num_nodes
+    ):
         num_nodes, gpus = topology.num_nodes, topology.gpus_per_node
     else:
         num_nodes, gpus, num_groups = 1, world, 1
-    per_gpu = min(per_gpu, num_experts // num_nodes)  # more slots would need two copies on one GPU
     group_size = num_experts // num_groups
     group_load = loads.reshape(num_groups, group_size).sum(axis=1)
     group2node = _balanced_packing(group_load, num_nodes, num_groups // num_nodes)
@@ -142,5 +153,33 @@ def eplb_layer(
         for phy, gpu in enumerate(phy2gpu):
             slots[node * gpus + int(gpu)].append(int(experts[phy2local[phy]]))
     slots = [sorted(s) for s in slots]
+    primary = [min(r for r in range(world) if e in slots[r]) for e in range(num_experts)]
+    return LayerPlan.from_lists(slots=slots, primary=primary)
+
+
+def node_packed_layer(
+    loads_E: np.ndarray, node_E: np.ndarray, topology: Topology, *, slots_per_gpu: int
+) -> LayerPlan:
+    """Experts kept on the nodes ``node_E`` gives; inside each node, EPLB's intra-node step: replicas
+    to the expert with the largest load per copy until the node's G x slots_per_gpu slots are full,
+    then the copies packed onto the node's GPUs by load per copy (every GPU exactly slots_per_gpu
+    slots, no GPU with two copies of an expert). WRR weights 1 (even split)."""
+    loads = np.asarray(loads_E, dtype=np.float64)
+    gpus, world = topology.gpus_per_node, topology.world_size
+    slots: list[list[int]] = [[] for _ in range(world)]
+    for node in range(topology.num_nodes):
+        experts = np.flatnonzero(np.asarray(node_E) == node)
+        if not gpus <= len(experts) <= gpus * slots_per_gpu or slots_per_gpu > len(experts):
+            raise PlanError(
+                f"node {node} holds {len(experts)} experts: must be in [{max(gpus, slots_per_gpu)}, "
+                f"{gpus * slots_per_gpu}] for {gpus} GPUs of {slots_per_gpu} slots"
+            )
+        phy2local, count = _replicate(loads[experts], slots_per_gpu * gpus, max_count=gpus)
+        per_copy = loads[experts][phy2local] / count[phy2local]
+        phy2gpu = _balanced_packing(per_copy, gpus, slots_per_gpu, label_X=phy2local)
+        for phy, gpu in enumerate(phy2gpu):
+            slots[node * gpus + int(gpu)].append(int(experts[phy2local[phy]]))
+    slots = [sorted(s) for s in slots]
+    num_experts = len(loads)
     primary = [min(r for r in range(world) if e in slots[r]) for e in range(num_experts)]
     return LayerPlan.from_lists(slots=slots, primary=primary)

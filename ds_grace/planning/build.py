@@ -8,11 +8,14 @@ Policies (same interface):
   (load_slack=0.0, beyond the paper) groups are also evened out by load and primaries and
   replicas are refined jointly: a replica budget of ~12 % of the experts cannot even out an
   affinity-only grouping (on the OLMoE loads balancedness fell to ~0.5-0.65 without this);
-  load_slack=None keeps the paper's affinity-only grouping;
+  load_slack=None keeps the paper's affinity-only grouping. With equal slots and a per-token trace
+  it plans for traffic the trace did not record (grace.replication.robust; planning/robust.py);
 - "contiguous": DeepSpeed-MoE's placement, one instance per expert;
 - "occult": equal-size co-activation groups (nodes, then GPUs), one instance per expert;
-- "eplb": load-only hierarchical replication and packing, ceil(E / D) + extra slots on every GPU,
-  evaluated with an even split over instances ("wrr" with equal weights).
+- "eplb": load-only hierarchical replication and packing, evaluated with an even split over
+  instances ("wrr" with equal weights).
+Memory is per GPU: in budget mode grace and eplb give every GPU exactly S slots, all used
+(``resolve_slots_per_gpu``: grace.replication.slots_per_gpu, default ceil(E / D) + extra_slots_per_gpu).
 Pure and deterministic: no torch, no torch.distributed, no global state.
 """
 
@@ -20,15 +23,28 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
 
 from ds_grace.config import GraceConfig, parse_grace_block
-from ds_grace.planning.baselines import contiguous_primary, eplb_layer, single_instance_layer
-from ds_grace.planning.grouping import check_fits, hierarchical_grouping, rebalance_primaries
+from ds_grace.planning.baselines import (
+    contiguous_primary,
+    eplb_layer,
+    node_packed_layer,
+    single_instance_layer,
+)
+from ds_grace.planning.grouping import (
+    check_fits,
+    hierarchical_grouping,
+    rebalance_primaries,
+    spread_within_nodes,
+)
+from ds_grace.planning.metrics import expected_gpu_loads
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
 from ds_grace.planning.replication import ReplicaPlacement, instance_loads, layer_plan_from, replicate
+from ds_grace.planning.robust import ROBUST_VARIANT, Variant, shrinkage, shrunk_loads
 from ds_grace.planning.stats import LoadSource, affinity_matrices, expert_loads, grouping_affinities
 from ds_grace.topology import Topology
 from ds_grace.trace import ExpertLoads, RoutingTrace
@@ -51,12 +67,52 @@ def resolve_config(
     base = GraceConfig() if config is None else config
     if not grouping and not replication and routing_policy is None:
         return base
-    block = base.model_dump()
-    block["grouping"].update(dict(grouping or {}))
-    block["replication"].update(dict(replication or {}))
+    block = base.model_dump(exclude_unset=True)  # keeps which fields were set (slots_per_gpu check)
+    block.setdefault("grouping", {}).update(dict(grouping or {}))
+    block.setdefault("replication", {}).update(dict(replication or {}))
     if routing_policy is not None:
-        block["routing"]["policy"] = routing_policy
+        block.setdefault("routing", {})["policy"] = routing_policy
     return parse_grace_block(block)
+
+
+def resolve_slots_per_gpu(
+    cfg: GraceConfig, *, num_experts: int, topology: Topology, policy: str = "grace"
+) -> int | None:
+    """S, the expert slots of every GPU (equal memory): grace.replication.slots_per_gpu when set, else
+    ceil(E / GPUs) + grace.replication.extra_slots_per_gpu; S must be in [ceil(E / GPUs), E] and
+    within grace.grouping.max_experts_per_gpu. For "grace", None (no equal budget) when replication
+    is disabled or in mode "paper"; "eplb" always has S slots (ceil(E / GPUs) without replication)."""
+    rep = cfg.replication
+    if policy != "eplb" and (not rep.enabled or rep.mode != "budget"):
+        return None
+    check_fits(num_experts, topology, cfg.grouping.max_experts_per_gpu)
+    world = topology.world_size
+    minimum = -(-num_experts // world)
+    if rep.slots_per_gpu is None:
+        slots = minimum + (rep.extra_slots_per_gpu if rep.enabled else 0)
+        source = (
+            f"ceil(E / GPUs) + grace.replication.extra_slots_per_gpu ({rep.extra_slots_per_gpu}) = {slots}"
+        )
+    else:
+        slots = rep.slots_per_gpu
+        source = f"grace.replication.slots_per_gpu ({slots})"
+        if "extra_slots_per_gpu" in rep.model_fields_set and rep.extra_slots_per_gpu != slots - minimum:
+            raise PlanError(
+                f"grace.replication.extra_slots_per_gpu ({rep.extra_slots_per_gpu}) must equal "
+                f"grace.replication.slots_per_gpu ({slots}) - ceil(E / GPUs) ({minimum}) = {slots - minimum} "
+                f"for {num_experts} experts on {world} GPUs; set only one of them"
+            )
+    if not minimum <= slots <= num_experts:
+        raise PlanError(
+            f"{source} must be in [ceil(E / GPUs) = {minimum}, E = {num_experts}] for {num_experts} experts "
+            f"on {world} GPUs"
+        )
+    cap = cfg.grouping.max_experts_per_gpu
+    if cap is not None and cap < slots:
+        raise PlanError(
+            f"grace.grouping.max_experts_per_gpu ({cap}) is below the {slots} slots per GPU of {source}"
+        )
+    return slots
 
 
 def _fingerprint(source: LoadSource) -> str:
@@ -87,6 +143,7 @@ def build_plan(
     routing_policy: RoutingPolicy | None = None,
     eplb_num_groups: int | None = None,
     load_slack: float | None = DEFAULT_LOAD_SLACK,
+    variant: Variant | None = None,
 ) -> GracePlan:
     """Plan expert placement for `topology` from a RoutingTrace, ExpertLoads or loads_LE array.
 
@@ -97,7 +154,8 @@ def build_plan(
     policies. `eplb_num_groups` sets EPLB's expert groups (default: one expert per group).
     `load_slack` (grace only, beyond the paper): after clustering, groups are evened out by load
     until none carries more than (1 + load_slack) x the mean; None keeps the paper's pure
-    affinity grouping.
+    affinity grouping. `variant` (grace only) overrides the planning variant
+    (``ds_grace.planning.robust.Variant``; default: see ``_grace_variant``).
     """
     if policy not in PLANNER_POLICIES:
         raise PlanError(f"policy ({policy!r}) must be one of {', '.join(map(repr, PLANNER_POLICIES))}")
@@ -125,7 +183,9 @@ def build_plan(
             kept_gpu_affinity=result.kept_gpu_affinity,
         )
     elif policy == "eplb":
-        extra = cfg.replication.extra_slots_per_gpu if cfg.replication.enabled else 0
+        slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology, policy="eplb")
+        extra = slots - -(-num_experts // world)
+        meta["slots_per_gpu"] = slots
         layers = [
             eplb_layer(
                 loads,
@@ -138,7 +198,9 @@ def build_plan(
         ]
         meta.update(routing_policy="wrr", extra_slots_per_gpu=extra)
     else:
-        layers = _grace_layers(source, loads_LE, topology, cfg, meta, load_slack)
+        chosen = _grace_variant(source, loads_LE, topology, cfg, variant)
+        layers = _grace_layers(source, loads_LE, topology, cfg, meta, load_slack, chosen)
+        meta["variant"] = asdict(chosen)
     return GracePlan(
         topology=topology,
         layers=tuple(layers),
@@ -148,6 +210,24 @@ def build_plan(
     )
 
 
+def _grace_variant(
+    source: LoadSource,
+    loads_LE: np.ndarray,
+    topology: Topology,
+    cfg: GraceConfig,
+    variant: Variant | None,
+) -> Variant:
+    """The planning variant: `variant` if given; else, with grace.replication.robust (default), equal
+    slots and a per-token trace, ``ROBUST_VARIANT`` (planning/robust.py says why, with the numbers);
+    else the sample-fitted planner (``Variant()``)."""
+    if variant is not None:
+        return variant
+    slots = resolve_slots_per_gpu(cfg, num_experts=loads_LE.shape[1], topology=topology)
+    if cfg.replication.robust and slots is not None and isinstance(source, RoutingTrace):
+        return ROBUST_VARIANT
+    return Variant()
+
+
 def _grace_layers(
     source: LoadSource,
     loads_LE: np.ndarray,
@@ -155,9 +235,16 @@ def _grace_layers(
     cfg: GraceConfig,
     meta: dict[str, Any],
     load_slack: float | None,
+    variant: Variant,
 ) -> list[LayerPlan]:
-    world, cap = topology.world_size, cfg.grouping.max_experts_per_gpu
+    world = topology.world_size
     num_layers, num_experts = loads_LE.shape
+    slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology)
+    if variant.shrunk_loads and isinstance(source, RoutingTrace):
+        loads_LE = shrunk_loads(loads_LE, shrinkage(source))
+    cap = cfg.grouping.max_experts_per_gpu if slots is None else slots
+    # primaries per GPU: up to S, or ceil(E / GPUs) so that every GPU keeps room for replicas
+    group_cap = cap if slots is None or not variant.replica_room else -(-num_experts // world)
     routing: RoutingPolicy = cfg.routing.policy
     intra: list[np.ndarray] | None = None
     if cfg.grouping.enabled:
@@ -168,11 +255,20 @@ def _grace_layers(
             affinities,
             topology,
             ratio=cfg.grouping.ratio,
-            max_experts_per_gpu=cap,
+            max_experts_per_gpu=group_cap,
             loads_LE=loads_LE,
             load_slack=load_slack,
         )
         primaries = result.expert2rank_LE
+        if variant.spread:
+            primaries = np.stack(
+                [
+                    spread_within_nodes(
+                        primaries[i], loads_LE[i], intra[i], topology, anti_affinity=variant.anti_affinity
+                    )
+                    for i in range(num_layers)
+                ]
+            )
         meta["grouping"] = {
             "affinity": cfg.grouping.affinity,
             "ratio": result.ratio,
@@ -198,9 +294,29 @@ def _grace_layers(
             max_experts_per_gpu=cap,
             routing_policy=routing,
             affinity_EE=None if intra is None else intra[index],
+            slots_per_gpu=slots,
         )
         primary = primaries[index]
-        if cfg.grouping.enabled and load_slack is not None:
+        if variant.replicas == "node_packed" and slots is not None:
+            layer = node_packed_layer(
+                loads_LE[index], primary // topology.gpus_per_node, topology, slots_per_gpu=slots
+            )
+            layers.append(layer)
+            gpu = expected_gpu_loads(loads_LE[index], layer, topology, routing)
+            predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
+            continue
+        if variant.replicas == "per_copy" and slots is not None:
+            seeds = _seed_replicas(loads_LE[index], primary, topology, rep.extra_slots_per_gpu, cap, slots)
+            placement = replicate(
+                loads_LE[index],
+                primary,
+                topology,
+                initial=seeds,
+                greedy=False,
+                fit_weights=variant.fitted_weights,
+                **options,
+            )
+        elif cfg.grouping.enabled and load_slack is not None:
             primary, placement = _rebalance(
                 loads_LE[index],
                 primary,
@@ -210,6 +326,8 @@ def _grace_layers(
                 load_slack,
                 meta["grouping"]["ratio"],
                 options,
+                group_cap,
+                slots,
             )
         else:
             placement = replicate(loads_LE[index], primary, topology, **options)
@@ -220,7 +338,8 @@ def _grace_layers(
     meta["replication"] = {
         "enabled": rep.enabled,
         "mode": rep.mode,
-        "extra_slots_per_gpu": rep.extra_slots_per_gpu,
+        "extra_slots_per_gpu": rep.extra_slots_per_gpu if slots is None else slots - -(-num_experts // world),
+        "slots_per_gpu": slots,
         "replicas": sum(layer.replica_count() for layer in layers),
         "predicted_balancedness": float(np.mean(predicted_balance)) if predicted_balance else None,
     }
@@ -232,7 +351,12 @@ def _max_load(placement: ReplicaPlacement) -> float:
 
 
 def _seed_replicas(
-    loads_E: np.ndarray, primary: np.ndarray, topology: Topology, extra: int, cap: int | None
+    loads_E: np.ndarray,
+    primary: np.ndarray,
+    topology: Topology,
+    extra: int,
+    cap: int | None,
+    slots: int | None = None,
 ) -> list[tuple[int, int]]:
     """Load-only replica guess for the joint refinement: copies go, one at a time, to the expert
     with the largest load per copy (as EPLB counts them), each on the least-loaded GPU of a node
@@ -241,11 +365,12 @@ def _seed_replicas(
     copies = np.ones(len(loads_E))
     hosts = np.zeros((len(loads_E), world), dtype=bool)
     hosts[np.arange(len(loads_E)), primary] = True
-    free_R = (
-        np.full(world, extra)
-        if cap is None
-        else np.minimum(extra, cap - np.bincount(primary, minlength=world))
-    )
+    if slots is not None:  # equal memory: fill every GPU to `slots`
+        free_R = slots - np.bincount(primary, minlength=world)
+    elif cap is None:
+        free_R = np.full(world, extra)
+    else:
+        free_R = np.minimum(extra, cap - np.bincount(primary, minlength=world))
     gpu = np.bincount(primary, weights=loads_E, minlength=world)
     pairs: list[tuple[int, int]] = []
     while free_R.sum() > 0:
@@ -274,6 +399,8 @@ def _rebalance(
     load_slack: float,
     ratio: float | None,
     options: dict[str, Any],
+    cap: int | None,
+    slots: int | None,
 ) -> tuple[np.ndarray, ReplicaPlacement]:
     """Primaries and replicas, jointly (beyond the paper): start from a load-only replica guess
     (budget mode) or the paper's replicas, move primaries away from where replicas are, replicate
@@ -281,9 +408,7 @@ def _rebalance(
     budget = cfg.replication.mode == "budget"
     rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
     if budget:
-        pairs = _seed_replicas(
-            loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cfg.grouping.max_experts_per_gpu
-        )
+        pairs = _seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
     else:
         rounds.append((primary, replicate(loads_E, primary, topology, **options)))
         pairs = rounds[0][1].pairs()
@@ -304,7 +429,7 @@ def _rebalance(
             replica_hosts,
             topology,
             ratio=ratio,
-            max_experts_per_gpu=cfg.grouping.max_experts_per_gpu,
+            max_experts_per_gpu=cap,
             slack=load_slack,
         )
         kept = [(e, r) for e, r in pairs if moved[e] != r]

@@ -511,3 +511,48 @@ def rebalance_primaries(
         )
         result[members] = node * gpus + local
     return result
+
+
+def spread_within_nodes(
+    expert2rank_E: np.ndarray,
+    loads_E: np.ndarray,
+    affinity_EE: np.ndarray,
+    topology: Topology,
+    *,
+    anti_affinity: float = 1.0,
+) -> np.ndarray:
+    """Keep every expert's node, re-deal each node's experts over its GPUs for robust balance.
+
+    Co-activated experts' loads rise and fall together on new traffic; grouped on one GPU they move
+    its load together. Node-level grouping is what saves cross-node copies, so here, node by node,
+    experts go heaviest first to the GPU with the lowest load + ``anti_affinity`` x (co-activation
+    with the experts already there, in units of load), every GPU taking floor or ceil(n / G) of the
+    node's n experts (equal replica room). Deterministic (ties: lower id, lower GPU).
+    """
+    gpus = topology.gpus_per_node
+    result = np.asarray(expert2rank_E, dtype=np.int64).copy()
+    loads = np.asarray(loads_E, dtype=np.float64)
+    row_total = affinity_EE.sum(axis=1)
+    for node in range(topology.num_nodes):
+        members = np.flatnonzero(result // gpus == node)
+        if len(members) == 0:
+            continue
+        high = -(-len(members) // gpus)
+        count = np.zeros(gpus, dtype=np.int64)
+        fill = np.zeros(gpus)
+        together = np.zeros(gpus)
+        full_allowed = len(members) - (high - 1) * gpus  # GPUs that may take `high` experts
+        placed: list[list[int]] = [[] for _ in range(gpus)]
+        for expert in members[np.lexsort((members, -loads[members]))]:
+            scale = loads[expert] / row_total[expert] if row_total[expert] > 0 else 0.0
+            for g in range(gpus):
+                together[g] = affinity_EE[expert, placed[g]].sum() * scale if placed[g] else 0.0
+            at_high = int((count == high).sum())
+            open_G = (count < high - 1) | ((count == high - 1) & (at_high < full_allowed))
+            score = np.where(open_G, fill + anti_affinity * together, np.inf)
+            g = int(np.argmin(score))
+            placed[g].append(int(expert))
+            count[g] += 1
+            fill[g] += loads[expert]
+            result[expert] = node * gpus + g
+    return result

@@ -150,6 +150,9 @@ def replicate(
     previous: Iterable[tuple[int, int]] | None = None,
     initial: Iterable[tuple[int, int]] | None = None,
     locality_tolerance: float = 0.002,
+    slots_per_gpu: int | None = None,
+    greedy: bool = True,
+    fit_weights: bool = True,
 ) -> ReplicaPlacement:
     """Replicas for one layer given per-expert loads and the fixed primary rank of every expert.
 
@@ -158,6 +161,11 @@ def replicate(
     placed first, as given (those that would duplicate an instance or break a limit are skipped);
     the modes then spend what is left. ``locality_tolerance`` is the fraction of
     the mean GPU load within which placements count as equally good in budget mode.
+
+    ``slots_per_gpu`` (budget mode; equal memory): every GPU ends with exactly that many slots, its
+    primaries plus replicas; ``extra_slots_per_gpu`` is then ignored. Slots the load-driven phases leave
+    empty are filled (``_fill_slots``): the replica that raises the expected max GPU load least, among
+    those within the tolerance the one whose co-activated experts share its node.
     """
     loads = np.asarray(loads_E, dtype=np.float64)
     primary = np.asarray(primary_E, dtype=np.int64)
@@ -176,9 +184,21 @@ def replicate(
             f"grace.grouping.max_experts_per_gpu ({max_experts_per_gpu}) is below the {int(slots_R.max())} "
             "primaries already on one GPU"
         )
+    if slots_per_gpu is not None:
+        if mode != "budget":
+            raise ReplicationError("grace.replication.slots_per_gpu applies to mode 'budget' only")
+        if not num_experts >= slots_per_gpu >= slots_R.max(initial=0) or slots_per_gpu > cap:
+            raise ReplicationError(
+                f"grace.replication.slots_per_gpu ({slots_per_gpu}) must be in [{int(slots_R.max(initial=0))} "
+                f"(primaries on the fullest GPU), min(E={num_experts}, max_experts_per_gpu={max_experts_per_gpu})]"
+            )
+        cap = slots_per_gpu
     previous_set = set() if previous is None else {(int(e), int(r)) for e, r in previous}
     order: list[tuple[int, int]] = []
-    extra_R = np.full(world, extra_slots_per_gpu if mode == "budget" else num_experts)
+    if slots_per_gpu is not None:
+        extra_R = slots_per_gpu - slots_R
+    else:
+        extra_R = np.full(world, extra_slots_per_gpu if mode == "budget" else num_experts)
     for e, r in initial or ():
         if (
             0 <= e < num_experts
@@ -192,7 +212,7 @@ def replicate(
             extra_R[r] -= 1
             order.append((int(e), int(r)))
     weight = np.ones(world)
-    if loads.sum() > 0 and world > 1:
+    if loads.sum() > 0 and world > 1 and greedy:
         if mode == "paper":
             weight = _paper(loads, primary, hosts, slots_R, cap, order)
         else:
@@ -210,7 +230,21 @@ def replicate(
                 previous=previous_set,
                 tolerance=locality_tolerance,
             )
-    if mode == "budget":
+    if slots_per_gpu is not None:
+        _fill_slots(
+            loads,
+            primary,
+            hosts,
+            slots_R,
+            order,
+            slots_per_gpu=slots_per_gpu,
+            topology=topology,
+            policy=routing_policy,
+            weight=weight,
+            affinity=affinity_EE,
+            tolerance=locality_tolerance,
+        )
+    if mode == "budget" and fit_weights:
         weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary)
     else:
         gpu = instance_loads(loads, hosts, weight, topology, routing_policy, primary).sum(axis=0)
@@ -429,6 +463,50 @@ def _budget(
         kept = previous_ER[cand_e[allowed], cand_t[allowed]]
         best = int(allowed[np.lexsort((allowed, new_max[allowed], -close[allowed], ~kept))[0]])
         place(int(cand_e[best]), int(cand_t[best]), new_XR[best])
+
+
+def _fill_slots(
+    loads: np.ndarray,
+    primary: np.ndarray,
+    hosts: np.ndarray,
+    slots_R: np.ndarray,
+    order: list[tuple[int, int]],
+    *,
+    slots_per_gpu: int,
+    topology: Topology,
+    policy: RoutingPolicy,
+    weight: np.ndarray,
+    affinity: np.ndarray | None,
+    tolerance: float,
+) -> None:
+    """Fill every GPU up to slots_per_gpu: one replica at a time, the one whose expected max GPU load
+    is lowest (within tolerance x the mean: the closest to its co-activated experts' node, then a
+    node without a copy, then the lowest sum of squares)."""
+    num_experts, world = hosts.shape
+    num_nodes, gpus = topology.num_nodes, topology.gpus_per_node
+    node_of_R = np.arange(world) // gpus
+    eval_policy: RoutingPolicy = "tar" if policy == "primary" else policy
+    while (slots_R < slots_per_gpu).any():
+        load_ER = instance_loads(loads, hosts, weight, topology, eval_policy, primary)
+        gpu = load_ER.sum(axis=0)
+        cand_e, cand_t = np.nonzero(~hosts & (slots_R < slots_per_gpu)[None, :])
+        cand_hosts = hosts[cand_e].copy()
+        cand_hosts[np.arange(len(cand_e)), cand_t] = True
+        new_XR = instance_loads(loads[cand_e], cand_hosts, weight, topology, eval_policy, primary[cand_e])
+        gpu_XR = gpu[None, :] - load_ER[cand_e] + new_XR
+        new_max, new_sq = gpu_XR.max(axis=1), (gpu_XR**2).sum(axis=1)
+        hosted_EN = hosts.reshape(num_experts, num_nodes, gpus).any(axis=2)
+        if affinity is None:
+            close = loads[cand_e]
+        else:
+            close = (affinity[cand_e] @ hosted_EN)[np.arange(len(cand_e)), node_of_R[cand_t]]
+        new_node = ~hosted_EN[cand_e, node_of_R[cand_t]]
+        pick = np.flatnonzero(new_max <= new_max.min() + tolerance * max(gpu.mean(), 1e-300))
+        best = int(pick[np.lexsort((pick, new_sq[pick], ~new_node[pick], -close[pick]))[0]])
+        e, t = int(cand_e[best]), int(cand_t[best])
+        hosts[e, t] = True
+        slots_R[t] += 1
+        order.append((e, t))
 
 
 def slot_lists(

@@ -48,8 +48,12 @@ RUNTIME_VARIANTS = {
     "qwen2_moe": {"communication": {"hierarchical": False, "dedup": False}, "routing": {"policy": "wrr"}},
     "qwen3_moe": {"communication": {"hierarchical": False, "dedup": True}},
     "deepseek_v2": {"routing": {"policy": "primary"}},
-    # re-plans replicas during generation; the output must not change
-    "mixtral": {"replication": {"online": {"enabled": True, "interval": 2, "threshold": 0.99, "window": 2}}},
+    # re-plans replicas during generation, reading the replicas from the checkpoint; the output must not change
+    "mixtral": {
+        "replication": {
+            "online": {"enabled": True, "interval": 2, "threshold": 0.99, "window": 2, "source": "disk"}
+        }
+    },
 }
 PLAN_AT_START_UP = "deepseek_v3"  # planned by every rank from grace.profile.trace
 PROFILED_FAMILY = "olmoe"  # profiled on the served engine, gathered to rank 0
@@ -257,4 +261,11 @@ def test_online_replication_steps_with_every_forward_and_keeps_outputs(served):
         assert len(rank_metrics["intervals"]) == forwards // 2
     assert len({m["plan_hash"] for m in metrics}) == 1, "every rank serves the same live plan"
     assert metrics[0]["plan_hash"] != expected["plan"]["mixtral"].content_hash, "load was re-planned"
+    migrations = [m["migrations"] for m in metrics]
+    assert migrations[0] and all(len(m) == len(migrations[0]) for m in migrations)
+    for first in (m[0] for m in migrations):
+        assert first["source"] == "disk" and first["bytes_from_peers"] == 0 and first["cross_node_bytes"] == 0
+        assert first["bytes_read_from_disk"] == first["bytes_moved"] > 0
+    # the replicas that moved in were read by their destinations, and by no one else
+    assert sum(m[0]["rank_bytes_read_from_disk"] for m in migrations) == migrations[0][0]["bytes_moved"]
     assert all(r.stats_online is None for r in by_name["qwen3_moe/grace"])

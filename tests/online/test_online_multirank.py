@@ -73,6 +73,8 @@ def test_online_recovers_with_exact_outputs(replays):
     migrations = metrics[0]["migrations"]
     assert migrations and all(m["bytes_moved"] > 0 and m["transfer_s"] > 0 for m in migrations)
     assert all(m["bytes_moved"] == 16_768 * m["replicas_added"] for m in migrations)
+    assert all(m["source"] == "peer" and m["bytes_from_peers"] == m["bytes_moved"] for m in migrations)
+    assert all(m["bytes_read_from_disk"] == m["rank_bytes_read_from_disk"] == 0 for m in migrations)
     assert all(m["switched_at_step"] > SHIFT_STEP for m in migrations)  # nothing moved while balanced
     assert metrics[0]["bytes_moved_total"] == sum(m["bytes_moved"] for m in migrations)
     intervals = metrics[0]["intervals"]

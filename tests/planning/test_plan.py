@@ -24,7 +24,7 @@ TOPO = Topology(num_nodes=2, gpus_per_node=2)
 @pytest.fixture(scope="module")
 def mixtral():
     return {
-        name: load_mixtral_jsonl(TRACES / "mixtral" / f"{name}_2_routing.jsonl")
+        name: load_mixtral_jsonl(TRACES / "mixtral" / f"{name}_2_routing.jsonl", num_experts=8)
         for name in ("gsm8k", "humaneval")
     }
 
@@ -99,9 +99,13 @@ def test_options_come_from_the_config_and_overrides_are_validated():
 
 def test_memory_cap_is_respected_or_an_error():
     plan = build_plan(
-        SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 3}
+        SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 1}
     )
-    assert max(len(s) for layer in plan.layers for s in layer.slots) <= 5
+    assert {len(s) for layer in plan.layers for s in layer.slots} == {5}  # equal memory, all used
+    with pytest.raises(ValueError, match=r"max_experts_per_gpu \(5\) is below the 7 slots per GPU"):
+        build_plan(
+            SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 5}, replication={"extra_slots_per_gpu": 3}
+        )
     with pytest.raises(ValueError, match=r"max_experts_per_gpu \(3\) is too small: 16 experts on 4 GPUs"):
         build_plan(SMALL, topology=TOPO, grouping={"max_experts_per_gpu": 3})
     with pytest.raises(ValueError, match=r"max_experts_per_gpu \(4\) is below the 6 slots per GPU"):
@@ -159,7 +163,8 @@ def test_olmoe_grace_is_as_balanced_as_eplb_at_the_same_slots(dataset, shape):
     derived = derive_trace_from_loads(loads, num_tokens=8192, seed=0)
     grace = build_plan(derived, topology=topology, replication={"extra_slots_per_gpu": extra})
     eplb = build_plan(loads, topology=topology, policy="eplb", replication={"extra_slots_per_gpu": extra})
-    assert sum(len(s) for s in grace.layers[0].slots) <= sum(len(s) for s in eplb.layers[0].slots)
+    per_gpu = {len(s) for plan in (grace, eplb) for layer in plan.layers for s in layer.slots}
+    assert per_gpu == {-(-loads.num_experts // world) + extra}  # equal memory on every GPU
     grace_balance = evaluate_plan(loads, grace)["balancedness"]
     eplb_balance = evaluate_plan(loads, eplb)["balancedness"]
     assert grace_balance >= eplb_balance

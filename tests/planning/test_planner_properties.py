@@ -47,10 +47,10 @@ def cases(draw):
         for _ in range(layers)
     )
     policy = draw(st.sampled_from(["grace", "contiguous", "occult", "eplb"]))
-    extra = draw(st.integers(1, 2))
     base = -(-experts // world)
+    extra = min(draw(st.integers(1, 2)), experts - base)  # budget mode: S = base + extra <= E
+    mode = draw(st.sampled_from(["budget", "paper"])) if extra >= 1 else "paper"
     cap = draw(st.one_of(st.none(), st.integers(base + extra, base + extra + 3)))
-    mode = draw(st.sampled_from(["budget", "paper"]))
     ratio = draw(st.sampled_from(["auto", 0.0, 0.3, 1.0]))
     routing = draw(st.sampled_from(["tar", "wrr"]))
     return {
@@ -104,6 +104,9 @@ def test_plan_invariants(case):
             assert max(len(s) for s in layer.slots) <= cap
         if plan.policy in ("contiguous", "occult"):
             assert layer.replica_count() == 0
+        if plan.policy == "eplb" or (plan.policy == "grace" and case["replication"]["mode"] == "budget"):
+            base = -(-layer.num_experts // layer.num_ranks)  # equal memory: exactly S slots everywhere
+            assert {len(s) for s in layer.slots} == {base + case["replication"]["extra_slots_per_gpu"]}
     assert GracePlan.from_dict(plan.to_dict()) == plan
     assert GracePlan.from_dict(plan.to_dict()).content_hash == plan.content_hash
 

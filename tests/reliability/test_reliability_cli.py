@@ -21,7 +21,6 @@ from ds_grace.topology import Topology
 from ds_grace.trace import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MIXTRAL_JSONL = REPO_ROOT / "ds_grace" / "data" / "traces" / "mixtral" / "gsm8k_2_routing.jsonl"
 
 
 def _error_line(capsys) -> str:
@@ -70,9 +69,10 @@ def test_bad_files_are_one_line(capsys, tmp_path, monkeypatch):
         f"error: ds_config file ({tmp_path}) is a directory, not a JSON file"
     )
     out = tmp_path / "missing" / "plan.json"
+    synthetic(num_layers=2, num_experts=8, top_k=2, num_tokens=64).save(tmp_path / "trace.npz")
+    trace = str(tmp_path / "trace.npz")
     line = _cli_fails(
-        capsys,
-        ["plan", "--trace", str(MIXTRAL_JSONL), "--nodes", "2", "--gpus-per-node", "2", "--out", str(out)],
+        capsys, ["plan", "--trace", trace, "--nodes", "2", "--gpus-per-node", "2", "--out", str(out)]
     )
     assert line == f"error: cannot write {out}: No such file or directory"
     vanilla = tmp_path / "vanilla.json"

@@ -1,0 +1,74 @@
+"""The planner for traffic it was not fitted to: shrinkage, spreading inside nodes, held-out quality."""
+
+import numpy as np
+import pytest
+
+from ds_grace.planning.build import build_plan
+from ds_grace.planning.grouping import hierarchical_grouping, spread_within_nodes
+from ds_grace.planning.metrics import evaluate_plan
+from ds_grace.planning.robust import ROBUST_VARIANT, VARIANTS, shrinkage, shrunk_loads
+from ds_grace.planning.stats import intra_layer_affinity
+from ds_grace.topology import Topology
+from ds_grace.trace import RoutingTrace, load_route_logs, packaged_traces_dir, split_trace, synthetic
+
+QWEN = [packaged_traces_dir() / "qwen15_moe" / f"moe_layer{layer}.jsonl" for layer in (0, 8, 12, 18, 23)]
+
+
+def test_shrinkage_follows_how_well_the_sample_predicts_itself():
+    steady = synthetic(num_layers=2, num_experts=16, top_k=2, num_tokens=8000, skew=1.2, seed=1)
+    assert shrinkage(steady).max() < 0.05  # halves of an i.i.d. sample agree: keep the loads
+    first = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=2000, skew=1.2, seed=1)
+    other = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=2000, skew=1.2, seed=7)
+    shifted = RoutingTrace(
+        topk_ids=(np.concatenate([first.topk_ids[0], other.topk_ids[0]]),), num_experts=16
+    )  # the popular experts change half-way
+    assert shrinkage(shifted)[0] > 0.5
+    loads = np.array([[4.0, 2.0, 0.0, 2.0]])
+    assert shrunk_loads(loads, np.array([0.5])).tolist() == [[3.0, 2.0, 1.0, 2.0]]
+
+
+def test_spread_keeps_nodes_and_deals_equal_counts():
+    trace = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=3000, co_activation=1.0, seed=2)
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    affinity = intra_layer_affinity(trace.topk_ids[0], 16)
+    primary = hierarchical_grouping([affinity], topology, equal_sizes=True).expert2rank_LE[0]
+    spread = spread_within_nodes(primary, trace.loads()[0], affinity, topology)
+    assert np.array_equal(spread // 2, primary // 2)  # every expert stays on its node
+    assert np.bincount(spread, minlength=4).tolist() == [4, 4, 4, 4]
+    inside = sum(affinity[np.ix_(spread == g, spread == g)].sum() for g in range(4))
+    before = sum(affinity[np.ix_(primary == g, primary == g)].sum() for g in range(4))
+    assert inside < 0.8 * before  # co-activated experts end on different GPUs of their node
+
+
+def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
+    fit, check = split_trace(load_route_logs(QWEN), fraction=0.5)
+    topology = Topology(num_nodes=2, gpus_per_node=4)
+    plan = build_plan(fit, topology=topology)
+    assert plan.meta["variant"] == {
+        "shrunk_loads": True,
+        "replica_room": True,
+        "spread": True,
+        "replicas": "greedy",
+        "fitted_weights": False,
+        "anti_affinity": 1.0,
+    }
+    assert {len(s) for layer in plan.layers for s in layer.slots} == {9}
+    held = evaluate_plan(check, plan)
+    fitted = evaluate_plan(check, build_plan(fit, topology=topology, variant=VARIANTS["sample_fitted"]))
+    eplb = evaluate_plan(check, build_plan(fit, topology=topology, policy="eplb"))
+    contiguous = evaluate_plan(check, build_plan(fit, topology=topology, policy="contiguous"))
+    assert held["balancedness"] > fitted["balancedness"] + 0.02
+    assert held["balancedness"] >= eplb["balancedness"] - 0.005
+    assert held["cross_node_copies_per_token"] <= 0.9 * contiguous["cross_node_copies_per_token"]
+
+
+def test_robust_variant_applies_only_with_equal_slots_and_per_token_data():
+    trace = synthetic(num_layers=1, num_experts=8, top_k=2, num_tokens=500)
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    assert build_plan(trace, topology=topology).meta["variant"]["shrunk_loads"] is ROBUST_VARIANT.shrunk_loads
+    paper = build_plan(trace, topology=topology, replication={"mode": "paper"})
+    assert paper.meta["variant"]["shrunk_loads"] is False
+    off = build_plan(trace, topology=topology, replication={"robust": False})
+    assert off.meta["variant"] == VARIANTS["sample_fitted"].__dict__
+    with pytest.raises(ValueError, match="slots_per_gpu"):
+        build_plan(trace, topology=topology, replication={"slots_per_gpu": 9})
