@@ -67,16 +67,28 @@ class Variant:
     replicas: Literal["greedy", "per_copy", "node_packed"] = "greedy"
     fitted_weights: bool = False
     anti_affinity: float = 1.0
+    uncertainty: float = 0.0
+    drift_shrinkage: float | None = None
 
 
 SAMPLE_FITTED = Variant()
-ROBUST_VARIANT = Variant(shrunk_loads=True, replica_room=True, spread=True)
+GREEDY_ROBUST = Variant(shrunk_loads=True, replica_room=True, spread=True)
+DRIFT_SHRINKAGE = 0.3  # layers whose shrinkage reaches this are planned as drifting (see above)
+ROBUST_VARIANT = Variant(
+    shrunk_loads=True,
+    replica_room=True,
+    spread=True,
+    replicas="per_copy",
+    uncertainty=1.0,
+    drift_shrinkage=DRIFT_SHRINKAGE,
+)
 VARIANTS: dict[str, Variant] = {  # the ablation of benchmarks/bench_planner.py
     "sample_fitted": SAMPLE_FITTED,
     "shrunk": Variant(shrunk_loads=True),
     "room_spread": Variant(replica_room=True, spread=True),
     "room_spread_per_copy": Variant(replica_room=True, spread=True, replicas="per_copy"),
     "shrunk_node_packed": Variant(shrunk_loads=True, replicas="node_packed"),
+    "greedy_robust": GREEDY_ROBUST,
     "robust": ROBUST_VARIANT,
 }
 
@@ -114,3 +126,22 @@ def shrunk_loads(loads_LE: np.ndarray, lam_L: np.ndarray) -> np.ndarray:
     loads_LE = np.asarray(loads_LE, dtype=np.float64)
     lam = np.asarray(lam_L, dtype=np.float64)[:, None]
     return (1.0 - lam) * loads_LE + lam * loads_LE.mean(axis=1, keepdims=True)
+
+
+def load_spread(trace: RoutingTrace) -> np.ndarray:
+    """sigma_LE: per layer and expert, half the gap between the loads of the sample's two halves in
+    recorded order (each scaled to the layer's total): a one-sample estimate of how far an expert's load
+    moves on traffic the sample did not record (drift and sampling noise together). 0 where the trace is
+    too small to split."""
+    halves = _halves(trace)
+    loads_LE = np.asarray(trace.loads(), dtype=np.float64)
+    if halves is None:
+        return np.zeros_like(loads_LE)
+    total_L1 = loads_LE.sum(axis=1, keepdims=True)
+    first, rest = (total_L1 * _shares(np.asarray(part.loads(), dtype=np.float64)) for part in halves)
+    return np.abs(first - rest) / 2.0
+
+
+def _shares(loads_LE: np.ndarray) -> np.ndarray:
+    total_L1 = loads_LE.sum(axis=1, keepdims=True)
+    return np.divide(loads_LE, total_L1, out=np.zeros_like(loads_LE), where=total_L1 > 0)
