@@ -48,13 +48,13 @@ def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
         "shrunk_loads": True,
         "replica_room": True,
         "spread": True,
-        "replicas": "per_copy",
+        "replicas": "greedy",
         "fitted_weights": False,
         "anti_affinity": 1.0,
-        "uncertainty": 1.0,
-        "drift_shrinkage": 0.3,
+        "uncertainty": 0.0,
+        "drift_shrinkage": None,
     }
-    assert plan.meta["replication"]["drifting_layers"] == [0, 1, 2, 3, 4]  # shrinkage 0.56-0.75
+    assert plan.meta["replication"]["drifting_layers"] == []
     assert {len(s) for layer in plan.layers for s in layer.slots} == {9}
     held = evaluate_plan(check, plan)
     fitted = evaluate_plan(check, build_plan(fit, topology=topology, variant=VARIANTS["sample_fitted"]))
@@ -86,6 +86,9 @@ def test_spread_and_drift_pick_the_replica_rule_per_layer():
     spread_LE = load_spread(both)
     assert spread_LE.shape == (2, 16) and (spread_LE >= 0).all()
     assert spread_LE[1].sum() > 3 * spread_LE[0].sum()  # the shifted layer's halves disagree
-    plan = build_plan(both, topology=Topology(num_nodes=2, gpus_per_node=2))
+    plan = build_plan(
+        both, topology=Topology(num_nodes=2, gpus_per_node=2), variant=VARIANTS["drift_per_copy"]
+    )
     assert plan.meta["replication"]["drifting_layers"] == [1]  # steady layer: the budget greedy
+    assert plan.meta["variant"]["replicas"] == "per_copy" and plan.meta["variant"]["drift_shrinkage"] == 0.3
     assert {len(s) for layer in plan.layers for s in layer.slots} == {5}
