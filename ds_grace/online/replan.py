@@ -4,6 +4,8 @@ Shape legend: L MoE layers, E logical experts, R ranks.
 
 Every rank calls ``replan`` with the same plan and the same aggregated integer loads, so every
 rank computes the same new plan; the replicator checks that across ranks by content hash.
+Memory is per GPU: in budget mode a re-plan keeps every GPU's slot count exactly (an equal-slot plan
+stays equal-slot; replicas move, the memory each GPU holds for experts does not change).
 """
 
 from __future__ import annotations
@@ -46,14 +48,15 @@ def replan(
     threshold: float,
     policy: RoutingPolicy,
     mode: ReplicationMode = "budget",
-    extra_slots_per_gpu: int = 1,
     max_experts_per_gpu: int | None = None,
 ) -> ReplanResult:
     """Re-place the replicas of every layer whose predicted balancedness on loads_LE is below threshold.
 
     Primaries stay; replicas that stay keep their slot (few bytes move). A layer is taken only if
     its new placement predicts a balancedness higher by at least MIN_GAIN. balancedness_before/after hold every
-    layer's value under the current / returned plan.
+    layer's value under the current / returned plan. In mode "budget" every rank keeps exactly the slots
+    it has in the layer (replicas are re-placed into them, all used); mode "paper" re-applies the
+    paper's rule, which sets its own replica count.
     """
     loads = np.asarray(loads_LE, dtype=np.float64)
     if loads.shape != (plan.num_layers, plan.num_experts):
@@ -77,9 +80,9 @@ def replan(
             loads[index],
             topology,
             mode=mode,
-            extra_slots_per_gpu=extra_slots_per_gpu,
             max_experts_per_gpu=max_experts_per_gpu,
             routing_policy=policy,
+            slots_per_gpu=[len(slots) for slots in layer.slots] if mode == "budget" else None,
         )
         value = predicted_balancedness(loads[index], candidate, topology, policy)
         if value > before[index] + MIN_GAIN and candidate != layer:

@@ -59,7 +59,8 @@ class ReplaySpec:
 
 
 def initial_plan(phase_loads_LE: np.ndarray, topology: Topology, *, extra_slots_per_gpu: int) -> GracePlan:
-    """Contiguous primaries, replicas placed for `phase_loads_LE` (the offline plan)."""
+    """Contiguous primaries, replicas placed for `phase_loads_LE` (the offline plan); every GPU holds
+    E / GPUs + extra_slots_per_gpu slots (equal memory, kept by every re-plan)."""
     num_experts = phase_loads_LE.shape[1]
     per_rank = num_experts // topology.world_size
     base = LayerPlan.from_lists(
@@ -67,7 +68,7 @@ def initial_plan(phase_loads_LE: np.ndarray, topology: Topology, *, extra_slots_
         primary=[e // per_rank for e in range(num_experts)],
     )
     layers = tuple(
-        replan_layer(base, loads_E, topology, extra_slots_per_gpu=extra_slots_per_gpu)[0]
+        replan_layer(base, loads_E, topology, slots_per_gpu=per_rank + extra_slots_per_gpu)[0]
         for loads_E in phase_loads_LE
     )
     return GracePlan(topology=topology, layers=layers, policy="offline")

@@ -274,7 +274,6 @@ class OnlineReplicator:
             threshold=self.config.threshold,
             policy=self.policy,
             mode=self.replication.mode,
-            extra_slots_per_gpu=self.replication.extra_slots_per_gpu,
             max_experts_per_gpu=self.max_experts_per_gpu,
         )
 

@@ -43,8 +43,14 @@ from ds_grace.planning.grouping import (
 )
 from ds_grace.planning.metrics import expected_gpu_loads
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
-from ds_grace.planning.replication import ReplicaPlacement, instance_loads, layer_plan_from, replicate
-from ds_grace.planning.robust import ROBUST_VARIANT, Variant, shrinkage, shrunk_loads
+from ds_grace.planning.replication import (
+    ReplicaPlacement,
+    instance_loads,
+    layer_plan_from,
+    replicate,
+    seed_replicas,
+)
+from ds_grace.planning.robust import ROBUST_VARIANT, Variant, load_spread, shrinkage, shrunk_loads
 from ds_grace.planning.stats import LoadSource, affinity_matrices, expert_loads, grouping_affinities
 from ds_grace.topology import Topology
 from ds_grace.trace import ExpertLoads, RoutingTrace
@@ -240,8 +246,17 @@ def _grace_layers(
     world = topology.world_size
     num_layers, num_experts = loads_LE.shape
     slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology)
-    if variant.shrunk_loads and isinstance(source, RoutingTrace):
-        loads_LE = shrunk_loads(loads_LE, shrinkage(source))
+    sampled = isinstance(source, RoutingTrace)
+    lam_L = shrinkage(source) if sampled else np.zeros(num_layers)
+    if variant.shrunk_loads and sampled:
+        loads_LE = shrunk_loads(loads_LE, lam_L)
+    # drifting layers (shrinkage >= variant.drift_shrinkage) get variant.replicas on loads raised by
+    # their spread; the others the budget greedy (robust.py says why)
+    drifting_L = np.ones(num_layers, dtype=bool)
+    if variant.drift_shrinkage is not None:
+        drifting_L = lam_L >= variant.drift_shrinkage
+    if variant.uncertainty > 0 and sampled:
+        loads_LE = loads_LE + variant.uncertainty * load_spread(source) * drifting_L[:, None]
     cap = cfg.grouping.max_experts_per_gpu if slots is None else slots
     # primaries per GPU: up to S, or ceil(E / GPUs) so that every GPU keeps room for replicas
     group_cap = cap if slots is None or not variant.replica_room else -(-num_experts // world)
@@ -297,7 +312,8 @@ def _grace_layers(
             slots_per_gpu=slots,
         )
         primary = primaries[index]
-        if variant.replicas == "node_packed" and slots is not None:
+        replicas = variant.replicas if drifting_L[index] else "greedy"
+        if replicas == "node_packed" and slots is not None:
             layer = node_packed_layer(
                 loads_LE[index], primary // topology.gpus_per_node, topology, slots_per_gpu=slots
             )
@@ -305,8 +321,8 @@ def _grace_layers(
             gpu = expected_gpu_loads(loads_LE[index], layer, topology, routing)
             predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
             continue
-        if variant.replicas == "per_copy" and slots is not None:
-            seeds = _seed_replicas(loads_LE[index], primary, topology, rep.extra_slots_per_gpu, cap, slots)
+        if replicas == "per_copy" and slots is not None:
+            seeds = seed_replicas(loads_LE[index], primary, topology, rep.extra_slots_per_gpu, cap, slots)
             placement = replicate(
                 loads_LE[index],
                 primary,
@@ -342,52 +358,15 @@ def _grace_layers(
         "slots_per_gpu": slots,
         "replicas": sum(layer.replica_count() for layer in layers),
         "predicted_balancedness": float(np.mean(predicted_balance)) if predicted_balance else None,
+        "drifting_layers": [int(i) for i in np.flatnonzero(drifting_L)]
+        if variant.replicas != "greedy"
+        else [],
     }
     return layers
 
 
 def _max_load(placement: ReplicaPlacement) -> float:
     return max(placement.predicted_gpu_loads)
-
-
-def _seed_replicas(
-    loads_E: np.ndarray,
-    primary: np.ndarray,
-    topology: Topology,
-    extra: int,
-    cap: int | None,
-    slots: int | None = None,
-) -> list[tuple[int, int]]:
-    """Load-only replica guess for the joint refinement: copies go, one at a time, to the expert
-    with the largest load per copy (as EPLB counts them), each on the least-loaded GPU of a node
-    that does not yet hold that expert (else any node), so primaries can make room around them."""
-    world, gpus = topology.world_size, topology.gpus_per_node
-    copies = np.ones(len(loads_E))
-    hosts = np.zeros((len(loads_E), world), dtype=bool)
-    hosts[np.arange(len(loads_E)), primary] = True
-    if slots is not None:  # equal memory: fill every GPU to `slots`
-        free_R = slots - np.bincount(primary, minlength=world)
-    elif cap is None:
-        free_R = np.full(world, extra)
-    else:
-        free_R = np.minimum(extra, cap - np.bincount(primary, minlength=world))
-    gpu = np.bincount(primary, weights=loads_E, minlength=world)
-    pairs: list[tuple[int, int]] = []
-    while free_R.sum() > 0:
-        e = int(np.argmax(np.where(hosts.sum(axis=1) < world, loads_E / copies, -1.0)))
-        node_has = hosts[e].reshape(topology.num_nodes, gpus).any(axis=1)
-        open_R = (free_R > 0) & ~hosts[e]
-        preferred = open_R & ~np.repeat(node_has, gpus)
-        targets = np.flatnonzero(preferred if preferred.any() else open_R)
-        if loads_E[e] <= 0 or len(targets) == 0:
-            break
-        t = int(targets[np.argmin(gpu[targets])])
-        copies[e] += 1
-        hosts[e, t] = True
-        free_R[t] -= 1
-        gpu[t] += loads_E[e] / copies[e]
-        pairs.append((e, t))
-    return pairs
 
 
 def _rebalance(
@@ -408,7 +387,7 @@ def _rebalance(
     budget = cfg.replication.mode == "budget"
     rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
     if budget:
-        pairs = _seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
+        pairs = seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
     else:
         rounds.append((primary, replicate(loads_E, primary, topology, **options)))
         pairs = rounds[0][1].pairs()

@@ -150,7 +150,7 @@ def replicate(
     previous: Iterable[tuple[int, int]] | None = None,
     initial: Iterable[tuple[int, int]] | None = None,
     locality_tolerance: float = 0.002,
-    slots_per_gpu: int | None = None,
+    slots_per_gpu: int | Sequence[int] | np.ndarray | None = None,
     greedy: bool = True,
     fit_weights: bool = True,
 ) -> ReplicaPlacement:
@@ -163,7 +163,8 @@ def replicate(
     the mean GPU load within which placements count as equally good in budget mode.
 
     ``slots_per_gpu`` (budget mode; equal memory): every GPU ends with exactly that many slots, its
-    primaries plus replicas; ``extra_slots_per_gpu`` is then ignored. Slots the load-driven phases leave
+    primaries plus replicas (or, given one count per rank, rank r ends with ``slots_per_gpu[r]``);
+    ``extra_slots_per_gpu`` is then ignored. Slots the load-driven phases leave
     empty are filled (``_fill_slots``): the replica that raises the expected max GPU load least, among
     those within the tolerance the one whose co-activated experts share its node.
     """
@@ -187,11 +188,26 @@ def replicate(
     if slots_per_gpu is not None:
         if mode != "budget":
             raise ReplicationError("grace.replication.slots_per_gpu applies to mode 'budget' only")
-        if not num_experts >= slots_per_gpu >= slots_R.max(initial=0) or slots_per_gpu > cap:
-            raise ReplicationError(
-                f"grace.replication.slots_per_gpu ({slots_per_gpu}) must be in [{int(slots_R.max(initial=0))} "
-                f"(primaries on the fullest GPU), min(E={num_experts}, max_experts_per_gpu={max_experts_per_gpu})]"
-            )
+        if np.ndim(slots_per_gpu) == 0:
+            if not num_experts >= slots_per_gpu >= slots_R.max(initial=0) or slots_per_gpu > cap:
+                raise ReplicationError(
+                    f"grace.replication.slots_per_gpu ({slots_per_gpu}) must be in [{int(slots_R.max(initial=0))} "
+                    f"(primaries on the fullest GPU), min(E={num_experts}, max_experts_per_gpu={max_experts_per_gpu})]"
+                )
+        else:  # one count per rank (online re-planning keeps every GPU's slots)
+            target_R = np.asarray(slots_per_gpu, dtype=np.int64)
+            if target_R.shape != (world,):
+                raise ReplicationError(
+                    f"slots_per_gpu lists {target_R.size} slot counts; the topology ({topology}) has {world} ranks"
+                )
+            bad = np.flatnonzero((target_R < slots_R) | (target_R > num_experts) | (target_R > cap))
+            if len(bad):
+                r = int(bad[0])
+                raise ReplicationError(
+                    f"slots_per_gpu[{r}] ({int(target_R[r])}) must be in [{int(slots_R[r])} (primaries on rank "
+                    f"{r}), min(E={num_experts}, max_experts_per_gpu={max_experts_per_gpu})]"
+                )
+            slots_per_gpu = target_R
         cap = slots_per_gpu
     previous_set = set() if previous is None else {(int(e), int(r)) for e, r in previous}
     order: list[tuple[int, int]] = []
@@ -204,7 +220,7 @@ def replicate(
             0 <= e < num_experts
             and 0 <= r < world
             and not hosts[e, r]
-            and slots_R[r] < cap
+            and slots_R[r] < np.broadcast_to(cap, (world,))[r]
             and extra_R[r] > 0
         ):
             hosts[e, r] = True
@@ -416,7 +432,7 @@ def _budget(
             hosts[e, r] = False
             load_ER[e] = row
             freed = room()
-            freed[r] = slots_R[r] - 1 < cap
+            freed[r] = slots_R[r] - 1 < np.broadcast_to(cap, (world,))[r]
             found = best_addition(gpu - saved + row, freed, skip=(e, r))
             hosts[e, r] = True
             load_ER[e] = saved
@@ -509,6 +525,47 @@ def _fill_slots(
         order.append((e, t))
 
 
+def seed_replicas(
+    loads_E: np.ndarray,
+    primary: np.ndarray,
+    topology: Topology,
+    extra: int,
+    cap: int | None,
+    slots: int | Sequence[int] | np.ndarray | None = None,
+) -> list[tuple[int, int]]:
+    """Load-only replica guess for the joint refinement: copies go, one at a time, to the expert
+    with the largest load per copy (as EPLB counts them), each on the least-loaded GPU of a node
+    that does not yet hold that expert (else any node), so primaries can make room around them.
+    ``slots`` (one count, or one per rank): fill every GPU to it."""
+    world, gpus = topology.world_size, topology.gpus_per_node
+    copies = np.ones(len(loads_E))
+    hosts = np.zeros((len(loads_E), world), dtype=bool)
+    hosts[np.arange(len(loads_E)), primary] = True
+    if slots is not None:  # equal memory: fill every GPU to `slots`
+        free_R = slots - np.bincount(primary, minlength=world)
+    elif cap is None:
+        free_R = np.full(world, extra)
+    else:
+        free_R = np.minimum(extra, cap - np.bincount(primary, minlength=world))
+    gpu = np.bincount(primary, weights=loads_E, minlength=world)
+    pairs: list[tuple[int, int]] = []
+    while free_R.sum() > 0:
+        e = int(np.argmax(np.where(hosts.sum(axis=1) < world, loads_E / copies, -1.0)))
+        node_has = hosts[e].reshape(topology.num_nodes, gpus).any(axis=1)
+        open_R = (free_R > 0) & ~hosts[e]
+        preferred = open_R & ~np.repeat(node_has, gpus)
+        targets = np.flatnonzero(preferred if preferred.any() else open_R)
+        if loads_E[e] <= 0 or len(targets) == 0:
+            break
+        t = int(targets[np.argmin(gpu[targets])])
+        copies[e] += 1
+        hosts[e, t] = True
+        free_R[t] -= 1
+        gpu[t] += loads_E[e] / copies[e]
+        pairs.append((e, t))
+    return pairs
+
+
 def slot_lists(
     primary_E: Sequence[int] | np.ndarray,
     placement: ReplicaPlacement,
@@ -570,11 +627,13 @@ def replan_layer(
     max_experts_per_gpu: int | None = None,
     routing_policy: RoutingPolicy = "tar",
     affinity_EE: np.ndarray | None = None,
+    slots_per_gpu: int | Sequence[int] | np.ndarray | None = None,
 ) -> tuple[LayerPlan, ReplicaPlacement]:
     """Re-place one layer's replicas for new loads, primaries fixed, moving few replicas.
 
     For the online re-planner: returns the new LayerPlan (kept replicas keep their slot index) and
-    the placement (its ``moved`` counts replicas to copy onto new ranks).
+    the placement (its ``moved`` counts replicas to copy onto new ranks). ``slots_per_gpu`` (budget
+    mode): the slots every rank ends with, one count or one per rank (``replicate``).
     """
     if layer.num_ranks != topology.world_size:
         raise ReplicationError(
@@ -582,16 +641,22 @@ def replan_layer(
         )
     primary = np.array(layer.primary, dtype=np.int64)
     current = [(e, r) for r, experts in enumerate(layer.slots) for e in experts if layer.primary[e] != r]
-    placement = replicate(
-        loads_E,
-        primary,
-        topology,
+    options = dict(
         mode=mode,
         extra_slots_per_gpu=extra_slots_per_gpu,
         max_experts_per_gpu=max_experts_per_gpu,
         routing_policy=routing_policy,
         affinity_EE=affinity_EE,
-        previous=current,
+        slots_per_gpu=slots_per_gpu,
     )
+    placement = replicate(loads_E, primary, topology, previous=current, **options)
+    if slots_per_gpu is not None and mode == "budget":
+        # every slot gets used: the greedy's last replicas are forced, so also try EPLB's per-copy
+        # seeding of all of them and keep whichever predicts the lower max GPU load
+        loads = np.asarray(loads_E, dtype=np.float64)
+        seeds = seed_replicas(loads, primary, topology, 0, max_experts_per_gpu, slots_per_gpu)
+        seeded = replicate(loads, primary, topology, previous=current, initial=seeds, greedy=False, **options)
+        if max(seeded.predicted_gpu_loads) < max(placement.predicted_gpu_loads) * (1 - 1e-9):
+            placement = seeded
     plan = layer_plan_from(primary, placement, num_ranks=topology.world_size, previous_slots=layer.slots)
     return plan, placement

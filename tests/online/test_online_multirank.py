@@ -1,7 +1,7 @@
 """Online replication on 4 gloo ranks (2 nodes x 2): Mixtral routing shifts from gsm8k to humaneval.
 
-One spawn serves four replays of two trace layers (15 and 25, whose offline plans fall to a
-predicted balancedness of 0.66 and 0.62 on humaneval): online replication off; on (hierarchical
+One spawn serves four replays of two trace layers (15 and 25, whose offline plans, 3 slots on every
+GPU, fall to a predicted balancedness of 0.67 and 0.71 on humaneval): online replication off; on (hierarchical
 all-to-all); on with a byte budget per interval (flat all-to-all); on with rank 2 computing a
 slightly different plan. Every forward's output is checked against a single-process reference.
 """
@@ -55,7 +55,7 @@ def _recovery_step(live_balancedness: list[list[float]]) -> int | None:
 def test_off_stays_unbalanced_after_the_shift(replays):
     off = replays[0][0]["live_balancedness"]
     assert all(min(row) >= THRESHOLD for row in off[:SHIFT_STEP])
-    assert all(max(row) < 0.7 for row in off[SHIFT_STEP:])
+    assert all(max(row) < 0.75 for row in off[SHIFT_STEP:])  # well below THRESHOLD: re-planning must act
 
 
 def test_online_recovers_with_exact_outputs(replays):

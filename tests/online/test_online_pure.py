@@ -19,8 +19,11 @@ from ds_grace.online import (
 )
 from ds_grace.online.replay import initial_plan, load_phases
 from ds_grace.online.schedule import freed_replicas, source_rank
+from ds_grace.planning.build import build_plan
 from ds_grace.planning.plan import GracePlan, LayerPlan
+from ds_grace.planning.replication import ReplicationError, replicate
 from ds_grace.topology import Topology
+from ds_grace.trace import RoutingTrace
 
 TOPO = Topology(2, 2)
 PRIMARY = [0, 0, 1, 1, 2, 2, 3, 3]
@@ -187,3 +190,37 @@ def test_replicator_monitor_counts_and_metrics_on_one_rank():
     assert replicator.window_loads().tolist() == [[6, 8, 4, 4]]
     with pytest.raises(ValueError, match=r"layers\[0\] \(Linear\) must be a GraceMoE"):
         OnlineReplicator([nn.Linear(2, 2)], config=OnlineReplicationConfig())
+
+
+def test_replan_keeps_every_gpus_slot_count():
+    gsm8k, humaneval = load_phases()
+    layers = [15, 25]
+    after = np.stack([humaneval.loads()[i] for i in layers])
+    equal = build_plan(
+        RoutingTrace(topk_ids=[gsm8k.topk_ids[i] for i in layers], num_experts=8),
+        topology=TOPO,
+        replication={"slots_per_gpu": 3},
+    )
+    assert {len(s) for layer in equal.layers for s in layer.slots} == {3}
+    result = replan(equal, after, threshold=0.99, policy="tar")
+    assert result.plan is not None and result.layers
+    for index in result.layers:
+        old, new = equal.layers[index], result.plan.layers[index]
+        assert [len(s) for s in new.slots] == [3, 3, 3, 3]  # equal memory kept
+        assert new.primary == old.primary and new.slots != old.slots
+        assert result.balancedness_after[index] > result.balancedness_before[index]
+    # a layer whose GPUs hold different slot counts keeps each count
+    uneven = GracePlan(topology=TOPO, layers=(_layer([[0, 1, 6], [2, 3], [4, 5, 7, 0], [6, 7]]),))
+    skewed = np.array([[40.0, 1, 1, 1, 30, 1, 1, 1]])
+    moved = replan(uneven, skewed, threshold=0.99, policy="tar")
+    assert moved.plan is not None
+    assert [len(s) for s in moved.plan.layers[0].slots] == [3, 2, 4, 2]
+
+
+def test_per_rank_slot_counts_are_checked():
+    with pytest.raises(
+        ReplicationError, match=r"slots_per_gpu\[1\] \(1\) must be in \[2 \(primaries on rank 1\)"
+    ):
+        replicate([5.0] * 8, PRIMARY, TOPO, slots_per_gpu=[3, 1, 3, 3])
+    with pytest.raises(ReplicationError, match=r"lists 3 slot counts; the topology .* has 4 ranks"):
+        replicate([5.0] * 8, PRIMARY, TOPO, slots_per_gpu=[3, 3, 3])

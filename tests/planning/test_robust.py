@@ -6,7 +6,7 @@ import pytest
 from ds_grace.planning.build import build_plan
 from ds_grace.planning.grouping import hierarchical_grouping, spread_within_nodes
 from ds_grace.planning.metrics import evaluate_plan
-from ds_grace.planning.robust import ROBUST_VARIANT, VARIANTS, shrinkage, shrunk_loads
+from ds_grace.planning.robust import ROBUST_VARIANT, VARIANTS, load_spread, shrinkage, shrunk_loads
 from ds_grace.planning.stats import intra_layer_affinity
 from ds_grace.topology import Topology
 from ds_grace.trace import RoutingTrace, load_route_logs, packaged_traces_dir, split_trace, synthetic
@@ -51,7 +51,10 @@ def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
         "replicas": "greedy",
         "fitted_weights": False,
         "anti_affinity": 1.0,
+        "uncertainty": 0.0,
+        "drift_shrinkage": None,
     }
+    assert plan.meta["replication"]["drifting_layers"] == []
     assert {len(s) for layer in plan.layers for s in layer.slots} == {9}
     held = evaluate_plan(check, plan)
     fitted = evaluate_plan(check, build_plan(fit, topology=topology, variant=VARIANTS["sample_fitted"]))
@@ -72,3 +75,20 @@ def test_robust_variant_applies_only_with_equal_slots_and_per_token_data():
     assert off.meta["variant"] == VARIANTS["sample_fitted"].__dict__
     with pytest.raises(ValueError, match="slots_per_gpu"):
         build_plan(trace, topology=topology, replication={"slots_per_gpu": 9})
+
+
+def test_spread_and_drift_pick_the_replica_rule_per_layer():
+    steady = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=4000, skew=1.2, seed=1)
+    first = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=2000, skew=1.2, seed=1)
+    other = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=2000, skew=1.2, seed=7)
+    shifted = np.concatenate([first.topk_ids[0], other.topk_ids[0]])
+    both = RoutingTrace(topk_ids=(steady.topk_ids[0], shifted), num_experts=16)
+    spread_LE = load_spread(both)
+    assert spread_LE.shape == (2, 16) and (spread_LE >= 0).all()
+    assert spread_LE[1].sum() > 3 * spread_LE[0].sum()  # the shifted layer's halves disagree
+    plan = build_plan(
+        both, topology=Topology(num_nodes=2, gpus_per_node=2), variant=VARIANTS["drift_per_copy"]
+    )
+    assert plan.meta["replication"]["drifting_layers"] == [1]  # steady layer: the budget greedy
+    assert plan.meta["variant"]["replicas"] == "per_copy" and plan.meta["variant"]["drift_shrinkage"] == 0.3
+    assert {len(s) for layer in plan.layers for s in layer.slots} == {5}
