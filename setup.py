@@ -9,7 +9,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ds_grace", "ds_grace.*", "benchmarks", "benchmarks.*"]),
-    package_data={"ds_grace": ["data/traces/*.md", "data/traces/*/*.jsonl", "data/traces/*/*/*.json"]},
+    package_data={
+        "ds_grace": [
+            "data/traces/*.md",
+            "data/traces/*/*.jsonl",  # mixtral/, qwen15_moe/, olmoe_tokens/
+            "data/traces/*/*/*.json",
+        ]
+    },
     install_requires=[
         "torch>=2.4,<=2.13.0",
         "deepspeed>=0.16,<0.20",

@@ -80,7 +80,7 @@ def bench_mixtral() -> dict:
     topology = Topology(num_nodes=2, gpus_per_node=2)
     results: dict = {}
     traces = {
-        name: load_mixtral_jsonl(packaged_traces_dir() / "mixtral" / f"{name}_2_routing.jsonl")
+        name: load_mixtral_jsonl(packaged_traces_dir() / "mixtral" / f"{name}_2_routing.jsonl", num_experts=8)
         for name in ("gsm8k", "humaneval")
     }
     for name, trace in traces.items():

@@ -15,6 +15,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("selfcheck", "check GRACE's runtime for lossless parity on local gloo ranks"),
     "tiny-checkpoint": ("tiny_checkpoint", "write a small random checkpoint of a supported model family"),
     "profile": ("profile", "record MoE routing of a checkpoint on calibration text into a trace"),
+    "import-trace": (
+        "import_trace",
+        "read real routing data (Mixtral JSONL, OLMoE counts, route logs) into a .npz",
+    ),
+    "split-trace": ("split_trace", "split a per-token trace into the first F of its tokens and the rest"),
     "plan": ("plan", "build a GRACE (or baseline) expert placement plan from a routing trace"),
     "evaluate": ("evaluate", "metrics of a plan on a routing trace (cross-node copies, balance)"),
     "report": ("report", "plots and a markdown summary of a plan on a routing trace"),

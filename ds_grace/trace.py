@@ -14,8 +14,11 @@ File format (``save``/``load``): one uncompressed ``.npz`` archive holding ``for
 ``token_ids_<l>`` (int64 [T], optional), or ``loads`` (float64 [L, E]) and ``top_k`` (-1: unknown).
 It is read with ``allow_pickle=False``.
 
-Importers for real data (see ds_grace/data/traces/README.md): ``load_mixtral_jsonl`` (per token)
-and ``load_olmoe_counts`` (loads only). ``synthetic`` generates traces with tunable skew and
+Importers for real data (see ds_grace/data/traces/README.md), all strict (the expert count comes from the
+source's metadata or the caller, every id is checked against it, errors name file, line and field):
+``load_mixtral_jsonl`` (per token), ``load_olmoe_counts`` (loads only), ``load_route_logs`` (vLLM route
+logs, several single-layer files into one trace, warm-up blocks dropped) and ``import_trace`` (any of
+them, as ``ds-grace import-trace``); ``split_trace`` cuts a trace into a fitting and a held-out part. ``synthetic`` generates traces with tunable skew and
 co-activation; ``derive_trace_from_loads`` builds a per-token trace whose loads equal given loads.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -350,113 +354,539 @@ def _from_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> RoutingTrace |
         raise TraceError(f"trace file ({path}): {exc}") from None
 
 
-def load_mixtral_jsonl(path: str | Path, *, num_experts: int | None = None) -> RoutingTrace:
-    """Import per-token routing recorded as JSON lines, one object per (token, layer).
+# ---------------------------------------------------------------------------------------------
+# Importers of real routing data. They are strict: the expert count comes from the source's own
+# metadata or from the caller (never from the largest id seen), every id is checked against it, and
+# every content error names the file, the line (or record) and the field.
 
-    Each line holds ``layer``, ``experts`` (top-k ids in gate order), ``gating_probs``, and
-    identifies its token by (``dataset``, ``problem_id``, ``token_idx`` or ``token_pos``). Token ids
-    number the distinct tokens in order of first appearance, so rows link across layers.
-    ``num_experts`` defaults to the largest id seen + 1.
-    """
-    path = Path(path)
-    token2id: dict[tuple[Any, ...], int] = {}
-    per_layer: dict[int, list[tuple[int, list[int], list[float] | None]]] = {}
+OLMOE_NUM_EXPERTS = 64  # OLMoE-1B-7B routes to 64 experts per MoE layer (its config.json: num_experts)
+
+# Route logs whose header names the model but not its expert count: the routed experts per MoE
+# layer from the model's published config.json (Qwen1.5-MoE-A2.7B: num_experts 60; OLMoE: 64).
+MODEL_NUM_EXPERTS: dict[str, int] = {
+    "Qwen/Qwen1.5-MoE-A2.7B": 60,
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": 60,
+    "allenai/OLMoE-1B-7B-0924": 64,
+    "allenai/OLMoE-1B-7B-0924-Instruct": 64,
+}
+
+# A warm-up block: at least this many consecutive route lines of one layer choosing the same id
+# tuple. The shipped logs' warm-up blocks are 8,448 (Qwen1.5) and 2,048 (OLMoE) lines long; their real
+# tokens repeat a tuple at most 7 times in a row.
+WARMUP_MIN_RUN = 64
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_num_experts(num_experts: Any, where: str) -> int:
+    if not _is_int(num_experts) or num_experts < 1:
+        raise TraceError(f"{where}: num_experts ({num_experts!r}) must be an integer >= 1")
+    return int(num_experts)
+
+
+def _strict_ids(values: Any, *, where: str, field_name: str, num_experts: int) -> list[int]:
+    if not isinstance(values, list) or not values:
+        raise TraceError(f"{where}: field {field_name!r} ({values!r}) must be a non-empty list of expert ids")
+    for index, value in enumerate(values):
+        if not _is_int(value):
+            raise TraceError(
+                f"{where}: field {field_name!r}[{index}] ({value!r}) must be an integer expert id"
+            )
+        if not 0 <= value < num_experts:
+            raise TraceError(
+                f"{where}: field {field_name!r}[{index}] ({value}) must be in [0, {num_experts}) "
+                f"(num_experts {num_experts})"
+            )
+    if len(set(values)) != len(values):
+        raise TraceError(f"{where}: field {field_name!r} ({values}) chooses an expert twice")
+    return values
+
+
+def _strict_weights(values: Any, *, where: str, field_name: str, length: int) -> list[float]:
+    if not isinstance(values, list) or len(values) != length:
+        raise TraceError(f"{where}: field {field_name!r} ({values!r}) must be a list of {length} numbers")
+    for index, value in enumerate(values):
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise TraceError(
+                f"{where}: field {field_name!r}[{index}] ({value!r}) must be a finite number >= 0"
+            )
+    return values
+
+
+def _json_lines(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of every non-blank line; a line that is not JSON is an error."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
         raise TraceError(f"trace file ({path}) does not exist") from None
-    for number, line in enumerate(lines, start=1):
+    except (IsADirectoryError, UnicodeDecodeError, OSError) as exc:
+        raise TraceError(f"trace file ({path}) cannot be read as text: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            position = record["token_idx"] if "token_idx" in record else record["token_pos"]
+            record = json.loads(line, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, TraceError) as exc:
+            raise TraceError(f"{path}:{number}: not a JSON object ({exc})") from None
+        if not isinstance(record, dict):
+            raise TraceError(f"{path}:{number}: must be a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    if not records:
+        raise TraceError(f"trace file ({path}) holds no records")
+    return records
+
+
+def _reject_constant(name: str) -> float:
+    raise TraceError(f"{name} is not a finite number")
+
+
+def is_route_log(path: str | Path) -> bool:
+    """Whether `path`'s first non-blank line is a route-log header ({"type": "meta", ...})."""
+    try:
+        with Path(path).open() as handle:
+            for line in handle:
+                if line.strip():
+                    head = json.loads(line)
+                    return isinstance(head, dict) and head.get("type") == "meta"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return False
+
+
+def load_mixtral_jsonl(
+    path: str | Path, *, num_experts: int | None = None, token_identity: str = "key"
+) -> RoutingTrace:
+    """Import per-token routing recorded as JSON lines, one object per (token, layer).
+
+    Each line holds ``layer``, ``experts`` (top-k ids in gate order), ``gating_probs`` (optional),
+    and identifies its token by (``dataset``, ``problem_id``, ``token_idx`` or ``token_pos``).
+    These records carry no expert count, so ``num_experts`` is required (8 for Mixtral-8x7B); a file
+    whose first line is a route-log header is read by ``load_route_logs`` instead (its header gives it).
+
+    ``token_identity``: ``"key"`` numbers the distinct (dataset, problem_id, position) keys in order of
+    first appearance, so rows link across layers, and a key repeated within a layer is an error;
+    ``"record_order"`` takes the i-th record of every layer as token i (for files whose positions repeat;
+    recorded in the metadata as an assumption).
+    """
+    path = Path(path)
+    if num_experts is None and is_route_log(path):
+        return load_route_logs([path])
+    if token_identity not in ("key", "record_order"):
+        raise TraceError(f"token_identity ({token_identity!r}) must be 'key' or 'record_order'")
+    if num_experts is None:
+        raise TraceError(
+            f"trace file ({path}) records no expert count; pass num_experts "
+            "(ds-grace import-trace --num-experts N; Mixtral-8x7B: 8)"
+        )
+    num_experts = _checked_num_experts(num_experts, str(path))
+    token2id: dict[tuple[Any, ...], int] = {}
+    first_line: dict[tuple[int, int], int] = {}
+    per_layer: dict[int, list[tuple[int, list[int], list[float] | None]]] = {}
+    top_k = None
+    with_probs = None
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        missing = [name for name in ("layer", "experts") if name not in record]
+        if "token_idx" not in record and "token_pos" not in record:
+            missing.append("token_idx")
+        if missing:
+            raise TraceError(f"{where}: malformed routing record: field {missing[0]!r} is missing")
+        position = record["token_idx"] if "token_idx" in record else record["token_pos"]
+        if not _is_int(position) or position < 0:
+            raise TraceError(f"{where}: field 'token_idx' ({position!r}) must be an integer >= 0")
+        layer = record["layer"]
+        if not _is_int(layer) or layer < 0:
+            raise TraceError(f"{where}: field 'layer' ({layer!r}) must be an integer >= 0")
+        experts = _strict_ids(record["experts"], where=where, field_name="experts", num_experts=num_experts)
+        if top_k is None:
+            top_k = len(experts)
+        elif len(experts) != top_k:
+            raise TraceError(f"{where}: field 'experts' has {len(experts)} ids, earlier records {top_k}")
+        probs = record.get("gating_probs")
+        if with_probs is None:
+            with_probs = probs is not None
+        elif with_probs != (probs is not None):
+            raise TraceError(f"{where}: field 'gating_probs' must be present in every record or in none")
+        if probs is not None:
+            probs = _strict_weights(probs, where=where, field_name="gating_probs", length=len(experts))
+        records = per_layer.setdefault(layer, [])
+        if token_identity == "record_order":
+            token = len(records)
+        else:
             key = (record.get("dataset"), record.get("problem_id"), position)
-            layer, experts = int(record["layer"]), [int(e) for e in record["experts"]]
-            probs = record.get("gating_probs")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise TraceError(f"{path}:{number}: malformed routing record ({exc!r})") from None
-        if probs is not None and len(probs) != len(experts):
-            raise TraceError(
-                f"{path}:{number}: gating_probs has {len(probs)} entries, experts has {len(experts)}"
-            )
-        token = token2id.setdefault(key, len(token2id))
-        per_layer.setdefault(layer, []).append((token, experts, probs))
-    if not per_layer:
-        raise TraceError(f"trace file ({path}) holds no routing records")
+            token = token2id.setdefault(key, len(token2id))
+            if (layer, token) in first_line:
+                raise TraceError(
+                    f"{where}: token (dataset {key[0]!r}, problem_id {key[1]!r}, position {position}) "
+                    f"already has a record at layer {layer} (line {first_line[layer, token]}); identify "
+                    "tokens by record order (token_identity='record_order', import-trace --token-order)"
+                )
+            first_line[layer, token] = number
+        records.append((token, experts, probs))
     layers = sorted(per_layer)
     if layers != list(range(len(layers))):
         raise TraceError(
             f"trace file ({path}) layers ({layers}) must be 0..{len(layers) - 1} with none missing"
         )
     topk_ids, gate_weights, token_ids = [], [], []
-    with_probs = all(probs is not None for records in per_layer.values() for _, _, probs in records)
     for layer in layers:
         records = sorted(per_layer[layer], key=lambda rec: rec[0])
         token_ids.append(np.array([rec[0] for rec in records], dtype=np.int64))
-        try:
-            topk_ids.append(np.array([rec[1] for rec in records], dtype=np.int64))
-        except ValueError:
-            raise TraceError(
-                f"trace file ({path}) layer {layer}: tokens choose different numbers of experts"
-            ) from None
+        topk_ids.append(np.array([rec[1] for rec in records], dtype=np.int64))
         if with_probs:
             gate_weights.append(np.array([rec[2] for rec in records], dtype=np.float32))
-    if num_experts is None:
-        num_experts = int(max(ids.max() for ids in topk_ids)) + 1
     datasets = sorted({str(key[0]) for key in token2id})
+    metadata: dict[str, Any] = {
+        "format": "mixtral_jsonl",
+        "file": path.name,
+        "token_identity": token_identity,
+        "tokens": len(token2id) if token_identity == "key" else max(len(r) for r in per_layer.values()),
+    }
+    if token_identity == "key":
+        metadata["datasets"] = datasets
+    else:
+        metadata["assumptions"] = [
+            "tokens identified by record order: the i-th record of every layer is taken as token i"
+        ]
     return RoutingTrace(
         topk_ids=tuple(topk_ids),
         num_experts=num_experts,
         gate_weights=tuple(gate_weights) if with_probs else None,
         token_ids=tuple(token_ids),
-        metadata={
-            "format": "mixtral_jsonl",
-            "file": path.name,
-            "datasets": datasets,
-            "tokens": len(token2id),
-        },
+        metadata=metadata,
     )
 
 
 def load_olmoe_counts(
-    path: str | Path, *, num_experts: int | None = None, top_k: int | None = 8
+    path: str | Path, *, num_experts: int = OLMOE_NUM_EXPERTS, top_k: int | None = 8
 ) -> ExpertLoads:
     """Import aggregate expert counts: a JSON list (one entry per MoE layer) of {expert id: count}.
 
-    Only loads: the file holds no per-token data. ``top_k`` defaults to OLMoE's 8 (the counts sum to
-    top_k x tokens); ``num_experts`` to the largest id + 1. Experts absent from a layer have load 0.
+    Only loads: the file holds no per-token data. The file records no expert count: ``num_experts``
+    defaults to OLMoE-1B-7B's 64 and ``top_k`` to its 8 (the counts sum to top_k x tokens); every id is
+    checked against num_experts. Experts absent from a layer have load 0. Keys must be decimal integer
+    strings, counts finite numbers >= 0; errors name the file, the record (layer) and the key.
     """
     path = Path(path)
+    num_experts = _checked_num_experts(num_experts, str(path))
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise TraceError(f"trace file ({path}) does not exist") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, TraceError, UnicodeDecodeError, OSError) as exc:
         raise TraceError(f"trace file ({path}) is not valid JSON: {exc}") from None
     if not isinstance(data, list) or not data or not all(isinstance(layer, dict) for layer in data):
         raise TraceError(
             f"trace file ({path}) must hold a non-empty JSON list of {{expert id: count}} objects"
         )
-    try:
-        counts = [{int(e): float(c) for e, c in layer.items()} for layer in data]
-    except (TypeError, ValueError) as exc:
-        raise TraceError(
-            f"trace file ({path}): expert ids must be integers and counts numbers ({exc})"
-        ) from None
-    largest = max(max(layer, default=-1) for layer in counts)
-    if num_experts is None:
-        num_experts = largest + 1
-    if largest >= num_experts or min(min(layer, default=0) for layer in counts) < 0:
-        raise TraceError(f"trace file ({path}) expert ids must be in [0, {num_experts})")
-    loads = np.zeros((len(counts), num_experts))
-    for layer, layer_counts in enumerate(counts):
-        for expert, count in layer_counts.items():
-            loads[layer, expert] = count
+    loads = np.zeros((len(data), num_experts))
+    for record, layer_counts in enumerate(data):
+        for key, count in layer_counts.items():
+            where = f"{path}: record {record} (layer entry {record}), key {key!r}"
+            if "," in key:
+                raise TraceError(
+                    f"{where}: is an expert pair; this file holds cross-layer pair counts, not expert counts"
+                )
+            if not (key.isascii() and key.isdigit()):
+                raise TraceError(f"{where}: expert id must be a decimal integer >= 0")
+            expert = int(key)
+            if expert >= num_experts:
+                raise TraceError(f"{where}: expert id {expert} must be in [0, {num_experts}) (num_experts)")
+            if not _is_number(count) or not math.isfinite(count) or count < 0:
+                raise TraceError(f"{where}: count ({count!r}) must be a finite number >= 0")
+            loads[record, expert] = count
     metadata: dict[str, Any] = {"format": "olmoe_expert_counts", "file": path.name}
-    if len(counts) == 3:
+    if len(data) == 3:
         metadata["model_layers"] = [0, 7, 15]  # the layers these files record (see the data README)
     return ExpertLoads(loads=loads, top_k=top_k, metadata=metadata)
+
+
+@dataclass
+class _RouteStream:
+    """The route lines of one model layer in one route-log file, in line order."""
+
+    file: Path
+    layer: int
+    lines: list[int] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+
+
+def _warmup_mask(ids_TK: np.ndarray, min_run: int) -> np.ndarray:
+    """warmup_T: rows inside a run of >= min_run consecutive identical id tuples."""
+    num_tokens = ids_TK.shape[0]
+    if num_tokens == 0:
+        return np.zeros(0, dtype=bool)
+    starts_T = np.ones(num_tokens, dtype=bool)
+    starts_T[1:] = (ids_TK[1:] != ids_TK[:-1]).any(axis=1)
+    run_starts = np.flatnonzero(starts_T)
+    run_lengths = np.diff(np.append(run_starts, num_tokens))
+    return np.repeat(run_lengths >= min_run, run_lengths)
+
+
+def _read_route_log(
+    path: Path, *, num_experts: int | None
+) -> tuple[dict[str, Any], int, int, dict[int, _RouteStream]]:
+    records = _json_lines(path)
+    header_line, header = records[0]
+    if header.get("type") != "meta":
+        raise TraceError(
+            f"{path}:{header_line}: field 'type' ({header.get('type')!r}) must be 'meta': a route log starts "
+            "with its header line"
+        )
+    where = f"{path}:{header_line}"
+    top_k = header.get("top_k")
+    if not _is_int(top_k) or top_k < 1:
+        raise TraceError(f"{where}: field 'top_k' ({top_k!r}) must be an integer >= 1")
+    layers_logged = header.get("layers_logged")
+    if (
+        not isinstance(layers_logged, list)
+        or not layers_logged
+        or not all(_is_int(layer) and layer >= 0 for layer in layers_logged)
+    ):
+        raise TraceError(f"{where}: field 'layers_logged' ({layers_logged!r}) must be a list of layers >= 0")
+    source_experts = header.get("num_experts")
+    model_id = header.get("model_id")
+    if source_experts is not None:
+        source_experts = _checked_num_experts(source_experts, f"{where}: field 'num_experts'")
+        origin = "the header's num_experts"
+    elif isinstance(model_id, str) and model_id in MODEL_NUM_EXPERTS:
+        source_experts, origin = MODEL_NUM_EXPERTS[model_id], f"the config of {model_id}"
+    else:
+        origin = None
+    if num_experts is None:
+        if source_experts is None:
+            raise TraceError(
+                f"{where}: the header gives no num_experts and its model_id ({model_id!r}) is not a known "
+                "model; pass num_experts (ds-grace import-trace --num-experts N)"
+            )
+        num_experts = source_experts
+    elif source_experts is not None and source_experts != num_experts:
+        raise TraceError(f"num_experts ({num_experts}) disagrees with {origin} ({source_experts}) in {path}")
+    streams = {layer: _RouteStream(file=path, layer=layer) for layer in layers_logged}
+    for number, record in records[1:]:
+        where = f"{path}:{number}"
+        if record.get("type") != "route":
+            raise TraceError(f"{where}: field 'type' ({record.get('type')!r}) must be 'route'")
+        layer = record.get("layer")
+        if not _is_int(layer) or layer not in streams:
+            raise TraceError(
+                f"{where}: field 'layer' ({layer!r}) must be one of the header's layers_logged {layers_logged}"
+            )
+        ids = _strict_ids(record.get("topk_ids"), where=where, field_name="topk_ids", num_experts=num_experts)
+        if len(ids) != top_k:
+            raise TraceError(f"{where}: field 'topk_ids' has {len(ids)} ids, the header's top_k is {top_k}")
+        weights = _strict_weights(
+            record.get("topk_weights"), where=where, field_name="topk_weights", length=top_k
+        )
+        stream = streams[layer]
+        stream.lines.append(number)
+        stream.ids.append(ids)
+        stream.weights.append(weights)
+    for stream in streams.values():
+        if not stream.ids:
+            raise TraceError(f"trace file ({path}) holds no route lines for layer {stream.layer}")
+    return header, num_experts, top_k, streams
+
+
+def load_route_logs(
+    paths: Sequence[str | Path],
+    *,
+    num_experts: int | None = None,
+    keep_warmup: bool = False,
+    warmup_min_run: int = WARMUP_MIN_RUN,
+) -> RoutingTrace:
+    """Import route logs (vLLM MoE loggers; ``qwen15_moe/``, ``olmoe_tokens/``) into one RoutingTrace.
+
+    A route log is JSON lines: a header ``{"type": "meta", "top_k": K, "layers_logged": [...], ...}``, then
+    one ``{"type": "route", "layer": l, "topk_ids": [...], "topk_weights": [...]}`` line per token.
+    The expert count is the header's ``num_experts``, or the routed experts of its ``model_id``
+    (``MODEL_NUM_EXPERTS``), or ``num_experts``; where two are given they must agree, and every id is
+    checked against it.
+
+    Warm-up: a block of >= ``warmup_min_run`` consecutive lines of one layer with the same id tuple is
+    an engine warm-up pass on dummy input; such blocks are dropped (``keep_warmup=True`` keeps them) and
+    counted in the metadata (``warmup_routes``, per file and layer).
+
+    Several files (or layers of one file) combine into one trace with one layer per model layer,
+    in model-layer order (``metadata["model_layers"]``). Rows are aligned by line order: the i-th kept
+    route line of every layer is taken as the same token. Nothing in the files proves this, so it is
+    recorded in ``metadata["assumptions"]``, and every layer must keep the same number of lines.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise TraceError("load_route_logs needs at least one file")
+    if not _is_int(warmup_min_run) or warmup_min_run < 2:
+        raise TraceError(f"warmup_min_run ({warmup_min_run!r}) must be an integer >= 2")
+    streams: dict[int, _RouteStream] = {}
+    headers, top_ks = [], set()
+    for raw_path in paths:
+        path = Path(raw_path)
+        header, num_experts, top_k, file_streams = _read_route_log(path, num_experts=num_experts)
+        headers.append(header)
+        top_ks.add(top_k)
+        for layer, stream in file_streams.items():
+            if layer in streams:
+                raise TraceError(f"model layer {layer} is logged by both {streams[layer].file} and {path}")
+            streams[layer] = stream
+    if len(top_ks) != 1:
+        raise TraceError(f"route logs {[str(p) for p in paths]} disagree on top_k ({sorted(top_ks)})")
+    model_ids = sorted({str(header.get("model_id")) for header in headers})
+    if len(model_ids) != 1:
+        raise TraceError(f"route logs {[str(p) for p in paths]} come from different models ({model_ids})")
+    layers = sorted(streams)
+    topk_ids, gate_weights, warmup = [], [], {}
+    for layer in layers:
+        stream = streams[layer]
+        ids_TK = np.array(stream.ids, dtype=np.int64)
+        weights_TK = np.array(stream.weights, dtype=np.float32)
+        warmup_T = _warmup_mask(ids_TK, warmup_min_run)
+        warmup[f"{stream.file.name}:layer{layer}"] = int(warmup_T.sum())
+        keep_T = np.ones_like(warmup_T) if keep_warmup else ~warmup_T
+        if not keep_T.any():
+            raise TraceError(
+                f"{stream.file} layer {layer}: every route line is in a warm-up block; nothing is left "
+                "(keep_warmup=True, import-trace --keep-warmup, keeps them)"
+            )
+        topk_ids.append(ids_TK[keep_T])
+        gate_weights.append(weights_TK[keep_T])
+    counts = {f"{streams[layer].file.name}:layer{layer}": len(ids) for layer, ids in zip(layers, topk_ids)}
+    if len(set(counts.values())) != 1:
+        raise TraceError(
+            f"route logs keep different numbers of tokens per layer ({counts}); rows align by line order, "
+            "so every layer must keep the same number"
+        )
+    assumptions = []
+    if len(layers) > 1:
+        assumptions.append(
+            "layers aligned by line order: the i-th kept route line of every layer is taken as the same "
+            "token (not verified by the files)"
+        )
+    metadata = {
+        "format": "route_log",
+        "files": [Path(p).name for p in paths],
+        "model_id": model_ids[0],
+        "model_layers": layers,
+        "tokens": len(topk_ids[0]),
+        "warmup_routes": warmup,
+        "warmup_dropped": not keep_warmup,
+        "warmup_min_run": warmup_min_run,
+        "assumptions": assumptions,
+    }
+    return RoutingTrace(
+        topk_ids=tuple(topk_ids),
+        num_experts=num_experts,
+        gate_weights=tuple(gate_weights),
+        metadata=metadata,
+    )
+
+
+IMPORT_FORMATS = ("auto", "mixtral", "olmoe-counts", "route-log")
+
+
+def import_trace(
+    paths: Sequence[str | Path],
+    *,
+    source_format: str = "auto",
+    num_experts: int | None = None,
+    token_identity: str = "key",
+    keep_warmup: bool = False,
+    top_k: int | None = None,
+) -> RoutingTrace | ExpertLoads:
+    """Read any supported source (``IMPORT_FORMATS``) into a trace (what ``ds-grace import-trace`` saves).
+
+    ``auto``: ``.json`` is OLMoE counts, a ``.jsonl`` starting with a ``{"type": "meta"}`` header a
+    route log, any other ``.jsonl`` Mixtral records. Only route logs combine several files.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise TraceError("import needs at least one file")
+    if source_format not in IMPORT_FORMATS:
+        raise TraceError(f"format ({source_format!r}) must be one of {IMPORT_FORMATS}")
+    for path in paths:
+        if not path.is_file():
+            raise TraceError(f"trace file ({path}) does not exist or is not a file")
+    kinds = {_source_kind(path) if source_format == "auto" else source_format for path in paths}
+    if len(kinds) != 1:
+        raise TraceError(f"files {[str(p) for p in paths]} are of different formats ({sorted(kinds)})")
+    kind = kinds.pop()
+    if kind == "route-log":
+        return load_route_logs(paths, num_experts=num_experts, keep_warmup=keep_warmup)
+    if len(paths) != 1:
+        raise TraceError(f"only route logs combine several files; {kind} takes one file, got {len(paths)}")
+    if kind == "mixtral":
+        return load_mixtral_jsonl(paths[0], num_experts=num_experts, token_identity=token_identity)
+    return load_olmoe_counts(
+        paths[0],
+        num_experts=OLMOE_NUM_EXPERTS if num_experts is None else num_experts,
+        top_k=8 if top_k is None else top_k,
+    )
+
+
+def _source_kind(path: Path) -> str:
+    if path.suffix == ".json":
+        return "olmoe-counts"
+    if path.suffix == ".jsonl":
+        return "route-log" if is_route_log(path) else "mixtral"
+    raise TraceError(
+        f"trace file ({path}): cannot tell its format from the suffix {path.suffix!r}; pass --format"
+    )
+
+
+def split_trace(trace: RoutingTrace, *, fraction: float) -> tuple[RoutingTrace, RoutingTrace]:
+    """(first, rest): the first ``fraction`` of the tokens in recorded order, and the others.
+
+    Tokens are ordered by token id (the importers number tokens in recorded order; without token ids
+    row i is token i); the first round(fraction x tokens) of them go to `first`, in every layer, so a
+    token is on one side at every layer. Both sides must keep at least one token in every layer.
+    """
+    if not isinstance(trace, RoutingTrace):
+        raise TraceError("split_trace needs a per-token RoutingTrace, not expert loads")
+    if not _is_number(fraction) or not 0.0 < fraction < 1.0:
+        raise TraceError(f"fraction ({fraction!r}) must be a number in (0, 1)")
+    tokens_N = np.unique(np.concatenate([trace.tokens_of(layer) for layer in range(trace.num_layers)]))
+    cut = int(round(fraction * len(tokens_N)))
+    if not 0 < cut < len(tokens_N):
+        raise TraceError(f"fraction {fraction} of {len(tokens_N)} tokens leaves one side empty")
+    boundary = tokens_N[cut]  # first token id of `rest`
+    parts = []
+    for name, side in (("first", True), ("rest", False)):
+        ids, weights, tokens = [], [], []
+        for layer in range(trace.num_layers):
+            keep_T = (trace.tokens_of(layer) < boundary) == side
+            if not keep_T.any():
+                raise TraceError(f"split at fraction {fraction}: layer {layer} keeps no token in {name!r}")
+            ids.append(trace.topk_ids[layer][keep_T])
+            if trace.gate_weights is not None:
+                weights.append(trace.gate_weights[layer][keep_T])
+            if trace.token_ids is not None:
+                tokens.append(trace.token_ids[layer][keep_T])
+        parts.append(
+            RoutingTrace(
+                topk_ids=tuple(ids),
+                num_experts=trace.num_experts,
+                gate_weights=tuple(weights) if trace.gate_weights is not None else None,
+                token_ids=tuple(tokens) if trace.token_ids is not None else None,
+                metadata={
+                    **trace.metadata,
+                    "split": {
+                        "of": trace.fingerprint,
+                        "part": name,
+                        "fraction": fraction,
+                        "tokens": cut if side else len(tokens_N) - cut,
+                    },
+                },
+            )
+        )
+    return parts[0], parts[1]
 
 
 def _sample_topk(

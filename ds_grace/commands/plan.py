@@ -4,7 +4,9 @@
                   [--extra-slots-per-gpu S] --out plan.json
 
 Options default to the "grace" block of --config (or GraceConfig's defaults); the flags override
-single fields. PATH may be a RoutingTrace (.npz), a Mixtral routing .jsonl or OLMoE counts .json.
+single fields. PATH is a trace file (.npz) from `ds-grace import-trace` or `ds-grace profile`; route logs
+(.jsonl with a header) and OLMoE counts (.json) are also read directly. Mixtral JSONL records no expert
+count: import it with `ds-grace import-trace FILE --num-experts 8`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _ratio(value: str) -> float | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--trace", required=True, help="routing trace: .npz, Mixtral .jsonl or OLMoE counts .json"
+        "--trace",
+        required=True,
+        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also read)",
     )
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")

@@ -19,7 +19,9 @@ from ds_grace.trace import TraceError, load_trace
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", help="plan file (JSON) from `ds-grace plan`")
     parser.add_argument(
-        "--trace", required=True, help="routing trace: .npz, Mixtral .jsonl or OLMoE counts .json"
+        "--trace",
+        required=True,
+        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also read)",
     )
     parser.add_argument("--out", required=True, help="directory to write the report into")
     parser.add_argument("--layer", type=int, default=0, help="MoE layer the plots show (default 0)")

@@ -24,7 +24,7 @@ TOPO = Topology(num_nodes=2, gpus_per_node=2)
 @pytest.fixture(scope="module")
 def mixtral():
     return {
-        name: load_mixtral_jsonl(TRACES / "mixtral" / f"{name}_2_routing.jsonl")
+        name: load_mixtral_jsonl(TRACES / "mixtral" / f"{name}_2_routing.jsonl", num_experts=8)
         for name in ("gsm8k", "humaneval")
     }
 

@@ -141,7 +141,7 @@ def test_arrays_are_read_only():
 
 
 def test_mixtral_import_links_tokens_across_layers():
-    trace = load_mixtral_jsonl(TRACES / "mixtral" / "gsm8k_2_routing.jsonl")
+    trace = load_mixtral_jsonl(TRACES / "mixtral" / "gsm8k_2_routing.jsonl", num_experts=8)
     assert (trace.num_layers, trace.num_experts, trace.top_k) == (32, 8, 2)
     assert trace.num_tokens[:3] == (246, 247, 247)
     assert sum(trace.num_tokens) == 7889
@@ -158,7 +158,7 @@ def test_mixtral_import_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"layer": 0, "experts": [1, 2], "token_idx": 0}\n{"layer": 0, "experts": [1, 2]}\n')
     with pytest.raises(TraceError, match=r"bad.jsonl:2: malformed routing record"):
-        load_mixtral_jsonl(path)
+        load_mixtral_jsonl(path, num_experts=8)
 
 
 def test_olmoe_counts_import_gives_loads_only():
