@@ -151,8 +151,11 @@ def default_workloads(*, quick: bool = False, models: tuple[str, ...] = DEFAULT_
             specs.append(WorkloadSpec(model, "prefill", batch=4, tokens_per_sequence=8, steps=3, warmup=1))
             continue
         specs.append(WorkloadSpec(model, "prefill", batch=16, tokens_per_sequence=32, steps=10, warmup=2))
+        # decode warm-up: one forward per replayed layer, so every layer has learnt the token counts
+        # its low-latency buffer is sized by (steady-state decode) before the measured steps
+        warmup = max(2, len(MODELS[model].layers))
         specs.append(
-            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=PAPER_DECODE, warmup=2)
+            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=PAPER_DECODE, warmup=warmup)
         )
     return specs
 
