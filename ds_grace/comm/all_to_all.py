@@ -37,7 +37,8 @@ into one byte row (packed once per forward), so each stage is a single payload c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,7 @@ class DispatchMeta:
     out_dtype: torch.dtype
     hierarchical_used: bool | None = None
     max_tokens: int | None = None
+    local: _LocalRoutes | None = None  # routes of this rank's own tokens computed here, outputs included
 
     @property
     def exchanges(self) -> tuple[Exchange, ...]:
@@ -123,6 +125,7 @@ def dispatch(
     counters: TrafficCounters | None = None,
     path_model: PathModel | None = None,
     low_latency_rows: int | None = None,
+    local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
     """Send every routed token to the ranks computing its routes.
 
@@ -131,7 +134,10 @@ def dispatch(
     must exceed every rank's slot count. With `path_model` (and hierarchical, N > 1) the normal
     rounds take the path the model predicts faster for this forward's traffic; without it,
     hierarchical decides. `low_latency_rows` (None: off) is the low-latency buffer's rows per
-    peer; every rank must pass the same value and the same path options. Returns (x_QD, meta):
+    peer; every rank must pass the same value and the same path options. With `local_experts`
+    (experts(x_QD, slot_splits) -> out_QD) the routes of this rank's own tokens to itself skip the
+    collectives and are computed while the first payload round is in flight (normal rounds only);
+    combine adds them in. Returns (x_QD, meta):
     the expert input rows of this rank, grouped by local slot (``meta.slot_splits``), and the
     metadata ``combine`` consumes. Collective: every rank of the EP group must call it.
     """
@@ -167,7 +173,7 @@ def dispatch(
     return _dispatch_dedup(
         rows, dest_TK, x_TD, layout=layout, groups=groups, slot_stride=slot_stride,
         num_local_slots=num_local_slots, hierarchical=hierarchical, counters=counters, path_model=path_model,
-        low_latency_rows=low_latency_rows,
+        low_latency_rows=low_latency_rows, local_experts=local_experts,
     )  # fmt: skip
 
 
@@ -184,6 +190,7 @@ def _dispatch_dedup(
     counters: TrafficCounters | None,
     path_model: PathModel | None,
     low_latency_rows: int | None,
+    local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
     topology = groups.topology
     world, nodes, gpus, me = topology.world_size, topology.num_nodes, topology.gpus_per_node, groups.ep_index
@@ -194,16 +201,22 @@ def _dispatch_dedup(
     member_TR = _membership(dest_TK, world)
     routed_R = member_TR.sum(0)
     zero_R = torch.zeros_like(routed_R)
-    relay_TK = torch.where(dest_TK >= 0, dest_TK // gpus * gpus + groups.local_rank, -1)
+    local_first = local_experts is not None and not fits and world > 1
+    # the normal rounds' destinations: with local_first, routes to this rank stay here
+    net_dest_TK = torch.where(dest_TK == me, -1, dest_TK) if local_first else dest_TK
+    net_member_TR = member_TR.clone() if local_first else member_TR
+    if local_first:
+        net_member_TR[:, me] = False
+    relay_TK = torch.where(net_dest_TK >= 0, net_dest_TK // gpus * gpus + groups.local_rank, -1)
     columns: dict[str, torch.Tensor] = {}
     if ll is not None:
         columns["ll"] = routed_R if fits else zero_R
         columns["tokens"] = torch.full_like(routed_R, tokens)
-    columns["routed"] = zero_R if fits else routed_R
+    columns["routed"] = zero_R if fits else net_member_TR.sum(0)
     if hierarchical:
         columns["relay"] = zero_R if fits else _membership(relay_TK, world).sum(0)
     if adaptive:
-        summary_C = rank_summary(member_TR, ep_index=me, topology=topology)
+        summary_C = rank_summary(net_member_TR, ep_index=me, topology=topology)
         summary_C = torch.zeros_like(summary_C) if fits else summary_C
         for i, value in enumerate(summary_C):
             columns[f"summary{i}"] = value.expand(world)
@@ -242,8 +255,9 @@ def _dispatch_dedup(
         parts.append(ll_rows_V)
         offset += int(ll_rows_V.shape[0])
     hierarchical_used = None
+    local: _LocalRoutes | None = None
     if any_normal:
-        normal_dest_TK = torch.full_like(dest_TK, -1) if fits else dest_TK
+        normal_dest_TK = torch.full_like(dest_TK, -1) if fits else net_dest_TK
         hierarchical_used = hierarchical
         if adaptive:
             assert path_model is not None  # adaptive implies a model
@@ -256,15 +270,27 @@ def _dispatch_dedup(
         routed_from = [int(row[col["routed"]]) for row in header]
         exchanges: list[Exchange] = []
         current = rows
+
+        def run_local() -> None:  # this rank's own routes to itself, while the first round is in flight
+            nonlocal local
+            if local_first and local is None:
+                assert local_experts is not None  # local_first implies experts
+                local = _local_routes(rows, dest_TK, me=me, slot_stride=slot_stride, layout=layout,
+                                      num_local_slots=num_local_slots, experts=local_experts, counters=counters)  # fmt: skip
+
         if hierarchical_used:
             if nodes > 1:
                 normal_relay_TK = torch.full_like(relay_TK, -1) if fits else relay_TK
                 current, exchange = _send_rows(
                     current, normal_relay_TK, stage="dispatch.stage1", group=groups.ep_group,
                     peer_ep_ranks=tuple(range(world)), recv_splits=[int(row[col["relay"]]) for row in header],
-                    dedup=True, layout=layout, groups=groups, counters=counters,
+                    dedup=True, layout=layout, groups=groups, counters=counters, while_in_flight=run_local,
                 )  # fmt: skip
                 exchanges.append(exchange)
+            elif local_first:  # no stage 1 (one node): drop the routes that stay here from the sent codes
+                current = rows.clone()
+                code_TK = layout.unpack(current).code
+                code_TK.copy_(torch.where(dest_TK == me, -1, code_TK))
             node_ranks = tuple(groups.intra_ep_indices)
             code_VK = layout.unpack(current).code
             intra_VK = torch.where(code_VK >= 0, code_VK.long() // slot_stride - node_ranks[0], -1)
@@ -272,23 +298,37 @@ def _dispatch_dedup(
             current, exchange = _send_rows(
                 current, intra_VK, stage="dispatch.stage2", group=groups.intra_group if gpus > 1 else None,
                 peer_ep_ranks=node_ranks, recv_splits=arrivals, dedup=True, layout=layout, groups=groups,
-                counters=counters,
+                counters=counters, while_in_flight=run_local,
             )  # fmt: skip
             exchanges.append(exchange)
         else:
             current, exchange = _send_rows(
                 current, normal_dest_TK, stage="dispatch", group=groups.ep_group if world > 1 else None,
                 peer_ep_ranks=tuple(range(world)), recv_splits=routed_from, dedup=True, layout=layout,
-                groups=groups, counters=counters,
+                groups=groups, counters=counters, while_in_flight=run_local,
             )  # fmt: skip
             exchanges.append(exchange)
+        run_local()
         branches.append(Branch(tuple(exchanges), offset, int(current.shape[0])))
         parts.append(current)
+        offset += int(current.shape[0])
     received = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else rows[:0])
-    return _finish(
+    x_QD, meta = _finish(
         received, branches, layout, x_TD, groups=groups, slot_stride=slot_stride, num_local_slots=num_local_slots,
         counters=counters, hierarchical_used=hierarchical_used, max_tokens=max_tokens,
     )  # fmt: skip
+    if local is None:
+        return x_QD, meta
+    # the local rows come after every received row: their own branch, summed into the tokens in place
+    local_branch = Branch((Exchange(stage="local", group=None, peer_ep_ranks=(me,), src_row_S=local.src_row_L,
+                                    send_splits=(), recv_splits=(), num_input_rows=tokens),),
+                          meta.num_received_rows, int(local.src_row_L.shape[0]))  # fmt: skip
+    return x_QD, dataclasses.replace(
+        meta,
+        branches=(*meta.branches, local_branch),
+        local=local,
+        num_received_rows=meta.num_received_rows + int(local.src_row_L.shape[0]),
+    )
 
 
 def _finish(
@@ -354,6 +394,11 @@ def combine(
     hidden = int(expert_out_QD.shape[1])
     partial_VD = expert_out_QD.new_zeros(meta.num_received_rows, hidden, dtype=torch.float32)
     partial_VD.index_add_(0, meta.route_row_Q, expert_out_QD.float() * meta.route_weight_Q.unsqueeze(1))
+    if meta.local is not None:
+        local, start = meta.local, meta.branches[-1].row_offset
+        partial_VD.index_add_(
+            0, start + local.route_row_Q, local.out_QD.float() * local.route_weight_Q.unsqueeze(1)
+        )
     y_TD: torch.Tensor | None = None
     for branch in meta.branches:
         part_VD = partial_VD[branch.row_offset : branch.row_offset + branch.num_rows]
@@ -481,17 +526,67 @@ def _membership(target_VK: torch.Tensor, num_targets: int) -> torch.Tensor:
 
 
 def _all_to_all(
-    send: torch.Tensor, *, send_splits: Sequence[int], recv_splits: Sequence[int], group: Any
+    send: torch.Tensor,
+    *,
+    send_splits: Sequence[int],
+    recv_splits: Sequence[int],
+    group: Any,
+    while_in_flight: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     out = send.new_empty((int(sum(recv_splits)), *send.shape[1:]))
-    dist.all_to_all_single(
+    work = dist.all_to_all_single(
         out,
         send.contiguous(),
         output_split_sizes=list(recv_splits),
         input_split_sizes=list(send_splits),
         group=group,
+        async_op=while_in_flight is not None,
     )
+    if while_in_flight is not None:
+        while_in_flight()
+        work.wait()
     return out
+
+
+@dataclass(frozen=True)
+class _LocalRoutes:
+    """Routes of this rank's own tokens to itself: rows src_row_L of its tokens, their routes
+    (route_row_Q into those rows, ordered by slot), gate weights and expert outputs."""
+
+    src_row_L: torch.Tensor
+    route_row_Q: torch.Tensor
+    route_weight_Q: torch.Tensor
+    out_QD: torch.Tensor
+
+
+def _local_routes(
+    rows_TW: torch.Tensor,
+    dest_TK: torch.Tensor,
+    *,
+    me: int,
+    slot_stride: int,
+    layout: _RowLayout,
+    num_local_slots: int,
+    experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor],
+    counters: TrafficCounters | None,
+) -> _LocalRoutes:
+    """Run this rank's experts on its own tokens' routes to itself (no collective)."""
+    mine_TK = dest_TK == me
+    src_row_L = mine_TK.any(dim=1).nonzero(as_tuple=True)[0]
+    view = layout.unpack(rows_TW.index_select(0, src_row_L))
+    row_Q, k_Q = mine_TK[src_row_L].nonzero(as_tuple=True)
+    slot_Q = view.code[row_Q, k_Q].long() - me * slot_stride
+    order_Q = torch.argsort(slot_Q, stable=True)
+    slot_splits = torch.bincount(slot_Q, minlength=num_local_slots).tolist()
+    if len(slot_splits) != num_local_slots:
+        raise RuntimeError(
+            f"EP rank {me} routes to its slot {len(slot_splits) - 1} but hosts {num_local_slots} slots"
+        )
+    route_row_Q = row_Q[order_Q]
+    if counters is not None:
+        counters.record_expert_rows(slot_splits)
+    out_QD = experts(view.x.index_select(0, route_row_Q), slot_splits)
+    return _LocalRoutes(src_row_L, route_row_Q, view.weight[row_Q, k_Q][order_Q], out_QD)
 
 
 def _exchange_sizes(
@@ -591,12 +686,14 @@ def _send_rows(
     layout: _RowLayout,
     groups: GraceGroups,
     counters: TrafficCounters | None,
+    while_in_flight: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, Exchange]:
     """Send each packed row to the peers its routes name (peer_VK: index into peer_ep_ranks, or -1).
 
     With dedup a row goes once per peer carrying all its routes for that peer; without, once per
     route. A row's sent copy keeps only the codes of the routes for its destination. Without
-    recv_splits, a row-count exchange precedes the payload.
+    recv_splits, a row-count exchange precedes the payload. while_in_flight runs while the payload
+    collective is in flight (it must not call collectives on this group).
     """
     num_peers = len(peer_ep_ranks)
     sent_SW: torch.Tensor
@@ -623,7 +720,13 @@ def _send_rows(
         if recv_splits is None:
             sizes_P1 = torch.tensor(send_splits, dtype=torch.int64, device=rows_VW.device).unsqueeze(1)
             recv_splits = _exchange_sizes(sizes_P1, groups=groups, counters=counters)[:, 0].tolist()
-        received_VW = _all_to_all(sent_SW, send_splits=send_splits, recv_splits=recv_splits, group=group)
+        received_VW = _all_to_all(
+            sent_SW,
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            group=group,
+            while_in_flight=while_in_flight,
+        )
         if counters is not None:
             counters.record_exchange(
                 stage,

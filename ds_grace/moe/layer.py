@@ -215,6 +215,7 @@ class GraceMOELayer(MOELayer):
             counters=self.comm_counters,
             path_model=path_model,
             low_latency_rows=self._low_latency_rows if low_latency else None,
+            local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
         )
         if meta.max_tokens is not None:
             bound = options.low_latency_max_tokens

@@ -50,7 +50,9 @@ class _CountingAllToAll:
         dist.all_to_all_single = self._original
 
 
-def _routed(layer: GraceMoE, x_TD, ids_TK, w_TK, *, path_model, low_latency_rows, hierarchical=True):
+def _routed(
+    layer: GraceMoE, x_TD, ids_TK, w_TK, *, path_model, low_latency_rows, hierarchical=True, local=False
+):
     """One forward through dispatch/combine with explicit path options (what forward_routed does)."""
     moe = layer.deepspeed_moe
     rank_TK, slot_TK = choose_instances(moe.route_table(x_TD.device), ids_TK, origin_rank=moe.ep_index)
@@ -59,10 +61,11 @@ def _routed(layer: GraceMoE, x_TD, ids_TK, w_TK, *, path_model, low_latency_rows
         x_QD, meta = dispatch(
             x_TD, rank_TK, slot_TK, w_TK, groups=groups, slot_stride=moe._slot_stride,
             num_local_slots=moe.num_local_experts, hierarchical=hierarchical, counters=moe.comm_counters,
-            path_model=path_model, low_latency_rows=low_latency_rows,
+            path_model=path_model, low_latency_rows=low_latency_rows, local_experts=moe.experts if local else None,
         )  # fmt: skip
         y_TD = combine(moe.experts(x_QD, meta.slot_splits), meta, groups=groups, counters=moe.comm_counters)
-    return y_TD, meta, counter.calls, sum(meta.slot_splits)
+    local_routes = 0 if meta.local is None else int(meta.local.route_row_Q.shape[0])
+    return y_TD, meta, counter.calls, sum(meta.slot_splits) + local_routes, local_routes
 
 
 def _tokens(case, seed, rank, scenario):
@@ -108,18 +111,24 @@ def _paths_cases(ctx: RankContext) -> list[dict]:
             "forced_hier": ((x_TD, ids_TK, w_TK), PREFER_HIER, None, True),
             "forced_flat": ((x_TD, ids_TK, w_TK), PREFER_FLAT, None, True),
             "ll_overflow_forced_hier": (big, PREFER_HIER, max_tokens, True),
+            # own routes computed while the first payload round is in flight
+            "local_first_flat": ((x_TD, ids_TK, w_TK), None, None, False),
+            "local_first_hier": ((x_TD, ids_TK, w_TK), None, None, True),
+            "local_first_ll_overflow": (big, PREFER_HIER, max_tokens, True),
         }
         result = {"scenario": scenario, "tokens": counts, "runs": {}}
         for name, (inputs, model, ll, hierarchical) in runs.items():
-            y_TD, meta, calls, computed = _routed(
-                layer, *inputs, path_model=model, low_latency_rows=ll, hierarchical=hierarchical
-            )
+            y_TD, meta, calls, computed, local_routes = _routed(
+                layer, *inputs, path_model=model, low_latency_rows=ll, hierarchical=hierarchical,
+                local=name.startswith("local_first"),
+            )  # fmt: skip
             ref = reference_big if inputs is big else reference
             result["runs"][name] = {
                 "diff": float((y_TD - ref).abs().max()) if y_TD.numel() else 0.0,
                 "scale": max(1.0, float(ref.abs().max())) if ref.numel() else 1.0,
                 "routes": int((inputs[1] >= 0).sum()), "computed": computed, "calls": calls,
                 "hierarchical_used": meta.hierarchical_used, "max_tokens": meta.max_tokens,
+                "local_routes": local_routes,
             }  # fmt: skip
         out.append(result)
 
@@ -177,6 +186,11 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
         assert run["forced_hier"]["hierarchical_used"] is True and run["forced_hier"]["calls"] == 5
         assert run["forced_flat"]["hierarchical_used"] is False and run["forced_flat"]["calls"] == 3
         assert run["ll_overflow_forced_hier"]["hierarchical_used"] is True
+        assert run["local_first_flat"]["calls"] == 3 and run["local_first_hier"]["calls"] == 5
+        assert run["local_first_ll_overflow"]["hierarchical_used"] is True
+        assert all(r["runs"]["count_exchange_hier"]["local_routes"] == 0 for r in per_rank)
+        if case["scenario"] != "all_to_one_expert":  # a rank's own routes to itself skipped the collectives
+            assert any(r["runs"]["local_first_hier"]["local_routes"] > 0 for r in per_rank)
     assert {c["scenario"] for c in cases} == {
         "random",
         "zero_token_rank",
