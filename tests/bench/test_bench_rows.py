@@ -40,7 +40,9 @@ def _fake_outcome() -> tuple[dict, dict]:
     systems = {s.name: _measured(10.0, 100.0) for s in SYSTEMS}
     systems["peer_sparse"] = _measured(12.0, 300.0)
     systems["peer_deepep"] = _measured(11.5, 120.0)
-    systems["peer_eplb_deepep"] = _measured(11.0, 90.0)  # the best peer, and fewer cross-node bytes than grace
+    systems["peer_eplb_deepep"] = _measured(
+        11.0, 90.0
+    )  # the best peer, and fewer cross-node bytes than grace
     systems["grace"] = {**_measured(10.0, 100.0), "paths": {"low-latency": 0, "hierarchical": 2, "flat": 1}}
     systems["vanilla_lossless"] = _measured(40.0, 1000.0)
     systems["vanilla_default"] = _measured(30.0, 600.0, dropped=5, diff=0.5)
