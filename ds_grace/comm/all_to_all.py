@@ -216,8 +216,10 @@ def _dispatch_dedup(
     if hierarchical:
         columns["relay"] = zero_R if fits else _membership(relay_TK, world).sum(0)
     if adaptive:
-        summary_C = rank_summary(net_member_TR, ep_index=me, topology=topology)
-        summary_C = torch.zeros_like(summary_C) if fits else summary_C
+        if fits:  # nothing of this rank goes by the normal rounds
+            summary_C = torch.zeros(3 * nodes, dtype=torch.int64, device=dest_TK.device)
+        else:
+            summary_C = rank_summary(net_member_TR, ep_index=me, topology=topology)
         for i, value in enumerate(summary_C):
             columns[f"summary{i}"] = value.expand(world)
     names = list(columns)
