@@ -201,8 +201,8 @@ def _dispatch_dedup(
     member_TR = _membership(dest_TK, world)
     routed_R = member_TR.sum(0)
     zero_R = torch.zeros_like(routed_R)
-    local_first = local_experts is not None and not fits and world > 1
-    # the normal rounds' destinations: with local_first, routes to this rank stay here
+    local_first = local_experts is not None and world > 1
+    # the destinations over the wire: with local_first, routes of this rank's tokens to itself stay here
     net_dest_TK = torch.where(dest_TK == me, -1, dest_TK) if local_first else dest_TK
     net_member_TR = member_TR.clone() if local_first else member_TR
     if local_first:
@@ -210,7 +210,7 @@ def _dispatch_dedup(
     relay_TK = torch.where(net_dest_TK >= 0, net_dest_TK // gpus * gpus + groups.local_rank, -1)
     columns: dict[str, torch.Tensor] = {}
     if ll is not None:
-        columns["ll"] = routed_R if fits else zero_R
+        columns["ll"] = net_member_TR.sum(0) if fits else zero_R
         columns["tokens"] = torch.full_like(routed_R, tokens)
     columns["routed"] = zero_R if fits else net_member_TR.sum(0)
     if hierarchical:
@@ -226,13 +226,25 @@ def _dispatch_dedup(
     col = {name: i for i, name in enumerate(names)}
     header_RC = torch.stack([columns[name] for name in names], dim=1).to(torch.int64)
 
+    local: _LocalRoutes | None = None
+
+    def run_local() -> None:  # this rank's own routes to itself, while the first round is in flight
+        nonlocal local
+        if local_first and local is None:
+            assert local_experts is not None  # local_first implies experts
+            local = _local_routes(rows, dest_TK, me=me, slot_stride=slot_stride, layout=layout,
+                                  num_local_slots=num_local_slots, experts=local_experts, counters=counters)  # fmt: skip
+
     ll_send: tuple[torch.Tensor, torch.Tensor] | None = None
     if fits and ll:
-        peer_S, src_row_S = member_TR.t().nonzero(as_tuple=True)
+        peer_S, src_row_S = net_member_TR.t().nonzero(as_tuple=True)
         ll_send = (peer_S, src_row_S)
     received_header_RC, ll_rows_V = _exchange_header(
-        header_RC, rows, dest_TK, ll_send=ll_send, ll=ll or 0, layout=layout, groups=groups, counters=counters
-    )
+        header_RC, rows, net_dest_TK, ll_send=ll_send, ll=ll or 0, layout=layout, groups=groups, counters=counters,
+        while_in_flight=run_local if fits else None,
+    )  # fmt: skip
+    if fits:
+        run_local()
     header = received_header_RC.tolist()
     mine = header_RC.tolist()
     branches: list[Branch] = []
@@ -257,7 +269,6 @@ def _dispatch_dedup(
         parts.append(ll_rows_V)
         offset += int(ll_rows_V.shape[0])
     hierarchical_used = None
-    local: _LocalRoutes | None = None
     if any_normal:
         normal_dest_TK = torch.full_like(dest_TK, -1) if fits else net_dest_TK
         hierarchical_used = hierarchical
@@ -272,14 +283,6 @@ def _dispatch_dedup(
         routed_from = [int(row[col["routed"]]) for row in header]
         exchanges: list[Exchange] = []
         current = rows
-
-        def run_local() -> None:  # this rank's own routes to itself, while the first round is in flight
-            nonlocal local
-            if local_first and local is None:
-                assert local_experts is not None  # local_first implies experts
-                local = _local_routes(rows, dest_TK, me=me, slot_stride=slot_stride, layout=layout,
-                                      num_local_slots=num_local_slots, experts=local_experts, counters=counters)  # fmt: skip
-
         if hierarchical_used:
             if nodes > 1:
                 normal_relay_TK = torch.full_like(relay_TK, -1) if fits else relay_TK
@@ -310,10 +313,10 @@ def _dispatch_dedup(
                 groups=groups, counters=counters, while_in_flight=run_local,
             )  # fmt: skip
             exchanges.append(exchange)
-        run_local()
         branches.append(Branch(tuple(exchanges), offset, int(current.shape[0])))
         parts.append(current)
         offset += int(current.shape[0])
+    run_local()
     received = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else rows[:0])
     x_QD, meta = _finish(
         received, branches, layout, x_TD, groups=groups, slot_stride=slot_stride, num_local_slots=num_local_slots,
@@ -624,6 +627,7 @@ def _exchange_header(
     layout: _RowLayout,
     groups: GraceGroups,
     counters: TrafficCounters | None,
+    while_in_flight: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round 1: every peer's header row; with ll > 0 inside a fixed buffer of ll rows per peer that
     also carries this rank's rows when it fits (ll_send = (peer_S, src_row_S), sorted by peer).
@@ -650,7 +654,7 @@ def _exchange_header(
     else:
         recv_RBW = _all_to_all(
             buf_RBW.view(world * block, width), send_splits=[block] * world, recv_splits=[block] * world,
-            group=groups.ep_group,
+            group=groups.ep_group, while_in_flight=while_in_flight,
         ).view(world, block, width)  # fmt: skip
         if counters is not None:
             common = dict(peer_ep_ranks=range(world), ep_index=groups.ep_index, topology=groups.topology)
