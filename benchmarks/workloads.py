@@ -38,6 +38,7 @@ from ds_grace.trace import (
 )
 
 PAPER_BATCH, PAPER_PREFILL, PAPER_DECODE = 256, 128, 16
+DECODE_STEPS = 2 * PAPER_DECODE  # two passes of the paper's 16 steps: decode forwards are short and noisy
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def default_workloads(*, quick: bool = False, models: tuple[str, ...] = DEFAULT_
         # its low-latency buffer is sized by (steady-state decode) before the measured steps
         warmup = max(2, len(MODELS[model].layers))
         specs.append(
-            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=PAPER_DECODE, warmup=warmup)
+            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=DECODE_STEPS, warmup=warmup)
         )
     return specs
 

@@ -40,6 +40,7 @@ def _fake_outcome() -> tuple[dict, dict]:
     systems = {s.name: _measured(10.0, 100.0) for s in SYSTEMS}
     systems["peer_sparse"] = _measured(12.0, 300.0)
     systems["peer_deepep"] = _measured(11.5, 120.0)
+    systems["peer_eplb"] = _measured(13.0, 280.0)
     systems["peer_eplb_deepep"] = _measured(
         11.0, 90.0
     )  # the best peer, and fewer cross-node bytes than grace

@@ -189,7 +189,10 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
         assert run["ll_overflow_forced_hier"]["hierarchical_used"] is True
         assert run["local_first_flat"]["calls"] == 3 and run["local_first_hier"]["calls"] == 5
         assert run["local_first_ll_overflow"]["hierarchical_used"] is True
-        assert run["local_first_ll_fits"]["calls"] == 2 and run["local_first_ll_fits"]["hierarchical_used"] is None
+        assert (
+            run["local_first_ll_fits"]["calls"] == 2
+            and run["local_first_ll_fits"]["hierarchical_used"] is None
+        )
         assert all(r["runs"]["count_exchange_hier"]["local_routes"] == 0 for r in per_rank)
         if case["scenario"] != "all_to_one_expert":  # a rank's own routes to itself skipped the collectives
             assert any(r["runs"]["local_first_hier"]["local_routes"] > 0 for r in per_rank)
