@@ -14,8 +14,9 @@ with row = the dispatch row plus the combine row (bytes), link_* the rows on the
 the summary every rank sends with its row counts (``summary_columns``: the same values to every
 peer, so after the exchange every rank holds every rank's summary and takes the same decision).
 
-``calibrate`` times small and large all-to-alls on the EP and intra-node groups once and averages
-the parameters over the EP group, so every rank holds identical parameters. Collective.
+``calibrate`` times small and large all-to-alls on the EP and intra-node groups once (the link's
+per-byte cost from the slope between two large sizes, so that a shaped link's burst does not hide it)
+and averages the parameters over the EP group, so every rank holds identical parameters. Collective.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from ds_grace.comm.groups import GraceGroups
 from ds_grace.topology import Topology
 
 CALIBRATION_REPEATS = 5
-CALIBRATION_INTER_BYTES = 16 * 1024  # per remote-node peer
+# per remote-node peer: two sizes, both beyond a shaped link's burst allowance, so that the slope
+# between them is the link's per-byte cost (a burst shortens both transfers alike)
+CALIBRATION_INTER_BYTES = (64 * 1024, 192 * 1024)
 CALIBRATION_INTRA_BYTES = 256 * 1024  # per same-node peer
 
 
@@ -145,10 +148,13 @@ def calibrate(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> Pat
     inter_s_per_byte = 0.0
     if topology.num_nodes > 1:
         my_node = topology.node_of(me)
-        splits = [0 if topology.node_of(r) == my_node else CALIBRATION_INTER_BYTES // 8 for r in range(world)]
-        t_inter = _median_time(groups.ep_group, splits, splits, repeats)
-        link_bytes = gpus * (world - gpus) * CALIBRATION_INTER_BYTES  # one node's ranks to all remote peers
-        inter_s_per_byte = max(t_inter - alpha_ep, 0.0) / link_bytes
+        times = []
+        for per_peer in CALIBRATION_INTER_BYTES:
+            splits = [0 if topology.node_of(r) == my_node else per_peer // 8 for r in range(world)]
+            times.append(_median_time(groups.ep_group, splits, splits, max(2, repeats // 2)))
+        small, large = CALIBRATION_INTER_BYTES
+        link_bytes = gpus * (world - gpus) * (large - small)  # one node's ranks to all remote peers
+        inter_s_per_byte = max(times[1] - times[0], 0.0) / link_bytes
     local = PathModel(alpha_ep, alpha_intra, inter_s_per_byte, intra_s_per_byte).as_tensor()
     dist.all_reduce(local, group=groups.ep_group)
     mean = (local / world).tolist()
