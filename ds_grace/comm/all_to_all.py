@@ -192,6 +192,8 @@ def _dispatch_dedup(
     low_latency_rows: int | None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
+    """The deduplicating paths: header round (low-latency buffer or row counts), then, for the ranks
+    that did not fit the buffer, the flat or hierarchical rounds; own routes stay local."""
     topology = groups.topology
     world, nodes, gpus, me = topology.world_size, topology.num_nodes, topology.gpus_per_node, groups.ep_index
     tokens = int(dest_TK.shape[0])
