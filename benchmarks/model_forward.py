@@ -48,7 +48,11 @@ def system_blocks(plan_path: str, topology: Topology) -> dict[str, dict[str, Any
             "vanilla": {"drop_tokens": False, "eval_capacity_factor": 1.0, "min_capacity": 4},
         },
         "grace_tar": {**grace, "communication": {"hierarchical": False, "dedup": True}},
-        "grace_hsc": {**grace, "communication": {"hierarchical": True, "dedup": True}},
+        "grace_hsc": {
+            **grace,
+            "communication": {"hierarchical": True, "dedup": True, "adaptive_path": False},
+        },
+        "grace": grace,  # the default communication block: path chosen per layer and forward
     }
 
 

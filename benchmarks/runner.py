@@ -29,12 +29,12 @@ from torch import nn
 from benchmarks.systems import SYSTEM_BY_NAME, SystemSpec
 from benchmarks.workloads import ModelShape, ReplayBatches, WorkloadSpec, spec_from_dict
 from ds_grace.comm.groups import create_grace_groups
-from ds_grace.moe.layer import GraceMoE, RuntimeOptions
+from ds_grace.moe.layer import GraceMoE
 from ds_grace.planning.plan import GracePlan
 from ds_grace.topology import Topology
 from ds_grace.vanilla import DEEPSPEED_DEFAULT, gate_stats
 
-MODEL_SEEDS = {"mixtral": 11, "olmoe": 23}
+MODEL_SEEDS = {"mixtral": 11, "olmoe": 23, "qwen15": 31, "olmoe-real": 37}
 
 
 def make_expert(shape: ModelShape, layer: int, expert: int) -> nn.Module:
@@ -139,7 +139,10 @@ class _RankSystem:
                 itemsize=4,
                 topology=self.topology,
             )
+        path = layer.deepspeed_moe.last_path if isinstance(layer, GraceMoE) else None
         return {
+            "path_hierarchical": float(path == "hierarchical"),
+            "path_low_latency": float(path == "low-latency"),
             "expert_s": self.stopwatches[layer_index].elapsed_s,
             "bytes_intra": float(intra),
             "bytes_inter": float(inter),
@@ -179,9 +182,7 @@ def _build_system(
     else:
         assert spec.plan is not None  # SYSTEMS defines a plan for every GRACE system
         plan = plans[spec.plan]
-        options = RuntimeOptions(
-            policy=spec.policy, hierarchical=spec.hierarchical, dedup=True, timeout_s=timeout_s
-        )
+        options = spec.runtime_options(timeout_s=timeout_s)
         groups = create_grace_groups(topology, timeout_s=timeout_s)
         for index, experts in enumerate(experts_LE):
             layer = GraceMoE.from_experts(
@@ -257,6 +258,8 @@ def run_workload(
         "max_abs_diff",
         "capacity",
         "reference_max",
+        "path_hierarchical",
+        "path_low_latency",
     )
     records = {spec.name: {key: [] for key in keys} for spec in systems}
     count = len(replay.layer_I)
@@ -295,6 +298,7 @@ def run_workload(
         "time_s": dist.ReduceOp.MAX, "expert_s": dist.ReduceOp.MAX, "bytes_intra": dist.ReduceOp.SUM,
         "bytes_inter": dist.ReduceOp.SUM, "dropped": dist.ReduceOp.SUM, "routes": dist.ReduceOp.SUM,
         "max_abs_diff": dist.ReduceOp.MAX, "capacity": dist.ReduceOp.MAX, "reference_max": dist.ReduceOp.MAX,
+        "path_hierarchical": dist.ReduceOp.MAX, "path_low_latency": dist.ReduceOp.MAX,
     }  # fmt: skip
     summary: dict[str, Any] = {}
     for spec in systems:
@@ -321,6 +325,13 @@ def _summarize(per_forward: dict[str, list[float]]) -> dict[str, Any]:
         "capacity_max": int(max(per_forward["capacity"])),
         "reference_scale": max(1.0, max(per_forward["reference_max"])),
         "forwards": len(times),
+        # forwards on each path (sparse runtime; the same on every rank): low-latency, hierarchical, flat
+        "paths": {
+            "low-latency": int(sum(per_forward["path_low_latency"])),
+            "hierarchical": int(sum(per_forward["path_hierarchical"])),
+            "flat": len(times)
+            - int(sum(per_forward["path_low_latency"]) + sum(per_forward["path_hierarchical"])),
+        },
         "per_forward_ms": [t * 1e3 for t in times],
     }
 

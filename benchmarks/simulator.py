@@ -16,8 +16,12 @@ Cost of one all-to-all stage (synchronous: everyone waits for the slowest):
                     + max over ranks of max(intra-node bytes out, in) / B_intra
 
 where an inter-node link is shared by `gpus_per_link` GPUs of a node. Compute: max over ranks of
-rows x t_row. A forward: every stage (GRACE: a row-count exchange before each payload stage) plus
-compute plus a fixed per-forward overhead.
+rows x t_row. A forward: every stage (the sparse runtime: a header round of row counts before the
+payload stages; in low-latency mode, when every rank holds at most its buffer's rows, that round
+carries the padded rows themselves and no other dispatch round follows) plus compute plus a fixed
+per-forward overhead. The sparse peers and every GRACE rung are costed the same way, with their own
+plan, instance choice and path; full GRACE (adaptive) takes whichever of flat and hierarchical the
+model predicts faster for each forward, as the runtime does with its calibrated model.
 
 Calibration (``calibrate``): the model is linear in (1/B_inter_eff, 1/B_intra, t_row, alpha, overhead)
 given the traffic; those are fitted by non-negative least squares to the emulated runs' measured
@@ -43,7 +47,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.hardware import PROFILES, HardwareProfile  # noqa: E402
-from benchmarks.systems import SYSTEMS, SystemSpec, build_plans  # noqa: E402
+from benchmarks.systems import DEFAULT_COMMUNICATION, PEERS, SYSTEMS, SystemSpec, build_plans  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
     MODELS,
     PAPER_BATCH,
@@ -152,8 +156,13 @@ def grace_traffic(
     hierarchical: bool,
     hidden: int,
     itemsize: int,
+    low_latency_rows: int | None = None,
 ) -> Traffic:
-    """GRACE: rows as ds_grace.comm.all_to_all sends them, for the instances the runtime chooses."""
+    """GRACE: rows as ds_grace.comm.all_to_all sends them, for the instances the runtime chooses.
+
+    low_latency_rows: the low-latency bound (tokens per rank); when every rank holds at most that many
+    tokens the forward is the buffer round (sized, as in steady state, to the token count, padded for
+    every peer) plus the combine of the real rows."""
     import torch
 
     from ds_grace.comm.all_to_all import dispatch_row_bytes
@@ -174,6 +183,14 @@ def grace_traffic(
         hosts_per_rank.append(dest_TR)
         rows_R += np.bincount(rank_TK.ravel(), minlength=world)
     stages: list[np.ndarray] = []
+    tokens = topk_ids_RTK.shape[1]
+    if low_latency_rows is not None and tokens <= low_latency_rows:
+        rows_RR = np.stack([dest_TR.sum(axis=0) for dest_TR in hosts_per_rank]).astype(float)
+        np.fill_diagonal(rows_RR, 0.0)
+        header_rows = -(-(3 + 3 * topology.num_nodes) * SIZES_BYTES_PER_PEER // dispatch_bytes)
+        buffer = _sizes_stage(world, np.ones((world, world), dtype=bool)) / SIZES_BYTES_PER_PEER
+        buffer *= (header_rows + tokens) * dispatch_bytes  # rows: the previous forward's largest count
+        return Traffic(stages=(buffer, rows_RR.T * combine_bytes), rows_R=rows_R, row_stages=2)
     if not hierarchical or topology.num_nodes == 1:
         rows_RR = np.stack([dest_TR.sum(axis=0) for dest_TR in hosts_per_rank]).astype(float)
         np.fill_diagonal(rows_RR, 0.0)
@@ -218,20 +235,31 @@ def system_traffic(
     hidden: int,
     itemsize: int,
     topology: Topology,
+    hierarchical: bool | None = None,
 ) -> Traffic:
     if system.kind == "vanilla":
         return vanilla_traffic(topk_ids_RTK, num_experts=shape_experts, hidden=hidden, itemsize=itemsize,
                                topology=topology, drop_tokens=system.drop_tokens)  # fmt: skip
     assert system.plan is not None  # every GRACE system names its plan
+    if hierarchical is None:
+        hierarchical = system.hierarchical
     return grace_traffic(
         topk_ids_RTK,
         layer=plans[system.plan].layers[layer_index],
         topology=topology,
         policy=system.policy,
-        hierarchical=system.hierarchical,
+        hierarchical=hierarchical,
         hidden=hidden,
         itemsize=itemsize,
+        low_latency_rows=DEFAULT_COMMUNICATION.low_latency_max_tokens or None,
     )
+
+
+def candidate_traffics(system: SystemSpec, topk_ids_RTK: np.ndarray, **kwargs: Any) -> list[Traffic]:
+    """The traffic of each path the system may take: both for full GRACE (adaptive), else its one path."""
+    if system.adaptive_path:
+        return [system_traffic(system, topk_ids_RTK, hierarchical=h, **kwargs) for h in (False, True)]
+    return [system_traffic(system, topk_ids_RTK, **kwargs)]
 
 
 # ---- calibration on the emulated runs ----
@@ -257,11 +285,14 @@ def measured_features(bench: dict[str, Any]) -> list[dict[str, Any]]:
         system = next(s for s in SYSTEMS if s.name == row["system"])
         per_forward = []
         world = topology.world_size
+        hierarchical = None
+        if system.adaptive_path and row.get("paths"):  # the path the runtime took most often
+            hierarchical = row["paths"]["hierarchical"] > row["paths"]["flat"]
         for i in range(spec.warmup, len(batches.layer_I)):
             ids_RTK = batches.topk_ids_ITK[i].reshape(world, -1, spec.shape.top_k)
             traffic = system_traffic(system, ids_RTK, plans=plans, layer_index=int(batches.layer_I[i]),
                                      shape_experts=spec.shape.num_experts, hidden=spec.shape.hidden, itemsize=4,
-                                     topology=topology)  # fmt: skip
+                                     topology=topology, hierarchical=hierarchical)  # fmt: skip
             per_forward.append(features(traffic, topology, topology.gpus_per_node))
         x = np.median(np.stack(per_forward), axis=0)
         x[0] /= row["rate_mbit"] * 1e6 / 8  # inter bytes -> seconds at the nominal link rate
@@ -288,7 +319,13 @@ def calibrate(bench: dict[str, Any]) -> dict[str, Any]:
                        "measured_ms": row["median_ms"], "predicted_ms": p * 1e3,
                        "relative_error": (p * 1e3 - row["median_ms"]) / row["median_ms"]})  # fmt: skip
     rel = np.abs([e["relative_error"] for e in errors])
+    per_system = {}
+    for name in dict.fromkeys(e["system"] for e in errors):
+        errs = np.abs([e["relative_error"] for e in errors if e["system"] == name])
+        per_system[name] = {"rows": len(errs), "mean_abs_relative_error": float(errs.mean()),
+                            "max_abs_relative_error": float(errs.max())}  # fmt: skip
     return {
+        "per_system": per_system,
         "link_efficiency": 1.0 / coef[0] if coef[0] > 0 else None,
         "intra_bytes_per_s": 1.0 / coef[1] if coef[1] > 0 else None,
         "row_s": coef[2], "alpha_s": coef[3], "overhead_s": coef[4],
@@ -313,7 +350,7 @@ def hardware_model(
 
 def predict(
     *,
-    model_name: str = "olmoe",
+    model_name: str = "olmoe-real",
     nodes: Sequence[int] = (2, 4, 8),
     gpus_per_node: int = 8,
     tokens_per_forward: int = PAPER_BATCH * PAPER_PREFILL,
@@ -331,25 +368,29 @@ def predict(
             continue  # vanilla DeepSpeed-MoE needs E divisible by the ranks
         plans = build_plans(calibration, topology, SYSTEMS)
         per_rank = tokens_per_forward // topology.world_size
-        traffics: dict[str, list[Traffic]] = {s.name: [] for s in SYSTEMS}
+        traffics: dict[str, list[list[Traffic]]] = {s.name: [] for s in SYSTEMS}
         for i in range(forwards):
             layer = i % replay.num_layers
             ids = replay.topk_ids[layer]
             rows = (i * tokens_per_forward + np.arange(per_rank * topology.world_size)) % len(ids)
             ids_RTK = ids[rows].reshape(topology.world_size, per_rank, shape.top_k)
             for system in SYSTEMS:
-                traffics[system.name].append(system_traffic(
+                traffics[system.name].append(candidate_traffics(
                     system, ids_RTK, plans=plans, layer_index=layer, shape_experts=shape.num_experts,
                     hidden=shape.real_hidden, itemsize=2, topology=topology,
                 ))  # fmt: skip
         for profile in PROFILES:
             model = hardware_model(profile, shape, link_efficiency=link_efficiency, mfu=mfu)
-            times = {name: float(np.median([forward_time(t, topology, model) for t in ts]))
-                     for name, ts in traffics.items()}  # fmt: skip
+            # each forward: the system's path, or for full GRACE the faster of its two candidates
+            times = {name: float(np.median([min(forward_time(t, topology, model) for t in options)
+                                            for options in per_forward]))
+                     for name, per_forward in traffics.items()}  # fmt: skip
+            best_peer = min(PEERS, key=times.__getitem__)
             for name, t in times.items():
                 out.append({"model": model_name, "profile": profile.name, "nodes": num_nodes,
                             "gpus_per_node": gpus_per_node, "system": name, "predicted_ms": t * 1e3,
-                            "speedup_vs_vanilla_lossless": times["vanilla_lossless"] / t})  # fmt: skip
+                            "speedup_vs_vanilla_lossless": times["vanilla_lossless"] / t,
+                            "best_peer": best_peer, "speedup_vs_best_peer": times[best_peer] / t})  # fmt: skip
     return out
 
 
@@ -381,7 +422,11 @@ def plot_predictions(predictions: list[dict[str, Any]], path: Path) -> Path:
 
 
 def summary_markdown(calibration: dict[str, Any], predictions: list[dict[str, Any]]) -> str:
-    """Calibration error and a predictions table, for benchmarks/README.md."""
+    """Calibration error (overall and per system) and the scale table, for benchmarks/README.md."""
+    per_system = ", ".join(
+        f"{name} {item['mean_abs_relative_error']:.0%}" for name, item in calibration["per_system"].items()
+    )
+    model = predictions[0]["model"] if predictions else "?"
     lines = [
         f"Calibration on {len(calibration['rows'])} emulated rows (`results/bench.json`): mean |relative error| "
         f"{calibration['mean_abs_relative_error']:.1%}, median {calibration['median_abs_relative_error']:.1%}, "
@@ -389,21 +434,25 @@ def summary_markdown(calibration: dict[str, Any], predictions: list[dict[str, An
         f"{calibration['link_efficiency'] or float('nan'):.2f}, t_row {calibration['row_s'] * 1e6:.1f} us, "
         f"alpha {calibration['alpha_s'] * 1e3:.2f} ms per stage, overhead {calibration['overhead_s'] * 1e3:.2f} ms.",
         "",
-        "Predicted MoE-layer time (ms) and speedup vs DeepSpeed-MoE lossless, OLMoE, prefill 256 x 128 tokens:",
+        f"Mean |relative error| per system: {per_system}.",
+        "",
+        f"Predicted MoE-layer time (ms) of full GRACE vs the sparse peers, {model}, prefill 256 x 128 tokens "
+        "(speedup of GRACE vs the best peer and vs DeepSpeed-MoE lossless in the last columns):",
         "",
     ]
-    systems = list(dict.fromkeys(p["system"] for p in predictions))
-    lines.append("| profile | GPUs | " + " | ".join(systems) + " |")
-    lines.append("|" + "---|" * (2 + len(systems)))
+    systems = ["vanilla_lossless", *PEERS, "grace"]
+    lines.append("| profile | GPUs | " + " | ".join(systems) + " | GRACE vs best peer | GRACE vs lossless |")
+    lines.append("|" + "---|" * (4 + len(systems)))
     for profile in dict.fromkeys(p["profile"] for p in predictions):
         for nodes in dict.fromkeys(p["nodes"] for p in predictions):
             cells = {p["system"]: p for p in predictions if p["profile"] == profile and p["nodes"] == nodes}
             if not cells:
                 continue
             gpus = f"{nodes}x{next(iter(cells.values()))['gpus_per_node']}"
-            lines.append(f"| {profile} | {gpus} | " + " | ".join(
-                f"{cells[s]['predicted_ms']:.2f} ({cells[s]['speedup_vs_vanilla_lossless']:.1f}x)" for s in systems
-            ) + " |")  # fmt: skip
+            grace = cells["grace"]
+            lines.append(f"| {profile} | {gpus} | " + " | ".join(f"{cells[s]['predicted_ms']:.2f}" for s in systems)
+                         + f" | {grace['speedup_vs_best_peer']:.2f}x ({grace['best_peer']}) | "
+                         f"{grace['speedup_vs_vanilla_lossless']:.1f}x |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -444,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['predicted_ms']:9.3f} ms  {p['speedup_vs_vanilla_lossless']:5.2f}x")  # fmt: skip
     plot = plot_predictions(predictions, args.output.with_suffix(".png"))
     write_text_atomic(args.output, json.dumps({
-        "calibration": calibration, "predictions": predictions, "plot": str(plot.relative_to(REPO_ROOT)),
+        "calibration": calibration, "predictions": predictions, "plot": str(plot.resolve().relative_to(REPO_ROOT)),
         "assumptions": {"mfu": args.mfu, "link_efficiency": args.link_efficiency,
                         "profiles": [asdict(p) for p in PROFILES], "tokens_per_forward": PAPER_BATCH * PAPER_PREFILL,
                         "model": "olmoe (real dims: hidden 2048, expert ffn 1024, SwiGLU, bf16)"},

@@ -2,12 +2,17 @@
 
 Shape legend: I iterations (forwards), T tokens of one forward (all ranks), K top-k, E experts, L layers.
 
-Two models, each in two phases:
+Four models, each in two phases:
+- "qwen15": Qwen1.5-MoE-A2.7B per-token routing recorded in vLLM (60 experts, top-4), MoE layers
+  0, 8, 12, 18, 23 (ds_grace.trace.load_route_logs, warm-up pass dropped). The first half of its
+  tokens plans, the second half is replayed.
+- "olmoe-real": OLMoE-1B-7B per-token routing recorded in vLLM (64 experts, top-8), MoE layer 0,
+  real co-activation; half plans, half is replayed.
 - "mixtral": Mixtral-8x7B per-token routing (8 experts, top-2). The plan is built from the
   HumanEval trace and the GSM8K trace is replayed (plan on one workload, serve another).
-- "olmoe": OLMoE-1B-7B (64 experts, top-8). The real data holds expert loads only, so a per-token
-  trace is derived whose loads equal the real (Wikipedia) counts; its co-activation structure is
-  synthetic. The first half of its tokens plans, the second half is replayed.
+- "olmoe": OLMoE-1B-7B (64 experts, top-8), synthetic co-activation. The real data holds expert
+  loads only, so a per-token trace is derived whose loads equal the real (Wikipedia) counts; its
+  co-activation structure is synthetic. The first half of its tokens plans, the second half is replayed.
 Phases (paper: batch 256 x prefill 128, decode 16 steps): "prefill" forwards batch x prefill tokens
 at once, "decode" forwards one token per sequence per step. Every forward replays one MoE layer of
 the trace (cycling over the workload's layers) on a fresh window of its tokens; the gate weights are
@@ -27,10 +32,13 @@ from ds_grace.trace import (
     derive_trace_from_loads,
     load_mixtral_jsonl,
     load_olmoe_counts,
+    load_route_logs,
     packaged_traces_dir,
+    split_trace,
 )
 
 PAPER_BATCH, PAPER_PREFILL, PAPER_DECODE = 256, 128, 16
+DECODE_STEPS = 2 * PAPER_DECODE  # two passes of the paper's 16 steps: decode forwards are short and noisy
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,28 @@ class ModelShape:
 
 
 MODELS: dict[str, ModelShape] = {
+    "qwen15": ModelShape(
+        name="qwen15",
+        num_experts=60,
+        top_k=4,
+        hidden=256,
+        ffn=512,
+        layers=(0, 1, 2, 3, 4),  # the trace's layers: model layers 0, 8, 12, 18, 23
+        real_hidden=2048,
+        real_ffn=1408,
+        real_matrices=3,
+    ),
+    "olmoe-real": ModelShape(
+        name="olmoe-real",
+        num_experts=64,
+        top_k=8,
+        hidden=256,
+        ffn=512,
+        layers=(0,),
+        real_hidden=2048,
+        real_ffn=1024,
+        real_matrices=3,
+    ),
     "mixtral": ModelShape(
         name="mixtral",
         num_experts=8,
@@ -74,6 +104,8 @@ MODELS: dict[str, ModelShape] = {
     ),
 }
 OLMOE_DERIVED_TOKENS = 8192
+DEFAULT_MODELS = ("qwen15", "olmoe-real", "mixtral", "olmoe")
+SYNTHETIC_MODELS = ("olmoe",)  # co-activation derived from loads, not recorded
 
 
 @dataclass(frozen=True)
@@ -110,9 +142,7 @@ class WorkloadSpec:
         )
 
 
-def default_workloads(
-    *, quick: bool = False, models: tuple[str, ...] = ("mixtral", "olmoe")
-) -> list[WorkloadSpec]:
+def default_workloads(*, quick: bool = False, models: tuple[str, ...] = DEFAULT_MODELS) -> list[WorkloadSpec]:
     """The benchmark's workloads; `quick` is a tiny setting for tests (seconds, not minutes)."""
     specs = []
     for model in models:
@@ -122,8 +152,11 @@ def default_workloads(
             specs.append(WorkloadSpec(model, "prefill", batch=4, tokens_per_sequence=8, steps=3, warmup=1))
             continue
         specs.append(WorkloadSpec(model, "prefill", batch=16, tokens_per_sequence=32, steps=10, warmup=2))
+        # decode warm-up: one forward per replayed layer, so every layer has learnt the token counts
+        # its low-latency buffer is sized by (steady-state decode) before the measured steps
+        warmup = max(2, len(MODELS[model].layers))
         specs.append(
-            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=PAPER_DECODE, warmup=2)
+            WorkloadSpec(model, "decode", batch=16, tokens_per_sequence=1, steps=DECODE_STEPS, warmup=warmup)
         )
     return specs
 
@@ -144,6 +177,13 @@ def calibration_and_replay(model: str) -> tuple[RoutingTrace, RoutingTrace]:
     """(trace the plans are built from, trace whose routing is replayed), both over MODELS[model].layers."""
     shape = MODELS[model]
     traces = packaged_traces_dir()
+    if model in ("qwen15", "olmoe-real"):
+        folder, pattern = (
+            ("qwen15_moe", "moe_layer*.jsonl") if model == "qwen15" else ("olmoe_tokens", "*.jsonl")
+        )
+        logged = load_route_logs(sorted((traces / folder).glob(pattern)), num_experts=shape.num_experts)
+        calibration, replay = split_trace(logged, fraction=0.5)
+        return _select_layers(calibration, shape.layers), _select_layers(replay, shape.layers)
     if model == "mixtral":
         calibration = load_mixtral_jsonl(traces / "mixtral" / "humaneval_2_routing.jsonl", num_experts=8)
         replay = load_mixtral_jsonl(traces / "mixtral" / "gsm8k_2_routing.jsonl", num_experts=8)

@@ -109,6 +109,17 @@ class CommunicationConfig(_Section):
     timeout_s: float = Field(
         300.0, gt=0.0, le=MAX_TIMEOUT_S, description="Collective timeout; a lost rank fails fast."
     )
+    adaptive_path: bool = Field(
+        True,
+        description="With hierarchical: flat or hierarchical per layer and forward, by a start-up cost model.",
+    )
+    low_latency_max_tokens: int = Field(
+        64,
+        ge=0,
+        le=4096,
+        description="Fixed-buffer dispatch (no count exchange) up to this many tokens per rank; 0: off. "
+        "Applies with dedup (the default becomes 0 when dedup is false).",
+    )
 
 
 class PlanConfig(_Section):
@@ -140,6 +151,16 @@ class GraceConfig(_Section):
             raise _Contradiction(
                 "grace.communication.dedup (false) must be true when grace.communication.hierarchical "
                 "is true: the hierarchical path sends each token once per node by construction"
+            )
+        comm = self.communication
+        if (
+            not comm.dedup
+            and comm.low_latency_max_tokens
+            and "low_latency_max_tokens" in comm.model_fields_set
+        ):
+            raise _Contradiction(
+                f"grace.communication.low_latency_max_tokens ({comm.low_latency_max_tokens}) must be 0 when "
+                "grace.communication.dedup is false: the fixed buffers hold each token once per rank"
             )
         if self.replication.online.enabled and not self.replication.enabled:
             raise _Contradiction(

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from ds_grace.comm.all_to_all import combine, dispatch, redistribute_expert_tensors
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups, create_grace_groups
+from ds_grace.comm.path_model import calibrated_model
 from ds_grace.config import GraceConfig
 from ds_grace.moe.experts import GraceExperts, copy_slot_modules
 from ds_grace.moe.gate import GraceGate
@@ -49,6 +50,10 @@ class RuntimeOptions:
     hierarchical: bool = True
     dedup: bool = True
     timeout_s: float = 300.0
+    # with hierarchical: pick flat or hierarchical per forward by the start-up calibrated cost model
+    adaptive_path: bool = False
+    # low-latency buffer bound (tokens per rank); 0: every forward exchanges row counts first
+    low_latency_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in _POLICIES:
@@ -59,14 +64,26 @@ class RuntimeOptions:
             )
         if not self.timeout_s > 0:
             raise ValueError(f"grace.communication.timeout_s ({self.timeout_s}) must be > 0")
+        if self.low_latency_max_tokens < 0:
+            raise ValueError(
+                f"grace.communication.low_latency_max_tokens ({self.low_latency_max_tokens}) must be >= 0"
+            )
+        if not self.dedup and self.low_latency_max_tokens:
+            raise ValueError(
+                f"grace.communication.low_latency_max_tokens ({self.low_latency_max_tokens}) must be 0 when "
+                "grace.communication.dedup is false"
+            )
 
     @classmethod
     def from_config(cls, config: GraceConfig) -> RuntimeOptions:
+        comm = config.communication
         return cls(
             policy=config.routing.policy,
-            hierarchical=config.communication.hierarchical,
-            dedup=config.communication.dedup,
-            timeout_s=config.communication.timeout_s,
+            hierarchical=comm.hierarchical,
+            dedup=comm.dedup,
+            timeout_s=comm.timeout_s,
+            adaptive_path=comm.adaptive_path and comm.hierarchical,
+            low_latency_max_tokens=comm.low_latency_max_tokens if comm.dedup else 0,
         )
 
 
@@ -98,6 +115,10 @@ class GraceMOELayer(MOELayer):
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
         self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, topology, options.policy)}
         self.route_observer: Callable[[torch.Tensor], None] | None = None
+        # low-latency rows per peer for the next forward: every rank derives it from the same
+        # exchanged token counts of the previous forward (the largest, if within the bound)
+        self._low_latency_rows = 0
+        self.last_path: str | None = None  # "low-latency", "flat" or "hierarchical": the last forward's
 
     def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
         """Serve `layer_plan` with `experts` (this rank's slots under it) from the next forward on.
@@ -176,6 +197,11 @@ class GraceMOELayer(MOELayer):
             table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
         )
         groups = self.groups()
+        options = self.options
+        path_model = None
+        if options.adaptive_path and options.hierarchical and self.topology.num_nodes > 1:
+            path_model = calibrated_model(groups)  # collective on first use, cached per EP group
+        low_latency = options.low_latency_max_tokens > 0
         x_QD, meta = dispatch(
             x_TD,
             rank_TK,
@@ -184,10 +210,20 @@ class GraceMOELayer(MOELayer):
             groups=groups,
             slot_stride=self._slot_stride,
             num_local_slots=self.num_local_experts,
-            hierarchical=self.options.hierarchical,
-            dedup=self.options.dedup,
+            hierarchical=options.hierarchical,
+            dedup=options.dedup,
             counters=self.comm_counters,
+            path_model=path_model,
+            low_latency_rows=self._low_latency_rows if low_latency else None,
+            local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
         )
+        if meta.max_tokens is not None:
+            bound = options.low_latency_max_tokens
+            self._low_latency_rows = meta.max_tokens if meta.max_tokens <= bound else 0
+        self.last_path = (
+            "low-latency" if meta.hierarchical_used is None else
+            "hierarchical" if meta.hierarchical_used else "flat"
+        )  # fmt: skip
         expert_out_QD = self.experts(x_QD, meta.slot_splits)
         return combine(expert_out_QD, meta, groups=groups, counters=self.comm_counters)
 

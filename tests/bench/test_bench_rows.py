@@ -38,6 +38,13 @@ def _fake_outcome() -> tuple[dict, dict]:
     workload = default_workloads(quick=True, models=("mixtral",))[0]
     spec = {"workloads": [spec_to_dict(workload)]}
     systems = {s.name: _measured(10.0, 100.0) for s in SYSTEMS}
+    systems["peer_sparse"] = _measured(12.0, 300.0)
+    systems["peer_deepep"] = _measured(11.5, 120.0)
+    systems["peer_eplb"] = _measured(13.0, 280.0)
+    systems["peer_eplb_deepep"] = _measured(
+        11.0, 90.0
+    )  # the best peer, and fewer cross-node bytes than grace
+    systems["grace"] = {**_measured(10.0, 100.0), "paths": {"low-latency": 0, "hierarchical": 2, "flat": 1}}
     systems["vanilla_lossless"] = _measured(40.0, 1000.0)
     systems["vanilla_default"] = _measured(30.0, 600.0, dropped=5, diff=0.5)
     return spec, {"results": {workload.name: {"systems": systems, "expert_s_per_row": 2e-5}}}
@@ -58,10 +65,19 @@ def test_rows_hold_every_field_and_ratios_against_vanilla_lossless() -> None:
     assert by["vanilla_default"]["parity"] is False and by["grace_hsc"]["parity"] is True
     # kappa: 1 KiB fp32 rows over 25 Mbit/s per rank (two ranks share 50) vs 20 us of compute per row
     assert by["grace_hsc"]["compute_link_kappa"] == pytest.approx((1024 / (50e6 / 8 / 2)) / 2e-5)
+    assert by["grace"]["best_peer"] == "peer_eplb_deepep"
+    assert by["grace"]["speedup_vs_best_peer"] == pytest.approx(1.1)
+    assert by["peer_sparse"]["speedup_vs_best_peer"] == pytest.approx(11.0 / 12.0)
+    assert by["grace"]["paths"] == {"low-latency": 0, "hierarchical": 2, "flat": 1}
+    assert by["vanilla_lossless"]["paths"] is None
     target = target_check(rows, [setting])
-    check = target["workloads"]["mixtral-prefill"]
-    assert check["latency_4x_lower"] and check["cross_node_bytes_at_most_half"] and check["zero_drops"]
-    assert check["parity"]
+    check = target["settings"]["50mbit"]["mixtral-prefill"]
+    assert check["speedup_needed"] == 1.1 and check["speed_met"]  # 1.1x at the slowest link, prefill
+    assert check["best_peer"] == "peer_eplb_deepep" and check["deepep_like_cross_node_bytes"] == 90.0
+    assert not check["bytes_met"]  # 100 bytes > the DeepEP-like peer's 90
+    assert check["zero_drops"] and check["parity"]
+    faster = target_check(rows, [Setting("10mbit", "netns", 10.0), setting])
+    assert faster["settings"]["50mbit"]["mixtral-prefill"]["speedup_needed"] == 1.0  # not the slowest link
 
 
 def test_readme_table_replaced_between_markers(tmp_path: Path) -> None:
@@ -89,13 +105,14 @@ def test_bench_quick_runs_end_to_end_on_local_ranks(tmp_path: Path) -> None:
     model_rows = [row for row in document["rows"] if row["workload"] == MODEL_WORKLOAD]
     rows = [row for row in document["rows"] if row["workload"] != MODEL_WORKLOAD]
     workloads = {row["workload"] for row in rows}
-    assert workloads == {"mixtral-prefill", "olmoe-prefill"}
+    assert workloads == {"qwen15-prefill", "olmoe-real-prefill", "mixtral-prefill", "olmoe-prefill"}
     assert len(rows) == len(workloads) * len(SYSTEMS)
     assert {row["system"] for row in model_rows} == {
         "vanilla_default",
         "vanilla_lossless",
         "grace_tar",
         "grace_hsc",
+        "grace",
     }
     for row in model_rows:
         assert row["model_forward_median_ms"] >= row["median_ms"] > 0
@@ -115,7 +132,7 @@ def test_bench_quick_runs_end_to_end_on_local_ranks(tmp_path: Path) -> None:
                 if r["workload"] == row["workload"] and r["system"] == "vanilla_lossless"
             )
     assert any(row["dropped_routes"] > 0 for row in rows if row["system"] == "vanilla_default")
-    assert document["target"]["workloads"]
+    assert document["target"]["settings"]["local"]["qwen15-prefill"]["paths"]
     for plot in document["plots"]:
         assert Path(plot).is_file() and Path(plot).stat().st_size > 1000
-    assert "Target at local" in proc.stdout
+    assert "Targets for full GRACE (grace) vs the best sparse peer" in proc.stdout
