@@ -51,7 +51,7 @@ from torch import nn
 from ds_grace.comm.collectives import check_ranks_agree, init_distributed, is_distributed, world
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import rank_identity, run_fingerprint
-from ds_grace.preflight import preflight, single_ep_size, world_from_env
+from ds_grace.preflight import Checked, preflight, single_ep_size, world_from_env
 
 # re-exported: the local checks moved to ds_grace.preflight (shared with `ds-grace check-config`)
 from ds_grace.preflight import resolve_plan as resolve_plan
@@ -294,18 +294,10 @@ def init_inference(
     ``engine.grace`` (a ServedMoE)."""
     ds_config, grace = split_config(config, kwargs)
     world_size, rank = _world()
-    loaded: list[tuple[nn.Module, ShardedCheckpoint | None]] = []
-
-    def describe_model(dtype: torch.dtype) -> ModelMoE:
-        loaded.append(_load_model(model, dtype))
-        return describe_moe(loaded[0][0])
-
-    checked = preflight(ds_config, grace, world_size=world_size, rank=rank, describe_model=describe_model)
-    (module, sharded), moe, plan, topology = loaded[0], checked.moe, checked.plan, checked.topology
+    start = check_before_start(model, ds_config, grace, world_size=world_size, rank=rank)
+    checked, module, checkpoint, ds_config = start.checked, start.module, start.checkpoint, start.ds_config
+    moe, plan, topology = checked.moe, checked.plan, checked.topology
     module.eval()
-    checkpoint, ds_config = _checked_checkpoint(
-        sharded, module, checked.ds_config, grace=grace, plan=plan, moe=moe
-    )
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     # the first collective: every rank's settings, plan, layout and versions must agree before any MoE one
@@ -319,6 +311,42 @@ def init_inference(
             module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
         )
     return engine
+
+
+@dataclass(frozen=True, eq=False)
+class StartChecks:
+    """What check_before_start resolved: preflight's result, the module (a meta-device skeleton for a
+    folder), the checkpoint its share is read from, and the DeepSpeed part to hand DeepSpeed."""
+
+    checked: Checked
+    module: nn.Module
+    checkpoint: ShardedCheckpoint | DeepSpeedMoECheckpoint | None
+    ds_config: dict[str, Any]
+
+
+def check_before_start(
+    model: nn.Module | str | os.PathLike[str],
+    ds_config: Mapping[str, Any],
+    grace: GraceConfig,
+    *,
+    world_size: int,
+    rank: int,
+) -> StartChecks:
+    """Every local check init_inference runs before its first collective, shared with `ds-grace
+    check-config --model`: preflight (config, files, plan against the model), then the checkpoint's own
+    checks. A folder is opened as a skeleton: only headers are read."""
+    loaded: list[tuple[nn.Module, ShardedCheckpoint | None]] = []
+
+    def describe_model(dtype: torch.dtype) -> ModelMoE:
+        loaded.append(_load_model(model, dtype))
+        return describe_moe(loaded[0][0])
+
+    checked = preflight(ds_config, grace, world_size=world_size, rank=rank, describe_model=describe_model)
+    module, sharded = loaded[0]
+    checkpoint, served_ds_config = _checked_checkpoint(
+        sharded, module, checked.ds_config, grace=grace, plan=checked.plan, moe=checked.moe
+    )
+    return StartChecks(checked=checked, module=module, checkpoint=checkpoint, ds_config=served_ds_config)
 
 
 def _checked_checkpoint(

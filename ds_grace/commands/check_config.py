@@ -2,7 +2,9 @@
 
 The checks are ds_grace.preflight.preflight, the very function init_inference calls: the DeepSpeed part,
 the grace block, the topology for the world size, the plan or trace file the config names (or --plan),
-moe.ep_size, and with --model the checkpoint and the plan against it, as rank 0 runs them. The world size
+moe.ep_size; with --model, ds_grace.inference.check_before_start (init_inference's own): the checkpoint
+folder opened as a skeleton (headers only), the plan against the model and the checkpoint's expert
+tensors, as rank 0 runs them. The world size
 is --world-size, else the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config fixes both,
 else 1; the output says which.
 """
@@ -63,25 +65,15 @@ def run(args: argparse.Namespace) -> int:
             raise GraceConfigError(f"--plan ({args.plan}) needs a ds_config with an enabled grace block")
         grace = grace.model_copy(update={"plan": grace.plan.model_copy(update={"path": args.plan})})
     world_size, source = _world_size(args, grace)
-    describe_model = None
-    if args.model is not None:
-
-        def describe_model(dtype: Any) -> Any:
-            from ds_grace.inference import check_checkpoint_folder, describe_moe
-            from ds_grace.models import load_checkpoint
-
-            check_checkpoint_folder(args.model)
-            return describe_moe(load_checkpoint(args.model, dtype=dtype))
-
     # stdout carries only the JSON report: DeepSpeed's and transformers' notices go to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        checked = preflight(
-            ds_config,
-            grace,
-            world_size=world_size,
-            rank=0,
-            describe_model=describe_model,
-        )
+        if args.model is None:
+            checked = preflight(ds_config, grace, world_size=world_size, rank=0)
+        else:
+            from ds_grace.inference import check_before_start
+
+            start = check_before_start(args.model, ds_config, grace, world_size=world_size, rank=0)
+            checked = start.checked
     resolved = grace.model_dump()
     resolved["topology"] = {
         "num_nodes": checked.topology.num_nodes,

@@ -291,6 +291,34 @@ def test_expert_count_differs_from_the_plan(checkpoints, references, tmp_path, n
         _serve(fused, tmp_path, grace=False)
 
 
+def test_check_config_runs_the_checkpoint_checks(checkpoints, references, tmp_path, capsys, monkeypatch):
+    """`ds-grace check-config --model DIR` refuses the checkpoint init_inference refuses, with its message,
+    and reads only headers (a skeleton), never the weights."""
+    from ds_grace.cli import main as cli_main
+
+    fused = _fused_copy(references["qwen3_moe"], checkpoints["qwen3_moe"], tmp_path / "ckpt", drop_experts=2)
+    _plan(2).save(tmp_path / "plan.json")
+    config = tmp_path / "config.json"
+    topology = {"num_nodes": 2, "gpus_per_node": 2}
+    grace = {"plan": {"path": str(tmp_path / "plan.json")}, "topology": topology}
+    config.write_text(json.dumps({"dtype": "fp32", "grace": grace}))
+    import ds_grace.models
+
+    monkeypatch.setattr(
+        ds_grace.models, "load_checkpoint", lambda *a, **k: pytest.fail("check-config read the whole model")
+    )
+    argv = ["check-config", str(config), "--world-size", "4", "--model", str(fused)]
+    assert cli_main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: checkpoint {fused}: MoE layer 0 (model.layers.0.mlp.experts, fused layout"
+    )
+    assert line.endswith(f"holds 6 experts but the plan ({tmp_path / 'plan.json'}) has 8")
+    argv[-1] = str(checkpoints["qwen3_moe"])
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["model_checked"] is True
+
+
 def test_unknown_expert_key_layout(checkpoints, tmp_path, no_collective):
     path = tmp_path / "renamed"
     path.mkdir()
