@@ -29,3 +29,30 @@ def traces_dir() -> Path:
     if not TRACES.is_dir():
         pytest.fail(f"shared routing traces not found at {TRACES}")
     return TRACES
+
+
+def refuse_distributed_start(monkeypatch, *, rank: int = 0) -> None:
+    """A launcher environment of 4 ranks (2 nodes x 2) as `rank`, without a process group: reaching
+    init_inference's distributed start-up fails the test (a refusal must come before any collective)."""
+    import torch.distributed as dist
+
+    import ds_grace.inference as inference
+
+    assert not dist.is_initialized(), "a process group is already initialised in this test process"
+
+    def reached(**_kwargs):
+        pytest.fail("init_inference reached the distributed start-up before refusing its input")
+
+    monkeypatch.setattr(inference, "init_distributed", reached)
+    for name, value in {"WORLD_SIZE": "4", "RANK": str(rank), "LOCAL_SIZE": "2", "CROSS_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def no_collective(monkeypatch):
+    """See refuse_distributed_start (rank 0)."""
+    import torch.distributed as dist
+
+    refuse_distributed_start(monkeypatch)
+    yield
+    assert not dist.is_initialized()

@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import refuse_distributed_start
 
 import ds_grace
-import ds_grace.inference as inference
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
 from ds_grace.models import CheckpointError
 from ds_grace.models.sharded_load import held_bytes
@@ -102,14 +102,8 @@ def test_outputs_equal_the_saved_model_and_each_rank_reads_only_its_experts(serv
 
 @pytest.fixture
 def no_collective(monkeypatch):
-    assert not dist.is_initialized()
-
-    def reached(**_kwargs):
-        pytest.fail("init_inference reached the distributed start-up before refusing the checkpoint")
-
-    monkeypatch.setattr(inference, "init_distributed", reached)
-    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_SIZE": "2", "CROSS_SIZE": "2"}.items():
-        monkeypatch.setenv(name, value)
+    """As rank 1 of 4 (2 nodes x 2), without a process group."""
+    refuse_distributed_start(monkeypatch, rank=1)
     yield
     assert not dist.is_initialized()
 

@@ -12,12 +12,10 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ds_grace
-import ds_grace.inference as inference
 from ds_grace.config import VanillaConfig
 from ds_grace.models import CheckpointError, load_checkpoint, tiny_checkpoint
 from ds_grace.models.adapters import HF_FAMILIES
@@ -206,22 +204,7 @@ def test_served_dtype_differs_from_the_files(checkpoints):
     assert stats.bytes_read == 2 * stats.own_share_bytes == 2 * held_bytes(checkpoint.model)
 
 
-# ---- bad checkpoints: clear errors before any collective ----
-
-
-@pytest.fixture
-def no_collective(monkeypatch):
-    """A launcher environment of 4 ranks without a process group; the distributed start-up fails the test."""
-    assert not dist.is_initialized()
-
-    def reached(**_kwargs):
-        pytest.fail("init_inference reached the distributed start-up before refusing the checkpoint")
-
-    monkeypatch.setattr(inference, "init_distributed", reached)
-    for name, value in {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_SIZE": "2", "CROSS_SIZE": "2"}.items():
-        monkeypatch.setenv(name, value)
-    yield
-    assert not dist.is_initialized()
+# ---- bad checkpoints: clear errors before any collective (the no_collective fixture: tests/conftest.py) ----
 
 
 def _serve(path, tmp_path, *, grace: bool = True):
