@@ -340,8 +340,8 @@ def _summarize(per_forward: dict[str, list[float]]) -> dict[str, Any]:
             - int(sum(per_forward["path_low_latency"]) + sum(per_forward["path_hierarchical"])),
         },
         "per_forward_ms": [t * 1e3 for t in times],
-        # the cost model's prediction of the payload rounds per forward (full GRACE; identical on every
-        # rank), next to the measured forward: how well the flat/hierarchical decision was informed
+        # the cost model's prediction of each path's payload rounds per forward, corrected by the measured
+        # residuals, on which full GRACE decided (identical on every rank)
         **_predicted_ms(per_forward["predicted_flat_s"], per_forward["predicted_hier_s"]),
     }
 

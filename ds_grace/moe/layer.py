@@ -119,7 +119,8 @@ class GraceMOELayer(MOELayer):
         # low-latency rows per peer for the next forward: every rank derives it from the same
         # exchanged token counts of the previous forward (the largest, if within the bound)
         self._low_latency_rows = 0
-        self.last_path_costs_s: tuple[float, float] | None = None  # the cost model's (flat, hierarchical)
+        # the corrected (flat, hierarchical) seconds the last forward's path was chosen on (adaptive path)
+        self.last_path_costs_s: tuple[float, float] | None = None
         self.last_path: str | None = None  # "low-latency", "flat" or "hierarchical": the last forward's
 
     def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
