@@ -253,6 +253,8 @@ def build_rows(
                 "paths": measured.get("paths") if system.kind == "grace" else None,
                 "compute_link_kappa": kappa, "forwards": measured["forwards"],
                 "per_forward_ms": measured["per_forward_ms"],
+                "predicted_flat_median_ms": measured.get("predicted_flat_median_ms"),
+                "predicted_hier_median_ms": measured.get("predicted_hier_median_ms"),
                 "reference_scale": scale, "capacity_max": measured["capacity_max"],
                 "expert_s_per_row": result["expert_s_per_row"],
             })  # fmt: skip

@@ -140,7 +140,11 @@ class _RankSystem:
                 topology=self.topology,
             )
         path = layer.deepspeed_moe.last_path if isinstance(layer, GraceMoE) else None
+        costs_s = layer.deepspeed_moe.last_path_costs_s if isinstance(layer, GraceMoE) else None
+        flat_s, hier_s = costs_s if costs_s is not None else (float("nan"), float("nan"))
         return {
+            "predicted_flat_s": flat_s,
+            "predicted_hier_s": hier_s,
             "path_hierarchical": float(path == "hierarchical"),
             "path_low_latency": float(path == "low-latency"),
             "expert_s": self.stopwatches[layer_index].elapsed_s,
@@ -260,6 +264,8 @@ def run_workload(
         "reference_max",
         "path_hierarchical",
         "path_low_latency",
+        "predicted_flat_s",
+        "predicted_hier_s",
     )
     records = {spec.name: {key: [] for key in keys} for spec in systems}
     count = len(replay.layer_I)
@@ -299,6 +305,7 @@ def run_workload(
         "bytes_inter": dist.ReduceOp.SUM, "dropped": dist.ReduceOp.SUM, "routes": dist.ReduceOp.SUM,
         "max_abs_diff": dist.ReduceOp.MAX, "capacity": dist.ReduceOp.MAX, "reference_max": dist.ReduceOp.MAX,
         "path_hierarchical": dist.ReduceOp.MAX, "path_low_latency": dist.ReduceOp.MAX,
+        "predicted_flat_s": dist.ReduceOp.MAX, "predicted_hier_s": dist.ReduceOp.MAX,
     }  # fmt: skip
     summary: dict[str, Any] = {}
     for spec in systems:
@@ -333,6 +340,19 @@ def _summarize(per_forward: dict[str, list[float]]) -> dict[str, Any]:
             - int(sum(per_forward["path_low_latency"]) + sum(per_forward["path_hierarchical"])),
         },
         "per_forward_ms": [t * 1e3 for t in times],
+        # the cost model's prediction of each path's payload rounds per forward, corrected by the measured
+        # residuals, on which full GRACE decided (identical on every rank)
+        **_predicted_ms(per_forward["predicted_flat_s"], per_forward["predicted_hier_s"]),
+    }
+
+
+def _predicted_ms(flat_s: list[float], hier_s: list[float]) -> dict[str, Any]:
+    pairs = [(f, h) for f, h in zip(flat_s, hier_s, strict=True) if not (np.isnan(f) or np.isnan(h))]
+    if not pairs:
+        return {}
+    return {
+        "predicted_flat_median_ms": statistics.median(f for f, _ in pairs) * 1e3,
+        "predicted_hier_median_ms": statistics.median(h for _, h in pairs) * 1e3,
     }
 
 

@@ -38,7 +38,9 @@ from ds_grace.trace import (
 )
 
 PAPER_BATCH, PAPER_PREFILL, PAPER_DECODE = 256, 128, 16
-DECODE_STEPS = 2 * PAPER_DECODE  # two passes of the paper's 16 steps: decode forwards are short and noisy
+DECODE_STEPS = 4 * PAPER_DECODE  # four passes of the paper's 16 steps: decode forwards are short and noisy
+# prefill forwards vary by +-30 % on a shared 2-core machine: 20 measured forwards per system
+PREFILL_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,9 @@ def default_workloads(*, quick: bool = False, models: tuple[str, ...] = DEFAULT_
         if quick:
             specs.append(WorkloadSpec(model, "prefill", batch=4, tokens_per_sequence=8, steps=3, warmup=1))
             continue
-        specs.append(WorkloadSpec(model, "prefill", batch=16, tokens_per_sequence=32, steps=10, warmup=2))
+        specs.append(
+            WorkloadSpec(model, "prefill", batch=16, tokens_per_sequence=32, steps=PREFILL_STEPS, warmup=2)
+        )
         # decode warm-up: one forward per replayed layer, so every layer has learnt the token counts
         # its low-latency buffer is sized by (steady-state decode) before the measured steps
         warmup = max(2, len(MODELS[model].layers))

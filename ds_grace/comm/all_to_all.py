@@ -48,7 +48,13 @@ import torch.distributed as dist
 
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups
-from ds_grace.comm.path_model import PathModel, choose_hierarchical, rank_summary
+from ds_grace.comm.path_model import (
+    PathModel,
+    corrected_costs,
+    path_costs,
+    prefers_hierarchical,
+    rank_summary,
+)
 
 _SIZES_BYTES_PER_COUNT = 8
 
@@ -86,7 +92,9 @@ class DispatchMeta:
     route_row_Q[q] is the received row that route q (expert input row q, ordered by local slot)
     came with; route_weight_Q its fp32 gate weight; slot_splits the expert input rows per slot.
     hierarchical_used: the path the normal rounds took (None: no normal round ran);
-    max_tokens: the largest token count of any EP rank this forward (low-latency mode, else None).
+    max_tokens: the largest token count of any EP rank this forward (low-latency mode, else None);
+    path_costs_s: the cost model's (flat, hierarchical) seconds when the path was chosen per forward;
+    path_corrected_s: the same plus the EP group's measured residuals, on which the choice was made.
     """
 
     branches: tuple[Branch, ...]
@@ -99,6 +107,8 @@ class DispatchMeta:
     hierarchical_used: bool | None = None
     max_tokens: int | None = None
     local: _LocalRoutes | None = None  # routes of this rank's own tokens computed here, outputs included
+    path_costs_s: tuple[float, float] | None = None
+    path_corrected_s: tuple[float, float] | None = None
 
     @property
     def exchanges(self) -> tuple[Exchange, ...]:
@@ -124,6 +134,7 @@ def dispatch(
     dedup: bool = True,
     counters: TrafficCounters | None = None,
     path_model: PathModel | None = None,
+    path_residual_us: tuple[int, int] = (0, 0),
     low_latency_rows: int | None = None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -133,7 +144,9 @@ def dispatch(
     to what ``ds_grace.routing.choose_instances`` returns; weight_TK: gate weights. slot_stride
     must exceed every rank's slot count. With `path_model` (and hierarchical, N > 1) the normal
     rounds take the path the model predicts faster for this forward's traffic; without it,
-    hierarchical decides. `low_latency_rows` (None: off) is the low-latency buffer's rows per
+    hierarchical decides; `path_residual_us` (this rank's measured-minus-predicted microseconds of
+    flat and hierarchical, ``PathFeedback.as_micros``) rides in the header and the EP group's mean
+    corrects the model. `low_latency_rows` (None: off) is the low-latency buffer's rows per
     peer; every rank must pass the same value and the same path options. With `local_experts`
     (experts(x_QD, slot_splits) -> out_QD) the routes of this rank's own tokens to itself skip the
     collectives and are computed while the first payload round is in flight (normal rounds only);
@@ -173,7 +186,7 @@ def dispatch(
     return _dispatch_dedup(
         rows, dest_TK, x_TD, layout=layout, groups=groups, slot_stride=slot_stride,
         num_local_slots=num_local_slots, hierarchical=hierarchical, counters=counters, path_model=path_model,
-        low_latency_rows=low_latency_rows, local_experts=local_experts,
+        path_residual_us=path_residual_us, low_latency_rows=low_latency_rows, local_experts=local_experts,
     )  # fmt: skip
 
 
@@ -189,6 +202,7 @@ def _dispatch_dedup(
     hierarchical: bool,
     counters: TrafficCounters | None,
     path_model: PathModel | None,
+    path_residual_us: tuple[int, int],
     low_latency_rows: int | None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -224,6 +238,8 @@ def _dispatch_dedup(
             summary_C = rank_summary(net_member_TR, ep_index=me, topology=topology)
         for i, value in enumerate(summary_C):
             columns[f"summary{i}"] = value.expand(world)
+        for name, micros in zip(("residual_flat", "residual_hier"), path_residual_us, strict=True):
+            columns[name] = torch.full_like(routed_R, int(micros))
     names = list(columns)
     col = {name: i for i, name in enumerate(names)}
     header_RC = torch.stack([columns[name] for name in names], dim=1).to(torch.int64)
@@ -271,6 +287,8 @@ def _dispatch_dedup(
         parts.append(ll_rows_V)
         offset += int(ll_rows_V.shape[0])
     hierarchical_used = None
+    costs_s: tuple[float, float] | None = None
+    corrected_s: tuple[float, float] | None = None
     if any_normal:
         normal_dest_TK = torch.full_like(dest_TK, -1) if fits else net_dest_TK
         hierarchical_used = hierarchical
@@ -278,10 +296,13 @@ def _dispatch_dedup(
             assert path_model is not None  # adaptive implies a model
             first = col["summary0"]
             summary_RC = np.array([row[first : first + 3 * nodes] for row in header])
-            hierarchical_used = choose_hierarchical(
+            costs_s = path_costs(
                 summary_RC, topology=topology, model=path_model,
-                row_bytes=layout.width + layout.hidden * _itemsize(layout.dtype),
+                dispatch_row_bytes=layout.width, combine_row_bytes=layout.hidden * _itemsize(layout.dtype),
             )  # fmt: skip
+            first = col["residual_flat"]
+            corrected_s = corrected_costs(costs_s, np.array([row[first : first + 2] for row in header]))
+            hierarchical_used = prefers_hierarchical(corrected_s)
         routed_from = [int(row[col["routed"]]) for row in header]
         exchanges: list[Exchange] = []
         current = rows
@@ -324,6 +345,8 @@ def _dispatch_dedup(
         received, branches, layout, x_TD, groups=groups, slot_stride=slot_stride, num_local_slots=num_local_slots,
         counters=counters, hierarchical_used=hierarchical_used, max_tokens=max_tokens,
     )  # fmt: skip
+    if costs_s is not None:
+        meta = dataclasses.replace(meta, path_costs_s=costs_s, path_corrected_s=corrected_s)
     if local is None:
         return x_QD, meta
     # the local rows come after every received row: their own branch, summed into the tokens in place

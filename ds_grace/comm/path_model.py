@@ -3,20 +3,25 @@
 Shape legend: R expert-parallel ranks, N nodes, G GPUs per node, C summary columns.
 
 The model of one MoE layer's payload collectives (the row-count exchange is common to both
-paths and left out):
+paths and left out), summed over the dispatch round (row = the dispatch row) and the combine round
+(row = the combine row):
 
-    flat         = 2 * alpha_ep + 2 * (link_flat * inter_s_per_byte + intra_flat * intra_s_per_byte) * row
+    flat         = 2 * alpha_ep + sum_rounds link(link_flat * row) + intra_flat * row * intra_s_per_byte
     hierarchical = 2 * alpha_ep + 2 * alpha_intra
-                   + 2 * (link_hier * inter_s_per_byte + intra_hier * intra_s_per_byte) * row
+                   + sum_rounds link(link_hier * row) + intra_hier * row * intra_s_per_byte
+    link(bytes)  = max(0, bytes - inter_burst_bytes) * inter_s_per_byte
 
-with row = the dispatch row plus the combine row (bytes), link_* the rows on the busiest node link
-(the larger direction) and intra_* the rows of the busiest rank inside a node. The rows come from
-the summary every rank sends with its row counts (``summary_columns``: the same values to every
-peer, so after the exchange every rank holds every rank's summary and takes the same decision).
+with link_* the rows on the busiest node link (the larger direction) and intra_* the rows of the
+busiest rank inside a node. A shaped link (token bucket) lets a round after an idle gap (the
+experts run between dispatch and combine) send its first inter_burst_bytes at line speed: only the
+bytes beyond it cost the link's rate. The rows come from the summary every rank sends with its row
+counts (``summary_columns``: the same values to every peer, so after the exchange every rank holds
+every rank's summary and takes the same decision).
 
-``calibrate`` times small and large all-to-alls on the EP and intra-node groups once (the link's
-per-byte cost from the slope between two large sizes, so that a shaped link's burst does not hide it)
-and averages the parameters over the EP group, so every rank holds identical parameters. Collective.
+``calibrate`` times small and large all-to-alls on the EP and intra-node groups once: the link's
+per-byte cost from the slope between two large sizes, each sent after an idle gap, and its burst
+from the intercept (what the smaller transfer did not pay of alpha + bytes * rate); then averages
+the parameters over the EP group, so every rank holds identical parameters. Collective.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ from ds_grace.topology import Topology
 CALIBRATION_REPEATS = 5
 # per remote-node peer: two sizes, both beyond a shaped link's burst allowance, so that the slope
 # between them is the link's per-byte cost (a burst shortens both transfers alike)
-CALIBRATION_INTER_BYTES = (64 * 1024, 192 * 1024)
+CALIBRATION_INTER_BYTES = (128 * 1024, 384 * 1024)
+# before each inter-node sample: long enough for a shaped link's token bucket to refill (a burst of
+# up to 100 ms of traffic), as it does while the experts run between dispatch and combine
+CALIBRATION_IDLE_S = 0.1
 CALIBRATION_INTRA_BYTES = 256 * 1024  # per same-node peer
 
 
@@ -48,12 +56,23 @@ class PathModel:
     alpha_intra_s: float
     inter_s_per_byte: float  # one node's link to the other nodes
     intra_s_per_byte: float  # one rank, inside its node
+    inter_burst_bytes: float = 0.0  # one node's link: bytes a round after an idle gap sends at line speed
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor(
-            [self.alpha_ep_s, self.alpha_intra_s, self.inter_s_per_byte, self.intra_s_per_byte],
+            [
+                self.alpha_ep_s,
+                self.alpha_intra_s,
+                self.inter_s_per_byte,
+                self.intra_s_per_byte,
+                self.inter_burst_bytes,
+            ],
             dtype=torch.float64,
         )
+
+    def link_s(self, link_bytes: float) -> float:
+        """Seconds one round's `link_bytes` on the busiest node link cost beyond the burst."""
+        return max(0.0, link_bytes - self.inter_burst_bytes) * self.inter_s_per_byte
 
 
 def rank_summary(member_TR: torch.Tensor, *, ep_index: int, topology: Topology) -> torch.Tensor:
@@ -77,7 +96,12 @@ def rank_summary(member_TR: torch.Tensor, *, ep_index: int, topology: Topology) 
 
 
 def path_costs(
-    summary_RC: np.ndarray, *, topology: Topology, model: PathModel, row_bytes: int
+    summary_RC: np.ndarray,
+    *,
+    topology: Topology,
+    model: PathModel,
+    dispatch_row_bytes: int,
+    combine_row_bytes: int,
 ) -> tuple[float, float]:
     """(flat seconds, hierarchical seconds) of the payload collectives, from every rank's summary."""
     nodes, gpus = topology.num_nodes, topology.gpus_per_node
@@ -97,28 +121,93 @@ def path_costs(
     relay_NG = np.zeros((nodes, gpus))
     np.add.at(relay_NG.T, local_R, stage2_RN)
     intra_hier = float(relay_NG.max())
-    bytes_term = 2.0 * row_bytes
-    flat = 2 * model.alpha_ep_s + bytes_term * (
-        busiest_link(flat_RN) * model.inter_s_per_byte + intra_flat * model.intra_s_per_byte
-    )
-    hier = (
-        2 * model.alpha_ep_s
-        + 2 * model.alpha_intra_s
-        + bytes_term
-        * (busiest_link(stage1_RN) * model.inter_s_per_byte + intra_hier * model.intra_s_per_byte)
-    )
+    rounds = (dispatch_row_bytes, combine_row_bytes)
+
+    def payload_s(link_rows: float, intra_rows: float) -> float:
+        return sum(
+            model.link_s(link_rows * row) + intra_rows * row * model.intra_s_per_byte for row in rounds
+        )
+
+    flat = 2 * model.alpha_ep_s + payload_s(busiest_link(flat_RN), intra_flat)
+    hier = 2 * model.alpha_ep_s + 2 * model.alpha_intra_s + payload_s(busiest_link(stage1_RN), intra_hier)
     return flat, hier
 
 
 def choose_hierarchical(
-    summary_RC: np.ndarray, *, topology: Topology, model: PathModel, row_bytes: int
+    summary_RC: np.ndarray,
+    *,
+    topology: Topology,
+    model: PathModel,
+    dispatch_row_bytes: int,
+    combine_row_bytes: int,
 ) -> bool:
     """True when the hierarchical path is predicted faster (ties: flat, fewer rounds)."""
-    flat, hier = path_costs(summary_RC, topology=topology, model=model, row_bytes=row_bytes)
+    costs_s = path_costs(
+        summary_RC,
+        topology=topology,
+        model=model,
+        dispatch_row_bytes=dispatch_row_bytes,
+        combine_row_bytes=combine_row_bytes,
+    )
+    return prefers_hierarchical(costs_s)
+
+
+def prefers_hierarchical(costs_s: tuple[float, float]) -> bool:
+    """The decision from path_costs' (flat, hierarchical) seconds: hierarchical only when strictly faster."""
+    flat, hier = costs_s
     return hier < flat
 
 
+FEEDBACK_WEIGHT = 0.3  # weight of the newest measurement in a path's running residual
+
+
+class PathFeedback:
+    """This rank's measured-minus-predicted seconds of each path (flat, hierarchical), a running mean.
+
+    The start-up model leaves out what a path costs beyond its collectives (packing and index work
+    of each stage, waits between stages). Each rank measures the payload rounds of the path a
+    forward took (dispatch and combine, experts excluded) and keeps the residual; the residuals ride
+    in the row-count exchange (``dispatch``), and every rank corrects the model by the EP group's
+    mean residual of each path, so every rank takes the same decision. A path never taken has no
+    residual (0), so the model's prediction stands for it until it is tried.
+    """
+
+    def __init__(self, *, weight: float = FEEDBACK_WEIGHT) -> None:
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight ({weight}) must be in (0, 1]")
+        self.weight = weight
+        self.residual_s = [0.0, 0.0]
+        self.samples = [0, 0]
+
+    def update(self, *, hierarchical: bool, measured_s: float, predicted_s: float) -> None:
+        """Fold one forward's measured payload seconds of the path taken into its residual."""
+        path = int(hierarchical)
+        residual = measured_s - predicted_s
+        if self.samples[path] == 0:
+            self.residual_s[path] = residual
+        else:
+            self.residual_s[path] += self.weight * (residual - self.residual_s[path])
+        self.samples[path] += 1
+
+    def as_micros(self) -> tuple[int, int]:
+        """The residuals in whole microseconds: what this rank sends in its header row."""
+        return round(self.residual_s[0] * 1e6), round(self.residual_s[1] * 1e6)
+
+
+def corrected_costs(costs_s: tuple[float, float], residual_us_R2: np.ndarray) -> tuple[float, float]:
+    """The model's (flat, hierarchical) seconds plus the EP group's mean residual of each path
+    (residual_us_R2[r] = rank r's residuals in microseconds; identical on every rank)."""
+    mean_2 = np.asarray(residual_us_R2, dtype=np.float64).mean(axis=0) * 1e-6
+    return costs_s[0] + float(mean_2[0]), costs_s[1] + float(mean_2[1])
+
+
 _CACHE: dict[GraceGroups, PathModel] = {}
+_FEEDBACK: dict[GraceGroups, PathFeedback] = {}
+
+
+def path_feedback(groups: GraceGroups) -> PathFeedback:
+    """This EP group's PathFeedback on this rank (shared by every layer served over the group)."""
+    return _FEEDBACK.setdefault(groups, PathFeedback())
 
 
 def calibrated_model(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> PathModel:
@@ -134,7 +223,7 @@ def calibrate(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> Pat
         raise ValueError(f"repeats ({repeats}) must be >= 1")
     topology = groups.topology
     if groups.ep_group is None:
-        return PathModel(0.0, 0.0, 0.0, 0.0)
+        return PathModel(0.0, 0.0, 0.0, 0.0, 0.0)
     world, gpus, me = topology.world_size, topology.gpus_per_node, groups.ep_index
     tiny = [1] * world
     alpha_ep = _median_time(groups.ep_group, tiny, tiny, repeats)
@@ -146,27 +235,57 @@ def calibrate(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> Pat
         t_intra = _median_time(groups.intra_group, big, big, repeats)
         intra_s_per_byte = max(t_intra - alpha_intra, 0.0) / ((gpus - 1) * CALIBRATION_INTRA_BYTES)
     inter_s_per_byte = 0.0
+    inter_burst_bytes = 0.0
     if topology.num_nodes > 1:
         my_node = topology.node_of(me)
         times = []
         for per_peer in CALIBRATION_INTER_BYTES:
             splits = [0 if topology.node_of(r) == my_node else per_peer // 8 for r in range(world)]
-            times.append(_median_time(groups.ep_group, splits, splits, max(2, repeats // 2)))
-        small, large = CALIBRATION_INTER_BYTES
-        link_bytes = gpus * (world - gpus) * (large - small)  # one node's ranks to all remote peers
-        inter_s_per_byte = max(times[1] - times[0], 0.0) / link_bytes
-    local = PathModel(alpha_ep, alpha_intra, inter_s_per_byte, intra_s_per_byte).as_tensor()
+            times.append(
+                _median_time(groups.ep_group, splits, splits, max(2, repeats // 2), idle_s=CALIBRATION_IDLE_S)
+            )
+        small_link, large_link = (gpus * (world - gpus) * b for b in CALIBRATION_INTER_BYTES)
+        inter_s_per_byte, inter_burst_bytes = link_fit(
+            small_bytes=small_link,
+            small_s=times[0],
+            large_bytes=large_link,
+            large_s=times[1],
+            alpha_s=alpha_ep,
+        )
+    local = PathModel(
+        alpha_ep, alpha_intra, inter_s_per_byte, intra_s_per_byte, inter_burst_bytes
+    ).as_tensor()
     dist.all_reduce(local, group=groups.ep_group)
     mean = (local / world).tolist()
     return PathModel(*mean)
 
 
-def _median_time(group: Any, send_splits: list[int], recv_splits: list[int], repeats: int) -> float:
+def link_fit(
+    *, small_bytes: float, small_s: float, large_bytes: float, large_s: float, alpha_s: float
+) -> tuple[float, float]:
+    """(seconds per byte, burst bytes) of one node link from two transfers sent after an idle gap:
+    t = alpha + max(0, bytes - burst) * s_per_byte, both sizes beyond the burst. The per-byte cost
+    is the slope; the burst what the smaller transfer did not pay, within [0, small_bytes]."""
+    if not 0 < small_bytes < large_bytes:
+        raise ValueError(f"link_fit sizes ({small_bytes}, {large_bytes}) must satisfy 0 < small < large")
+    s_per_byte = max(large_s - small_s, 0.0) / (large_bytes - small_bytes)
+    if s_per_byte == 0.0:
+        return 0.0, 0.0
+    unpaid_s = alpha_s + small_bytes * s_per_byte - small_s
+    return s_per_byte, min(max(unpaid_s / s_per_byte, 0.0), float(small_bytes))
+
+
+def _median_time(
+    group: Any, send_splits: list[int], recv_splits: list[int], repeats: int, *, idle_s: float = 0.0
+) -> float:
     send = torch.zeros(sum(send_splits), dtype=torch.int64)
     recv = torch.empty(sum(recv_splits), dtype=torch.int64)
     samples = []
     dist.barrier(group=group)
     for _ in range(repeats + 1):
+        if idle_s > 0:
+            time.sleep(idle_s)
+            dist.barrier(group=group)
         start = time.perf_counter()
         dist.all_to_all_single(
             recv, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group

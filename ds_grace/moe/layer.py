@@ -17,6 +17,7 @@ exactly its rows. For inference: the all-to-alls carry no gradient.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 from ds_grace.comm.all_to_all import combine, dispatch, redistribute_expert_tensors
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups, create_grace_groups
-from ds_grace.comm.path_model import calibrated_model
+from ds_grace.comm.path_model import PathFeedback, calibrated_model, path_feedback
 from ds_grace.config import GraceConfig
 from ds_grace.moe.experts import GraceExperts, copy_slot_modules
 from ds_grace.moe.gate import GraceGate
@@ -118,6 +119,8 @@ class GraceMOELayer(MOELayer):
         # low-latency rows per peer for the next forward: every rank derives it from the same
         # exchanged token counts of the previous forward (the largest, if within the bound)
         self._low_latency_rows = 0
+        # the corrected (flat, hierarchical) seconds the last forward's path was chosen on (adaptive path)
+        self.last_path_costs_s: tuple[float, float] | None = None
         self.last_path: str | None = None  # "low-latency", "flat" or "hierarchical": the last forward's
 
     def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
@@ -199,9 +202,12 @@ class GraceMOELayer(MOELayer):
         groups = self.groups()
         options = self.options
         path_model = None
+        feedback: PathFeedback | None = None
         if options.adaptive_path and options.hierarchical and self.topology.num_nodes > 1:
             path_model = calibrated_model(groups)  # collective on first use, cached per EP group
+            feedback = path_feedback(groups)
         low_latency = options.low_latency_max_tokens > 0
+        start = time.perf_counter()
         x_QD, meta = dispatch(
             x_TD,
             rank_TK,
@@ -214,18 +220,30 @@ class GraceMOELayer(MOELayer):
             dedup=options.dedup,
             counters=self.comm_counters,
             path_model=path_model,
+            path_residual_us=feedback.as_micros() if feedback is not None else (0, 0),
             low_latency_rows=self._low_latency_rows if low_latency else None,
             local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
         )
         if meta.max_tokens is not None:
             bound = options.low_latency_max_tokens
             self._low_latency_rows = meta.max_tokens if meta.max_tokens <= bound else 0
+        self.last_path_costs_s = meta.path_corrected_s
         self.last_path = (
             "low-latency" if meta.hierarchical_used is None else
             "hierarchical" if meta.hierarchical_used else "flat"
         )  # fmt: skip
+        experts_start = time.perf_counter()
         expert_out_QD = self.experts(x_QD, meta.slot_splits)
-        return combine(expert_out_QD, meta, groups=groups, counters=self.comm_counters)
+        experts_s = time.perf_counter() - experts_start
+        y_TD = combine(expert_out_QD, meta, groups=groups, counters=self.comm_counters)
+        if feedback is not None and meta.path_costs_s is not None and meta.hierarchical_used is not None:
+            # this forward's payload rounds (experts excluded) against the model's raw prediction
+            feedback.update(
+                hierarchical=meta.hierarchical_used,
+                measured_s=time.perf_counter() - start - experts_s,
+                predicted_s=meta.path_costs_s[int(meta.hierarchical_used)],
+            )
+        return y_TD
 
 
 class GraceMoE(MoE):

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from ds_grace.comm.path_model import PathModel, choose_hierarchical, path_costs, rank_summary
+from ds_grace.comm.path_model import (
+    PathFeedback,
+    PathModel,
+    choose_hierarchical,
+    corrected_costs,
+    link_fit,
+    path_costs,
+    prefers_hierarchical,
+    rank_summary,
+)
 from ds_grace.config import GraceConfigError, parse_grace_block
 from ds_grace.moe.layer import RuntimeOptions
 from ds_grace.topology import Topology
@@ -25,21 +34,84 @@ def test_summary_counts_flat_stage1_and_stage2_rows_by_hand() -> None:
     assert stage2 == [1, 2]
 
 
+ROWS = {"dispatch_row_bytes": 600, "combine_row_bytes": 400}
+
+
 def test_costs_prefer_hierarchical_when_dedup_saves_link_bytes_and_flat_when_rounds_dominate() -> None:
     # every rank: 10 flat rows to the other node, 4 after per-node dedup, 6 forwarded inside the node
     summary_RC = np.array([[0, 10, 0, 4, 0, 6] if r < 2 else [10, 0, 4, 0, 6, 0] for r in range(4)])
     link_bound = PathModel(alpha_ep_s=1e-3, alpha_intra_s=1e-3, inter_s_per_byte=1e-6, intra_s_per_byte=1e-9)
-    flat, hier = path_costs(summary_RC, topology=TOPO, model=link_bound, row_bytes=1000)
-    # flat: 2 alpha + 2 x 1000 B x (busiest link 20 rows x 1e-6 + no intra rows x 1e-9)
-    assert flat == pytest.approx(2e-3 + 2000 * 20 * 1e-6)
+    flat, hier = path_costs(summary_RC, topology=TOPO, model=link_bound, **ROWS)
+    # flat: 2 alpha + (600 + 400) B x (busiest link 20 rows x 1e-6 + no intra rows x 1e-9), each byte once
+    assert flat == pytest.approx(2e-3 + 1000 * 20 * 1e-6)
     # hierarchical: + 2 intra rounds; link 8 rows; the busiest relay forwards 6 rows inside its node
-    assert hier == pytest.approx(4e-3 + 2000 * (8 * 1e-6 + 6 * 1e-9))
-    assert choose_hierarchical(summary_RC, topology=TOPO, model=link_bound, row_bytes=1000)
+    assert hier == pytest.approx(4e-3 + 1000 * (8 * 1e-6 + 6 * 1e-9))
+    assert choose_hierarchical(summary_RC, topology=TOPO, model=link_bound, **ROWS)
     round_bound = PathModel(alpha_ep_s=1e-3, alpha_intra_s=5e-3, inter_s_per_byte=1e-9, intra_s_per_byte=1e-9)
-    assert not choose_hierarchical(summary_RC, topology=TOPO, model=round_bound, row_bytes=1000)
+    assert not choose_hierarchical(summary_RC, topology=TOPO, model=round_bound, **ROWS)
     # a tie keeps the flat path (fewer rounds)
     zero = PathModel(0.0, 0.0, 0.0, 0.0)
-    assert not choose_hierarchical(summary_RC, topology=TOPO, model=zero, row_bytes=1000)
+    assert not choose_hierarchical(summary_RC, topology=TOPO, model=zero, **ROWS)
+
+
+def test_link_burst_is_free_per_round_and_can_turn_the_decision_to_flat() -> None:
+    summary_RC = np.array([[0, 10, 0, 4, 0, 6] if r < 2 else [10, 0, 4, 0, 6, 0] for r in range(4)])
+    # burst 12000 B per round: flat's dispatch round (20 x 600 B) fits it, its combine (8000 B) too;
+    # the hierarchical rounds (4800 B, 3200 B) fit as well, so only its two extra intra rounds remain
+    bursty = PathModel(1e-3, 1e-3, 1e-6, 1e-9, inter_burst_bytes=12000.0)
+    flat, hier = path_costs(summary_RC, topology=TOPO, model=bursty, **ROWS)
+    assert flat == pytest.approx(2e-3)
+    assert hier == pytest.approx(4e-3 + 6000 * 1e-9)
+    assert not choose_hierarchical(summary_RC, topology=TOPO, model=bursty, **ROWS)
+    # a smaller burst: only the bytes beyond it cost the link's rate, round by round
+    partial = PathModel(1e-3, 1e-3, 1e-6, 1e-9, inter_burst_bytes=5000.0)
+    flat, hier = path_costs(summary_RC, topology=TOPO, model=partial, **ROWS)
+    assert flat == pytest.approx(2e-3 + (7000 + 3000) * 1e-6)
+    assert hier == pytest.approx(4e-3 + 6000 * 1e-9)  # 4800 and 3200 B are both within the burst
+    assert partial.link_s(4000.0) == 0.0 and partial.link_s(5500.0) == pytest.approx(500 * 1e-6)
+
+
+def test_link_fit_recovers_rate_and_burst_of_a_token_bucket() -> None:
+    rate_s, burst, alpha = 1 / 25e6, 250_000.0, 2e-3  # 200 Mbit/s, 10 ms of traffic
+
+    def t(n: float) -> float:
+        return alpha + max(0.0, n - burst) * rate_s
+
+    s_per_byte, fitted = link_fit(small_bytes=512e3, small_s=t(512e3), large_bytes=1536e3, large_s=t(1536e3),
+                                  alpha_s=alpha)  # fmt: skip
+    assert s_per_byte == pytest.approx(rate_s) and fitted == pytest.approx(burst)
+    # an unshaped link: no burst; a transfer slower than the fit predicts never gives a negative burst
+    assert link_fit(small_bytes=1e3, small_s=alpha + 1e-3, large_bytes=2e3, large_s=alpha + 2e-3,
+                    alpha_s=alpha)[1] == pytest.approx(0.0, abs=1e-6)  # fmt: skip
+    assert link_fit(small_bytes=1e3, small_s=1.0, large_bytes=2e3, large_s=1.001, alpha_s=alpha)[1] == 0.0
+    # no slope (both sizes within a burst): neither a rate nor a burst can be told
+    assert link_fit(small_bytes=1e3, small_s=alpha, large_bytes=2e3, large_s=alpha, alpha_s=alpha) == (
+        0.0,
+        0.0,
+    )
+    with pytest.raises(ValueError, match=r"link_fit sizes \(2000.0, 1000.0\) must satisfy 0 < small < large"):
+        link_fit(small_bytes=2e3, small_s=0.0, large_bytes=1e3, large_s=0.0, alpha_s=0.0)
+
+
+def test_feedback_residuals_correct_the_model_until_the_measured_faster_path_sticks() -> None:
+    feedback = PathFeedback(weight=0.5)
+    assert feedback.as_micros() == (0, 0)  # no measurement: the model's prediction stands
+    model_s = (0.012, 0.007)  # the model prefers hierarchical by 5 ms
+    assert prefers_hierarchical(corrected_costs(model_s, np.array([feedback.as_micros()] * 4)))
+    # hierarchical measured at 20 ms: its first residual is taken whole (+13 ms)
+    feedback.update(hierarchical=True, measured_s=0.020, predicted_s=0.007)
+    assert feedback.as_micros() == (0, 13000)
+    corrected = corrected_costs(model_s, np.array([feedback.as_micros()] * 4))
+    assert corrected == pytest.approx((0.012, 0.020)) and not prefers_hierarchical(corrected)
+    # flat measured at 14 ms, then hierarchical again at 16 ms: running mean with weight 0.5
+    feedback.update(hierarchical=False, measured_s=0.014, predicted_s=0.012)
+    feedback.update(hierarchical=True, measured_s=0.016, predicted_s=0.007)
+    assert feedback.as_micros() == (2000, 11000) and feedback.samples == [1, 2]
+    # every rank corrects by the group's mean residual, so one slow rank moves all alike
+    mean = corrected_costs((0.0, 0.0), np.array([[4000, 0], [0, 0], [0, 8000], [0, 0]]))
+    assert mean == pytest.approx((0.001, 0.002))
+    with pytest.raises(ValueError, match=r"weight \(0\.0\) must be in \(0, 1\]"):
+        PathFeedback(weight=0.0)
 
 
 def test_config_fields_validated_and_mapped_to_the_runtime() -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ds_grace.comm.all_to_all import combine, dispatch
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
-from ds_grace.comm.path_model import PathModel, calibrate
+from ds_grace.comm.path_model import CALIBRATION_INTER_BYTES, PathModel, calibrate
 from ds_grace.commands.selfcheck import SCENARIOS, make_case, make_experts, make_tokens
 from ds_grace.config import GraceConfig
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
@@ -29,6 +29,7 @@ TOPOLOGY = Topology(2, 2)
 # forced decisions: a (negative) credit per intra-node round -> hierarchical; costly intra-node rounds -> flat
 PREFER_HIER = PathModel(alpha_ep_s=0.0, alpha_intra_s=-1.0, inter_s_per_byte=0.0, intra_s_per_byte=0.0)
 PREFER_FLAT = PathModel(alpha_ep_s=0.0, alpha_intra_s=1e6, inter_s_per_byte=0.0, intra_s_per_byte=0.0)
+TIE = PathModel(alpha_ep_s=0.0, alpha_intra_s=0.0, inter_s_per_byte=0.0, intra_s_per_byte=0.0)
 
 
 class _CountingAllToAll:
@@ -51,7 +52,16 @@ class _CountingAllToAll:
 
 
 def _routed(
-    layer: GraceMoE, x_TD, ids_TK, w_TK, *, path_model, low_latency_rows, hierarchical=True, local=False
+    layer: GraceMoE,
+    x_TD,
+    ids_TK,
+    w_TK,
+    *,
+    path_model,
+    low_latency_rows,
+    hierarchical=True,
+    local=False,
+    path_residual_us=(0, 0),
 ):
     """One forward through dispatch/combine with explicit path options (what forward_routed does)."""
     moe = layer.deepspeed_moe
@@ -62,6 +72,7 @@ def _routed(
             x_TD, rank_TK, slot_TK, w_TK, groups=groups, slot_stride=moe._slot_stride,
             num_local_slots=moe.num_local_experts, hierarchical=hierarchical, counters=moe.comm_counters,
             path_model=path_model, low_latency_rows=low_latency_rows, local_experts=moe.experts if local else None,
+            path_residual_us=path_residual_us,
         )  # fmt: skip
         y_TD = combine(moe.experts(x_QD, meta.slot_splits), meta, groups=groups, counters=moe.comm_counters)
     local_routes = 0 if meta.local is None else int(meta.local.route_row_Q.shape[0])
@@ -116,12 +127,19 @@ def _paths_cases(ctx: RankContext) -> list[dict]:
             "local_first_hier": ((x_TD, ids_TK, w_TK), None, None, True),
             "local_first_ll_overflow": (big, PREFER_HIER, max_tokens, True),
             "local_first_ll_fits": ((x_TD, ids_TK, w_TK), None, max_tokens, True),
+            # measured residuals in the header: only rank 0 reports one, every rank follows the mean
+            "residual_turns_hier": ((x_TD, ids_TK, w_TK), TIE, None, True),
+            "residual_turns_flat": ((x_TD, ids_TK, w_TK), PREFER_HIER, None, True),
+        }
+        residuals = {  # rank 0's (flat, hierarchical) microseconds; mean over 4 ranks: -1 s and +3 s
+            "residual_turns_hier": (0, -4_000_000) if ctx.rank == 0 else (0, 0),
+            "residual_turns_flat": (0, 12_000_000) if ctx.rank == 0 else (0, 0),
         }
         result = {"scenario": scenario, "tokens": counts, "runs": {}}
         for name, (inputs, model, ll, hierarchical) in runs.items():
             y_TD, meta, calls, computed, local_routes = _routed(
                 layer, *inputs, path_model=model, low_latency_rows=ll, hierarchical=hierarchical,
-                local=name.startswith("local_first"),
+                local=name.startswith("local_first"), path_residual_us=residuals.get(name, (0, 0)),
             )  # fmt: skip
             ref = reference_big if inputs is big else reference
             result["runs"][name] = {
@@ -187,6 +205,8 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
         assert run["forced_hier"]["hierarchical_used"] is True and run["forced_hier"]["calls"] == 5
         assert run["forced_flat"]["hierarchical_used"] is False and run["forced_flat"]["calls"] == 3
         assert run["ll_overflow_forced_hier"]["hierarchical_used"] is True
+        assert run["residual_turns_hier"]["hierarchical_used"] is True  # tie + mean residual -1 s
+        assert run["residual_turns_flat"]["hierarchical_used"] is False  # -2 s + mean residual +3 s
         assert run["local_first_flat"]["calls"] == 3 and run["local_first_hier"]["calls"] == 5
         assert run["local_first_ll_overflow"]["hierarchical_used"] is True
         assert (
@@ -212,5 +232,7 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
     assert len({tuple((f["path"], f["calls"]) for f in forwards) for forwards in served}) == 1
     models = {tuple(rank_results[-1]["model"]) for rank_results in results}
     assert len(models) == 1  # the calibrated parameters are identical on every rank
-    alpha_ep, alpha_intra, inter, intra = models.pop()
+    alpha_ep, alpha_intra, inter, intra, burst = models.pop()
     assert alpha_ep > 0 and alpha_intra > 0 and inter >= 0 and intra >= 0
+    # the burst fitted on an unshaped local link lies within [0, the smaller transfer's link bytes]
+    assert 0.0 <= burst <= 2 * 2 * CALIBRATION_INTER_BYTES[0]
