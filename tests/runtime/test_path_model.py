@@ -49,7 +49,7 @@ def test_costs_prefer_hierarchical_when_dedup_saves_link_bytes_and_flat_when_rou
     assert choose_hierarchical(summary_RC, topology=TOPO, model=link_bound, **ROWS)
     round_bound = PathModel(alpha_ep_s=1e-3, alpha_intra_s=5e-3, inter_s_per_byte=1e-9, intra_s_per_byte=1e-9)
     assert not choose_hierarchical(summary_RC, topology=TOPO, model=round_bound, **ROWS)
-    # a tie keeps the flat path (fewer rounds)
+    # nothing predicted on either path keeps the flat path (fewer rounds)
     zero = PathModel(0.0, 0.0, 0.0, 0.0)
     assert not choose_hierarchical(summary_RC, topology=TOPO, model=zero, **ROWS)
 
@@ -139,3 +139,10 @@ def test_config_fields_validated_and_mapped_to_the_runtime() -> None:
         ValueError, match=r"low_latency_max_tokens \(4\) must be 0 when grace\.communication\.dedup"
     ):
         RuntimeOptions(hierarchical=False, dedup=False, low_latency_max_tokens=4)
+
+
+def test_near_ties_go_to_the_hierarchical_path() -> None:
+    assert prefers_hierarchical((1.0, 1.05))  # within NEAR_TIE: fewer bytes across nodes
+    assert prefers_hierarchical((1.0, 0.5))
+    assert not prefers_hierarchical((1.0, 1.2))  # flat clearly faster
+    assert not prefers_hierarchical((0.0, 0.0))  # nothing to send: the flat path's fewer rounds
