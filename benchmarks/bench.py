@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -64,7 +66,8 @@ ROW_FIELDS = (
     "workload", "setting", "system", "label", "mode", "rate_mbit", "median_ms", "p90_ms",
     "model_forward_median_ms", "model_forward_p90_ms", "expert_median_ms", "bytes_intra_node", "bytes_cross_node",
     "dropped_routes", "routes", "max_abs_diff", "parity", "speedup_vs_vanilla_lossless",
-    "cross_node_bytes_vs_vanilla_lossless", "best_peer", "speedup_vs_best_peer", "compute_link_kappa", "forwards",
+    "cross_node_bytes_vs_vanilla_lossless", "best_peer", "speedup_vs_best_peer", "speedup_vs_best_peer_ci95",
+    "compute_link_kappa", "forwards",
 )  # fmt: skip
 
 
@@ -250,6 +253,10 @@ def build_rows(
                 "speedup_vs_best_peer": (
                     peers[best_peer] / measured["median_ms"] if best_peer and measured["median_ms"] else None
                 ),
+                "speedup_vs_best_peer_ci95": (
+                    speedup_ci95(measured["per_forward_ms"], [systems[p]["per_forward_ms"] for p in peers])
+                    if system_name not in peers else None
+                ),
                 "paths": measured.get("paths") if system.kind == "grace" else None,
                 "compute_link_kappa": kappa, "forwards": measured["forwards"],
                 "per_forward_ms": measured["per_forward_ms"],
@@ -259,6 +266,30 @@ def build_rows(
                 "expert_s_per_row": result["expert_s_per_row"],
             })  # fmt: skip
     return rows
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def speedup_ci95(system_ms: Sequence[float], peers_ms: Sequence[Sequence[float]]) -> list[float] | None:
+    """95 % interval of (best peer's median / this system's median), by a paired bootstrap over forwards.
+
+    Forward i of every system replays the same tokens (systems interleaved), so forwards are resampled
+    together; the best peer is re-chosen in every resample, so the interval carries that choice too.
+    """
+    if not peers_ms or len(system_ms) < 3 or any(len(p) != len(system_ms) for p in peers_ms):
+        return None
+    from scipy.stats import bootstrap
+
+    def ratio(system: np.ndarray, *peers: np.ndarray, axis: int = -1) -> np.ndarray:
+        best = np.min([np.median(p, axis=axis) for p in peers], axis=0)
+        return best / np.median(system, axis=axis)
+
+    result = bootstrap(
+        (np.asarray(system_ms), *(np.asarray(p) for p in peers_ms)), ratio, paired=True, vectorized=True,
+        n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95, method="percentile", rng=np.random.default_rng(0),
+    )  # fmt: skip
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
 def target_check(rows: list[dict[str, Any]], settings: list[Setting]) -> dict[str, Any]:
@@ -278,6 +309,7 @@ def target_check(rows: list[dict[str, Any]], settings: list[Setting]) -> dict[st
         least_deepep = min((r["bytes_cross_node"] for r in deepep), default=None)
         checks.setdefault(row["setting"], {})[row["workload"]] = {
             "speedup_vs_best_peer": row["speedup_vs_best_peer"], "best_peer": row["best_peer"],
+            "speedup_vs_best_peer_ci95": row.get("speedup_vs_best_peer_ci95"),
             "speedup_needed": needed, "speed_met": row["speedup_vs_best_peer"] >= needed,
             "speedup_vs_vanilla_lossless": row["speedup_vs_vanilla_lossless"],
             "cross_node_bytes": row["bytes_cross_node"], "deepep_like_cross_node_bytes": least_deepep,
@@ -302,13 +334,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['workload']} | {row['setting']} | {row['label']} | {row['median_ms']:.1f} | {row['p90_ms']:.1f} | "
             f"{expert} | {row['bytes_cross_node'] / 1e6:.3f} | {row['bytes_intra_node'] / 1e6:.3f} | "
             f"{row['dropped_routes']}/{row['routes']} | {row['max_abs_diff']:.1e} | "
-            f"{row['speedup_vs_vanilla_lossless']:.2f}x | {_ratio(row.get('speedup_vs_best_peer'))} | {kappa} |"
+            f"{row['speedup_vs_vanilla_lossless']:.2f}x | {_ratio(row.get('speedup_vs_best_peer'))}"
+            f"{_interval_cell(row.get('speedup_vs_best_peer_ci95'))} | {kappa} |"
         )
     return "\n".join(lines)
 
 
 def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
+
+
+def _interval_cell(ci95: Sequence[float] | None) -> str:
+    return "" if not ci95 else f" ({ci95[0]:.2f}-{ci95[1]:.2f})"
+
+
+def _interval(ci95: Sequence[float] | None) -> str:
+    return "" if not ci95 else f"[95% {ci95[0]:.2f}-{ci95[1]:.2f}] "
 
 
 def update_readme(table: str, *, readme: Path = README, note: str = "") -> None:
@@ -440,7 +481,8 @@ def print_summary(document: dict[str, Any]) -> None:
     for setting, workloads in target["settings"].items():
         for workload, check in workloads.items():
             print(
-                f"  {setting} {workload}: {check['speedup_vs_best_peer']:.2f}x vs {check['best_peer']} "
+                f"  {setting} {workload}: {check['speedup_vs_best_peer']:.2f}x "
+                f"{_interval(check.get('speedup_vs_best_peer_ci95'))}vs {check['best_peer']} "
                 f"({'meets' if check['speed_met'] else 'misses'} {check['speedup_needed']:.1f}x); "
                 f"{check['speedup_vs_vanilla_lossless']:.2f}x vs DeepSpeed lossless; cross-node "
                 f"{check['cross_node_bytes'] / 1e6:.3f} MB vs DeepEP-like "

@@ -101,6 +101,13 @@ class ReplicationConfig(_Section):
 
 class RoutingConfig(_Section):
     policy: Literal["tar", "wrr", "primary"] = "tar"
+    low_latency_policy: Literal["tar", "wrr", "primary"] | None = Field(
+        "primary",
+        description="Instance choice on forwards that go by the low-latency buffer (at most "
+        "communication.low_latency_max_tokens tokens per rank); null: `policy`. At so few rows an expert "
+        "copy costs a read of its weights whatever its rows, and the buffer's size does not depend on "
+        "the choice, so one copy per expert is fastest.",
+    )
 
 
 class CommunicationConfig(_Section):

@@ -55,10 +55,17 @@ class RuntimeOptions:
     adaptive_path: bool = False
     # low-latency buffer bound (tokens per rank); 0: every forward exchanges row counts first
     low_latency_max_tokens: int = 0
+    # instance choice on forwards this rank sends by the low-latency buffer (None: `policy`)
+    low_latency_policy: RoutingPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in _POLICIES:
             raise ValueError(f"grace.routing.policy ({self.policy!r}) must be one of {', '.join(_POLICIES)}")
+        if self.low_latency_policy is not None and self.low_latency_policy not in _POLICIES:
+            raise ValueError(
+                f"grace.routing.low_latency_policy ({self.low_latency_policy!r}) must be null or one of "
+                f"{', '.join(_POLICIES)}"
+            )
         if self.hierarchical and not self.dedup:
             raise ValueError(
                 "grace.communication.dedup (false) must be true when grace.communication.hierarchical is true"
@@ -85,6 +92,7 @@ class RuntimeOptions:
             timeout_s=comm.timeout_s,
             adaptive_path=comm.adaptive_path and comm.hierarchical,
             low_latency_max_tokens=comm.low_latency_max_tokens if comm.dedup else 0,
+            low_latency_policy=config.routing.low_latency_policy,
         )
 
 
@@ -114,7 +122,7 @@ class GraceMOELayer(MOELayer):
         self.comm_counters = TrafficCounters()
         self.grace_groups: GraceGroups | None = None
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
-        self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, topology, options.policy)}
+        self._tables = self._cpu_tables(layer_plan)
         self.route_observer: Callable[[torch.Tensor], None] | None = None
         # low-latency rows per peer for the next forward: every rank derives it from the same
         # exchanged token counts of the previous forward (the largest, if within the bound)
@@ -132,7 +140,7 @@ class GraceMOELayer(MOELayer):
         self.num_local_experts = experts.num_local_experts
         self.layer_plan = layer_plan
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
-        self._tables = {torch.device("cpu"): RouteTable.build(layer_plan, self.topology, self.options.policy)}
+        self._tables = self._cpu_tables(layer_plan)
 
     def set_grace_groups(self, groups: GraceGroups) -> None:
         if groups.topology != self.topology or groups.ep_index != self.ep_index:
@@ -154,10 +162,18 @@ class GraceMOELayer(MOELayer):
             self.set_grace_groups(groups)
         return groups
 
-    def route_table(self, device: torch.device) -> RouteTable:
-        if device not in self._tables:
-            self._tables[device] = self._tables[torch.device("cpu")].to(device)
-        return self._tables[device]
+    def _cpu_tables(self, layer_plan: LayerPlan) -> dict[tuple[torch.device, str], RouteTable]:
+        cpu = torch.device("cpu")
+        policies = {self.options.policy, self.options.low_latency_policy or self.options.policy}
+        return {(cpu, policy): RouteTable.build(layer_plan, self.topology, policy) for policy in policies}
+
+    def route_table(self, device: torch.device, *, low_latency: bool = False) -> RouteTable:
+        """The instance-choice table on `device`: the routing policy's, or (low_latency) the one for
+        forwards this rank sends by the low-latency buffer."""
+        policy = (self.options.low_latency_policy if low_latency else None) or self.options.policy
+        if (device, policy) not in self._tables:
+            self._tables[(device, policy)] = self._tables[(torch.device("cpu"), policy)].to(device)
+        return self._tables[(device, policy)]
 
     def forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         hidden_states = input[0]
@@ -195,7 +211,9 @@ class GraceMOELayer(MOELayer):
         check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
         if self.route_observer is not None:
             self.route_observer(topk_ids_TK)
-        table = self.route_table(x_TD.device)
+        # this rank's tokens go by the low-latency buffer (sized from the previous forward) when they fit
+        fits_buffer = 0 < x_TD.shape[0] <= self._low_latency_rows and self.options.low_latency_max_tokens > 0
+        table = self.route_table(x_TD.device, low_latency=fits_buffer)
         rank_TK, slot_TK = choose_instances(
             table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
         )

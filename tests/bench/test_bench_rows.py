@@ -7,9 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks.bench import ROW_FIELDS, Setting, build_rows, format_table, target_check, update_readme
+from benchmarks.bench import (
+    ROW_FIELDS,
+    Setting,
+    build_rows,
+    format_table,
+    speedup_ci95,
+    target_check,
+    update_readme,
+)
 from benchmarks.model_forward import MODEL_WORKLOAD
 from benchmarks.systems import SYSTEMS
 from benchmarks.workloads import default_workloads, spec_to_dict
@@ -78,6 +87,23 @@ def test_rows_hold_every_field_and_ratios_against_vanilla_lossless() -> None:
     assert check["zero_drops"] and check["parity"]
     faster = target_check(rows, [Setting("10mbit", "netns", 10.0), setting])
     assert faster["settings"]["50mbit"]["mixtral-prefill"]["speedup_needed"] == 1.0  # not the slowest link
+
+
+def test_speedup_interval_is_paired_and_re_chooses_the_best_peer() -> None:
+    rng = np.random.default_rng(1)
+    noise_F = rng.uniform(0.7, 1.3, size=40)  # per-forward machine noise, shared by the systems of a forward
+    grace_F = 10.0 * noise_F
+    # a peer 20 % slower on every forward: the paired interval is tight around 1.2 despite +-30 % noise
+    low, high = speedup_ci95(grace_F, [12.0 * noise_F])
+    assert 1.19 < low <= 1.2 <= high < 1.21
+    # the same system as its own peer: 1.0 lies inside
+    low, high = speedup_ci95(grace_F, [10.0 * rng.uniform(0.7, 1.3, size=40)])
+    assert low < 1.0 < high
+    # two peers: the interval follows the faster one (9 ms: grace is 0.9x)
+    low, high = speedup_ci95(grace_F, [12.0 * noise_F, 9.0 * noise_F])
+    assert 0.89 < low <= 0.9 <= high < 0.91
+    assert speedup_ci95(grace_F, []) is None
+    assert speedup_ci95(grace_F[:2], [grace_F[:2]]) is None  # too few forwards to resample
 
 
 def test_readme_table_replaced_between_markers(tmp_path: Path) -> None:

@@ -155,8 +155,14 @@ def test_runtime_options_from_config_and_errors():
         }
     )
     assert RuntimeOptions.from_config(grace_config) == RuntimeOptions(
-        policy="wrr", hierarchical=False, dedup=False, timeout_s=7.0
+        policy="wrr", hierarchical=False, dedup=False, timeout_s=7.0, low_latency_policy="primary"
     )
+    with pytest.raises(
+        ValueError, match=r"grace.routing.low_latency_policy \('nearest'\) must be null or one of tar, wrr"
+    ):
+        RuntimeOptions(low_latency_policy="nearest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"routing.low_latency_policy"):
+        load_ds_config({"grace": {"routing": {"low_latency_policy": "nearest"}}})
     with pytest.raises(
         ValueError, match=r"grace.routing.policy \('nearest'\) must be one of tar, wrr, primary"
     ):

@@ -162,11 +162,18 @@ def _paths_cases(ctx: RankContext) -> list[dict]:
     x_TD, ids_TK, w_TK = _tokens(case, seed, ctx.rank, "random")
     reference = reference_output(experts, x_TD, ids_TK, w_TK).float()
     served = []
+    counters = layer.deepspeed_moe.comm_counters
+    # rows computed on copies that are not their expert's primary (low-latency forwards use primaries)
+    replica_slots = [s for s, e in enumerate(case.plan.slots[ctx.rank]) if case.plan.primary[e] != ctx.rank]
     for _ in range(3):
+        before = list(counters.expert_rows)
         with _CountingAllToAll() as counter:
             y_TD = layer.forward_routed(x_TD, ids_TK, w_TK)
+        after = counters.expert_rows + [0] * (len(before) - len(counters.expert_rows))
+        rows = [a - (before[s] if s < len(before) else 0) for s, a in enumerate(after)]
         served.append({"path": layer.deepspeed_moe.last_path, "calls": counter.calls,
-                       "diff": float((y_TD - reference).abs().max()) if y_TD.numel() else 0.0})  # fmt: skip
+                       "diff": float((y_TD - reference).abs().max()) if y_TD.numel() else 0.0,
+                       "replica_rows": sum(rows[s] for s in replica_slots if s < len(rows))})  # fmt: skip
     model = calibrate(layer.deepspeed_moe.groups(), repeats=2)
     out.append({"served": served, "model": list(model.as_tensor().tolist())})
     return out
@@ -229,6 +236,9 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
         assert all(f["diff"] <= 1e-5 for f in forwards), (rank, forwards)
         assert forwards[0]["path"] in ("flat", "hierarchical")  # first forward: count exchange
         assert [f["path"] for f in forwards[1:]] == ["low-latency"] * 2 and forwards[1]["calls"] == 2
+        # low-latency forwards: every route to its expert's primary copy (grace.routing.low_latency_policy)
+        assert [f["replica_rows"] for f in forwards[1:]] == [0, 0], (rank, forwards)
+    assert sum(forwards[0]["replica_rows"] for forwards in served) > 0  # TAR used replicas on the first
     assert len({tuple((f["path"], f["calls"]) for f in forwards) for forwards in served}) == 1
     models = {tuple(rank_results[-1]["model"]) for rank_results in results}
     assert len(models) == 1  # the calibrated parameters are identical on every rank
