@@ -47,7 +47,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.hardware import PROFILES, HardwareProfile  # noqa: E402
-from benchmarks.systems import DEFAULT_COMMUNICATION, PEERS, SYSTEMS, SystemSpec, build_plans  # noqa: E402
+from benchmarks.systems import (  # noqa: E402
+    DEFAULT_COMMUNICATION,
+    DEFAULT_ROUTING,
+    PEERS,
+    SYSTEMS,
+    SystemSpec,
+    build_plans,
+)
 from benchmarks.workloads import (  # noqa: E402
     MODELS,
     PAPER_BATCH,
@@ -157,12 +164,14 @@ def grace_traffic(
     hidden: int,
     itemsize: int,
     low_latency_rows: int | None = None,
+    low_latency_policy: str | None = None,
 ) -> Traffic:
     """GRACE: rows as ds_grace.comm.all_to_all sends them, for the instances the runtime chooses.
 
     low_latency_rows: the low-latency bound (tokens per rank); when every rank holds at most that many
     tokens the forward is the buffer round (sized, as in steady state, to the token count, padded for
-    every peer) plus the combine of the real rows."""
+    every peer) plus the combine of the real rows, and its instances are chosen by
+    `low_latency_policy` (None: `policy`), as grace.routing.low_latency_policy does."""
     import torch
 
     from ds_grace.comm.all_to_all import dispatch_row_bytes
@@ -172,6 +181,10 @@ def grace_traffic(
     k = topk_ids_RTK.shape[2]
     dtype = {4: torch.float32, 2: torch.bfloat16}[itemsize]
     dispatch_bytes, combine_bytes = dispatch_row_bytes(k, hidden, dtype), hidden * itemsize
+    tokens = topk_ids_RTK.shape[1]
+    low_latency = low_latency_rows is not None and tokens <= low_latency_rows
+    if low_latency and low_latency_policy is not None:
+        policy = low_latency_policy
     table = RouteTable.build(layer, topology, policy)  # type: ignore[arg-type]
     rows_R = np.zeros(world)
     hosts_per_rank: list[np.ndarray] = []  # per origin: dest_TR, True where the token needs rank r
@@ -183,8 +196,7 @@ def grace_traffic(
         hosts_per_rank.append(dest_TR)
         rows_R += np.bincount(rank_TK.ravel(), minlength=world)
     stages: list[np.ndarray] = []
-    tokens = topk_ids_RTK.shape[1]
-    if low_latency_rows is not None and tokens <= low_latency_rows:
+    if low_latency:
         rows_RR = np.stack([dest_TR.sum(axis=0) for dest_TR in hosts_per_rank]).astype(float)
         np.fill_diagonal(rows_RR, 0.0)
         header_rows = -(-(3 + 3 * topology.num_nodes) * SIZES_BYTES_PER_PEER // dispatch_bytes)
@@ -252,6 +264,7 @@ def system_traffic(
         hidden=hidden,
         itemsize=itemsize,
         low_latency_rows=DEFAULT_COMMUNICATION.low_latency_max_tokens or None,
+        low_latency_policy=DEFAULT_ROUTING.low_latency_policy if system.group == "grace" else None,
     )
 
 

@@ -39,6 +39,7 @@ from ds_grace.topology import Topology
 from ds_grace.trace import RoutingTrace
 
 DEFAULT_COMMUNICATION = GraceConfig().communication
+DEFAULT_ROUTING = GraceConfig().routing
 EXTRA_SLOTS_PER_GPU = 1
 
 
