@@ -31,8 +31,6 @@ import gc
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,8 +38,11 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (str(REPO_ROOT), str(REPO_ROOT / "launch")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from node_launchers import LauncherNotFound, run_node_launchers  # noqa: E402 - a module of launch/
 
 from ds_grace.files import write_text_atomic  # noqa: E402 - after the path set-up; light (no torch)
 
@@ -293,56 +294,27 @@ def reference_main(args: argparse.Namespace) -> int:
 # ---- the launches ----
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def launch(mode: str, *, model: Path, plan: Path, workdir: Path, logits: bool = False) -> list[dict]:
     """Run rank_main on 2 nodes x 2 through the deepspeed launcher (one launcher per node, no ssh)."""
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        raise SystemExit("bench_memory: the deepspeed launcher is not on PATH")
-    hostfile = workdir / "hostfile"
-    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
     out = workdir / f"{mode}.json"
     out.unlink(missing_ok=True)
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     extra = ["--logits-out", str(workdir / f"{mode}.logits.pt")] if logits else []
-    procs, logs = [], []
+    script = [str(Path(__file__).resolve()), "rank", "--model", str(model), "--plan", str(plan)]
+    script += ["--mode", mode, "--out", str(out), *extra]
     try:
-        for node_rank in (0, 1):
-            log = open(workdir / f"{mode}.node{node_rank}.log", "w+")  # noqa: SIM115 - closed below
-            logs.append(log)
-            command = [
-                launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-                "--master_addr", "127.0.0.1", "--master_port", port, str(Path(__file__).resolve()),
-                "rank", "--model", str(model), "--plan", str(plan), "--mode", mode, "--out", str(out), *extra,
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-            )
-        codes = [proc.wait(timeout=1800) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        tails = []
-        for log in logs:
-            log.seek(0)
-            tails.append(log.read()[-3000:])
-            log.close()
-    if codes != [0, 0] or not out.is_file():
-        raise SystemExit(f"bench_memory: {mode} launch failed ({codes}):\n" + "\n".join(tails))
+        run = run_node_launchers(
+            node_scripts=[script, script],
+            ranks_per_node=2,
+            workdir=workdir,
+            timeout_s=1800,
+            env={"PYTHONPATH": str(REPO_ROOT)},
+            log_prefix=f"{mode}.",
+        )
+    except LauncherNotFound as exc:
+        raise SystemExit(f"bench_memory: {exc}") from None
+    if run.exit_codes != [0, 0] or not out.is_file():
+        tails = [text[-3000:] for text in run.outputs]
+        raise SystemExit(f"bench_memory: {mode} launch failed ({run.exit_codes}):\n" + "\n".join(tails))
     return json.loads(out.read_text())
 
 

@@ -9,7 +9,9 @@ the held-out trace, and summary.md gains an in-sample / held-out table.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -23,6 +25,9 @@ from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan, expected_gpu_l
 from ds_grace.planning.plan import GracePlan, PlanError  # noqa: E402
 from ds_grace.planning.stats import expert_loads, intra_layer_affinity  # noqa: E402
 from ds_grace.trace import ExpertLoads, RoutingTrace  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _expert_order(plan: GracePlan, layer: int) -> np.ndarray:
@@ -61,6 +66,26 @@ def plot_affinity(plan: GracePlan, trace: RoutingTrace, layer: int, path: Path) 
     plt.close(fig)
 
 
+def _draw_gpu_load_bars(ax: Axes, bars: Sequence[tuple[str, np.ndarray, float]], *, title: str) -> None:
+    """Grouped bars of expected load per GPU, one group per rank and one bar per (label, gpu_R, mean):
+    the height is gpu_R / mean, the legend gives each bar set's mean/max; a dashed line marks 1."""
+    world = len(bars[0][1])
+    width = 0.8 / len(bars)
+    for i, (label, gpu_R, mean) in enumerate(bars):
+        ax.bar(
+            np.arange(world) + (i - (len(bars) - 1) / 2) * width,
+            gpu_R / mean,
+            width,
+            label=f"{label}: mean/max {gpu_R.mean() / gpu_R.max():.3f}",
+        )
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(world))
+    ax.set_xlabel("GPU (rank)")
+    ax.set_ylabel("expected load / mean")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def plot_gpu_load(plan: GracePlan, loads_E: np.ndarray, layer: int, path: Path, routing: str) -> None:
     layer_plan = plan.layers[layer]
     world = plan.topology.world_size
@@ -73,21 +98,12 @@ def plot_gpu_load(plan: GracePlan, loads_E: np.ndarray, layer: int, path: Path, 
         ),
     }
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * world + 3), 4))
-    width = 0.8 / len(rows)
     mean = loads_E.sum() / world
-    for i, (label, gpu_R) in enumerate(rows.items()):
-        ax.bar(
-            np.arange(world) + (i - 1) * width,
-            gpu_R / mean,
-            width,
-            label=f"{label}: mean/max {gpu_R.mean() / gpu_R.max():.3f}",
-        )
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(world))
-    ax.set_xlabel("GPU (rank)")
-    ax.set_ylabel("expected load / mean")
-    ax.set_title(f"layer {layer}: per-GPU load before and after replication")
-    ax.legend(fontsize=7)
+    _draw_gpu_load_bars(
+        ax,
+        [(label, gpu_R, mean) for label, gpu_R in rows.items()],
+        title=f"layer {layer}: per-GPU load before and after replication",
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -146,22 +162,12 @@ def plot_held_out(
     routing = plan.meta.get("routing_policy", "tar")
     world = plan.topology.world_size
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 0.35 * world + 7), 4))
+    bars = []
+    for label, trace in (("in-sample", fitted), ("held-out", held_out)):
+        gpu_R = expected_gpu_loads(expert_loads(trace)[layer], plan.layers[layer], plan.topology, routing)
+        bars.append((label, gpu_R, gpu_R.mean()))
+    _draw_gpu_load_bars(left, bars, title=f"layer {layer}: per-GPU load of this plan")
     width = 0.4
-    for i, (label, trace) in enumerate((("in-sample", fitted), ("held-out", held_out))):
-        loads_E = expert_loads(trace)[layer]
-        gpu_R = expected_gpu_loads(loads_E, plan.layers[layer], plan.topology, routing)
-        left.bar(
-            np.arange(world) + (i - 0.5) * width,
-            gpu_R / gpu_R.mean(),
-            width,
-            label=f"{label}: mean/max {gpu_R.mean() / gpu_R.max():.3f}",
-        )
-    left.axhline(1.0, color="black", lw=0.8, ls="--")
-    left.set_xticks(np.arange(world))
-    left.set_xlabel("GPU (rank)")
-    left.set_ylabel("expected load / mean")
-    left.set_title(f"layer {layer}: per-GPU load of this plan")
-    left.legend(fontsize=7)
     fitted_metrics, held_metrics = _all_metrics(plan, fitted), _all_metrics(plan, held_out)
     keys = [
         key

@@ -24,7 +24,6 @@ import atexit
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from cluster_network import (  # noqa: E402 - sibling module of a script directo
     cleanup_stale,
     netns_unavailable_reason,
 )
+from node_launchers import free_port  # noqa: E402 - sibling module of a script directory
 
 if TYPE_CHECKING:
     from ds_grace.topology import Topology
@@ -520,7 +520,7 @@ def run_local_ranks(
             launcher = [
                 sys.executable, "-m", "deepspeed.launcher.runner",
                 "--hostfile", str(session.workdir / "no_hostfile"), "--num_gpus", str(topology.world_size),
-                "--master_port", str(_free_port()),
+                "--master_port", str(free_port()),
                 "--no_local_rank", str(RANK_EXEC), str(script_path), *script_args,
             ]  # fmt: skip
             started = time.monotonic()
@@ -531,12 +531,6 @@ def run_local_ranks(
             return _finish(session, mode="local", commands=[launcher], started=started, outcome=outcome)
         finally:
             session.close()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------- command line

@@ -10,17 +10,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from integration_cases import calibration_batches
+from node_launchers import run_node_launchers
 
 import ds_grace
 from ds_grace.models import load_checkpoint, tiny_checkpoint
@@ -46,16 +42,6 @@ def checkpoint(tmp_path_factory):
     )
     trace.save(root / "trace.npz")
     return root, path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _prompt_args() -> list[str]:
@@ -95,18 +81,8 @@ def _report(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_generate_through_deepspeed_launcher_two_nodes_no_ssh(checkpoint, tmp_path):
     root, path = checkpoint
-    launcher = shutil.which("deepspeed")
-    assert launcher is not None, "the deepspeed launcher is not on PATH"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     config = tmp_path / "grace.json"
     config.write_text(
         json.dumps(
@@ -116,38 +92,17 @@ def test_generate_through_deepspeed_launcher_two_nodes_no_ssh(checkpoint, tmp_pa
             }
         )
     )
-    port = str(_free_port())
-    procs = []
-    logs = []
-    try:
-        for node_rank in (0, 1):
-            out = open(tmp_path / f"node{node_rank}.out", "w+")  # noqa: SIM115 - closed below
-            logs.append(out)
-            command = [
-                launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-                "--master_addr", "127.0.0.1", "--master_port", port,
-                str(GENERATE), "--model", str(path), "--ds-config", str(config), *_prompt_args(),
-                "--max-new-tokens", str(NEW_TOKENS), "--warmup", "0", "--compare-vanilla", "--json",
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    cwd=REPO_ROOT,
-                    env=_env(),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        codes = [proc.wait(timeout=LAUNCH_TIMEOUT_S) for proc in procs]
-    finally:
-        _stop(procs)
-        outputs = []
-        for out in logs:
-            out.seek(0)
-            outputs.append(out.read())
-            out.close()
-    assert codes == [0, 0], "\n".join(f"--- node {i} ---\n{text[-4000:]}" for i, text in enumerate(outputs))
+    script = [str(GENERATE), "--model", str(path), "--ds-config", str(config), *_prompt_args()]
+    script += ["--max-new-tokens", str(NEW_TOKENS), "--warmup", "0", "--compare-vanilla", "--json"]
+    run = run_node_launchers(
+        node_scripts=[script, script],
+        ranks_per_node=1,
+        workdir=tmp_path,
+        timeout_s=LAUNCH_TIMEOUT_S,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
+    outputs = run.outputs
+    assert run.exit_codes == [0, 0], run.shown(tail_chars=4000)
     report = _report(outputs[0])
     assert report["mode"] == "grace" and report["family"] == "qwen3_moe"
     assert report["world_size"] == 2 and report["topology"] == {"num_nodes": 2, "gpus_per_node": 1}

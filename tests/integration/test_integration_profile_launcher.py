@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from node_launchers import free_port
 
 from ds_grace.cli import main as cli_main
 from ds_grace.models import tiny_checkpoint
@@ -23,12 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RANKS = 2
 SEQ_LEN = 24
 TEXT = "Experts that tokens choose together share a GPU; hot experts get replicas on other nodes. " * 3
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _sequence_rows(num_tokens: int, world_size: int) -> list[int]:
@@ -57,7 +51,7 @@ def test_profile_under_the_launcher_equals_single_process(tmp_path):
         "--num_gpus",
         str(RANKS),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--no_local_rank",
         "--module",
     ]

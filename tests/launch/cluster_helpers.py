@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of launch/ (conftest.py has put launch/ on sys.path)."""
+"""Helpers shared by the tests of launch/ (tests/conftest.py has put launch/ on sys.path)."""
 
 import subprocess
 from pathlib import Path

@@ -175,7 +175,7 @@ def test_report_and_benchmark_writers_are_atomic():
     allowed = {
         "benchmarks/bench.py: .write_text(",  # README table update, a tracked source file
         "benchmarks/simulator.py: .write_text(",  # README table update
-        "benchmarks/bench_memory.py: .write_text(",  # /proc/self/clear_refs, a scratch checkpoint index, a hostfile
+        "benchmarks/bench_memory.py: .write_text(",  # /proc/self/clear_refs, a scratch checkpoint index
         "benchmarks/workloads.py: np.savez(path",  # scratch replay batches inside a run's workdir
     }
     assert sorted(set(offenders) - allowed) == []

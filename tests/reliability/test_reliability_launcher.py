@@ -5,16 +5,11 @@ every rank, with the field and each rank's value, well before the collective tim
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from node_launchers import NodeLaunch, run_node_launchers
 
 from ds_grace.models import tiny_checkpoint
 from ds_grace.trace import synthetic
@@ -23,51 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _launch_nodes(tmp_path: Path, scripts: list[list[str]]) -> tuple[list[int], list[str], float]:
+def _launch_nodes(tmp_path: Path, scripts: list[list[str]]) -> NodeLaunch:
     """One deepspeed launcher per node (one rank each, --no_ssh); `scripts[i]` is node i's script line."""
-    launcher = shutil.which("deepspeed")
-    assert launcher is not None, "the deepspeed launcher is not on PATH"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(len(scripts))))
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)}
-    procs, logs = [], []
-    begin = time.monotonic()
-    try:
-        for node_rank, script in enumerate(scripts):
-            log = open(tmp_path / f"node{node_rank}.out", "w+")  # noqa: SIM115 - closed below
-            logs.append(log)
-            command = [
-                launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-                "--master_addr", "127.0.0.1", "--master_port", port, *script,
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        codes = [proc.wait(timeout=240) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        outputs = []
-        for log in logs:
-            log.seek(0)
-            outputs.append(log.read())
-            log.close()
-    return codes, outputs, time.monotonic() - begin
+    return run_node_launchers(
+        node_scripts=scripts,
+        ranks_per_node=1,
+        workdir=tmp_path,
+        timeout_s=240,
+        env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)},
+    )
 
 
 @pytest.mark.slow
@@ -105,8 +64,8 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
             ]
             + ["--warmup", "0"]
         )
-    codes, outputs, wall_s = _launch_nodes(tmp_path, scripts)
-    shown = "\n".join(f"--- node {i} ---\n{text[-3000:]}" for i, text in enumerate(outputs))
+    run = _launch_nodes(tmp_path, scripts)
+    codes, outputs, wall_s, shown = run.exit_codes, run.outputs, run.wall_s, run.shown(tail_chars=3000)
     assert all(code != 0 for code in codes), shown
     for text in outputs:  # the same clear error on every rank
         assert "error: ranks disagree on what they serve with, so no rank serves" in text, shown
@@ -120,8 +79,8 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_is_named_by_the_survivors(tmp_path):
     script = [str(Path(__file__).with_name("lost_rank_rank.py"))]
-    codes, outputs, wall_s = _launch_nodes(tmp_path, [script, script, script])
-    shown = "\n".join(f"--- node {i} ---\n{text[-3000:]}" for i, text in enumerate(outputs))
+    run = _launch_nodes(tmp_path, [script, script, script])
+    codes, outputs, wall_s, shown = run.exit_codes, run.outputs, run.wall_s, run.shown(tail_chars=3000)
     assert codes[2] != 0 and codes[0] == 1 and codes[1] == 1, (codes, shown)
     for survivor in outputs[:2]:
         lines = [line for line in survivor.splitlines() if "error: " in line]
