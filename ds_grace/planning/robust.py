@@ -65,7 +65,7 @@ targets in 4; "splits": the 30-case ablation above, where it has -0.009):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -84,7 +84,11 @@ class Variant:
     spread: ``spread_within_nodes`` after grouping (nodes by affinity, GPUs by load); replicas:
     "greedy" (budget mode's phases, WRR weights fitted to the loads), "per_copy" (EPLB's rule: copies
     to the expert with the largest load per copy, weights 1) or "node_packed" (EPLB's intra-node step
-    on the grace nodes, weights 1).
+    on the grace nodes, weights 1). Measured, not adopted (module docstring): weight_bound keeps WRR
+    weights within [1 / bound, bound] x their mean; recency plans on ``recent_loads`` with that
+    half-life; blocks > 1 deals experts to a node's GPUs by the worst of ``block_loads``; jitter
+    multiplies the planning loads by 1 + jitter x N(0, 1) (seeded by jitter_seed) to measure how
+    much the held-out results move with inputs that differ far less than sampling noise.
     """
 
     shrunk_loads: bool = False
@@ -95,6 +99,11 @@ class Variant:
     anti_affinity: float = 1.0
     uncertainty: float = 0.0
     drift_shrinkage: float | None = None
+    weight_bound: float = 1e3
+    recency: float | None = None
+    blocks: int = 0
+    jitter: float = 0.0
+    jitter_seed: int = 0
 
 
 SAMPLE_FITTED = Variant()
@@ -115,8 +124,13 @@ VARIANTS: dict[str, Variant] = {  # the ablation of benchmarks/bench_planner.py
     "room_spread_per_copy": Variant(replica_room=True, spread=True, replicas="per_copy"),
     "shrunk_node_packed": Variant(shrunk_loads=True, replicas="node_packed"),
     "drift_per_copy": DRIFT_PER_COPY,
+    "recent_loads": replace(ROBUST_VARIANT, recency=0.5),
+    "block_spread": replace(ROBUST_VARIANT, blocks=4),
+    "per_copy_bounded": replace(ROBUST_VARIANT, replicas="per_copy", fitted_weights=True, weight_bound=2.0),
     "robust": ROBUST_VARIANT,
 }
+NOISE_FLOOR_JITTER = 1e-3  # relative; sampling noise of the shipped traces' loads is ~5-10 %
+NOISE_FLOOR_SEEDS = (0, 1, 2, 3)
 
 
 def _halves(trace: RoutingTrace) -> tuple[RoutingTrace, RoutingTrace] | None:
@@ -171,3 +185,31 @@ def load_spread(trace: RoutingTrace) -> np.ndarray:
 def _shares(loads_LE: np.ndarray) -> np.ndarray:
     total_L1 = loads_LE.sum(axis=1, keepdims=True)
     return np.divide(loads_LE, total_L1, out=np.zeros_like(loads_LE), where=total_L1 > 0)
+
+
+def block_loads(trace: RoutingTrace, num_blocks: int) -> np.ndarray:
+    """loads_LBE: per layer, the expert loads of num_blocks consecutive blocks of the tokens in
+    recorded order, each block scaled to the layer's total (so blocks of unequal size weigh alike)."""
+    loads_LE = np.asarray(trace.loads(), dtype=np.float64)
+    out = np.zeros((trace.num_layers, num_blocks, trace.num_experts))
+    for layer, ids_TK in enumerate(trace.topk_ids):
+        bounds = np.linspace(0, len(ids_TK), num_blocks + 1).round().astype(np.int64)
+        for b in range(num_blocks):
+            out[layer, b] = np.bincount(
+                ids_TK[bounds[b] : bounds[b + 1]].ravel(), minlength=trace.num_experts
+            )
+    return loads_LE.sum(axis=1)[:, None, None] * _shares(out.reshape(-1, trace.num_experts)).reshape(
+        out.shape
+    )
+
+
+def recent_loads(trace: RoutingTrace, half_life: float) -> np.ndarray:
+    """loads_LE with token t of T weighted 2 ** -((T - 1 - t) / (half_life * T)), scaled to the totals."""
+    loads_LE = np.asarray(trace.loads(), dtype=np.float64)
+    out = np.zeros_like(loads_LE)
+    for layer, ids_TK in enumerate(trace.topk_ids):
+        count = len(ids_TK)
+        age = (count - 1 - np.arange(count)) / max(half_life * count, 1e-300)
+        w_T = np.repeat(np.exp2(-age), ids_TK.shape[1])
+        out[layer] = np.bincount(ids_TK.ravel(), weights=w_T, minlength=trace.num_experts)
+    return loads_LE.sum(axis=1, keepdims=True) * _shares(out)
