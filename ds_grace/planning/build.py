@@ -54,6 +54,7 @@ from ds_grace.planning.robust import (
     ROBUST_VARIANT,
     Variant,
     block_loads,
+    drift_ratio,
     load_spread,
     recent_loads,
     shrinkage,
@@ -257,7 +258,11 @@ def _grace_layers(
     sampled = isinstance(source, RoutingTrace)
     lam_L = shrinkage(source) if sampled else np.zeros(num_layers)
     if variant.recency is not None and sampled:
-        loads_LE = recent_loads(source, variant.recency)
+        recent_LE = recent_loads(source, variant.recency)
+        if variant.recency_gate is None:
+            loads_LE = recent_LE
+        else:  # only layers whose halves differ beyond sampling noise
+            loads_LE = np.where((drift_ratio(source) > variant.recency_gate)[:, None], recent_LE, loads_LE)
     blocks_LBE = block_loads(source, variant.blocks) if variant.blocks > 1 and sampled else None
     if variant.shrunk_loads and sampled:
         loads_LE = shrunk_loads(loads_LE, lam_L)

@@ -13,6 +13,7 @@ from ds_grace.planning.robust import (
     ROBUST_VARIANT,
     VARIANTS,
     block_loads,
+    drift_ratio,
     load_spread,
     recent_loads,
     shrinkage,
@@ -65,7 +66,8 @@ def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
         "uncertainty": 0.0,
         "drift_shrinkage": None,
         "weight_bound": 1e3,
-        "recency": None,
+        "recency": 0.5,
+        "recency_gate": 2.0,
         "blocks": 0,
         "jitter": 0.0,
         "jitter_seed": 0,
@@ -154,3 +156,41 @@ def test_weight_bound_and_jitter_are_applied_deterministically():
     one, two = (build_plan(trace, topology=topology, variant=jittered) for _ in range(2))
     assert [layer.slots for layer in one.layers] == [layer.slots for layer in two.layers]
     assert one.meta["variant"]["jitter"] == 0.01
+
+
+def _ramp(num_tokens: int, start: float, stop: float, seed: int) -> np.ndarray:
+    """Top-2 routes of 16 experts where expert 0 is the first choice with probability rising start -> stop."""
+    rng = np.random.default_rng(seed)
+    hot = rng.random(num_tokens) < np.linspace(start, stop, num_tokens)
+    first = np.where(hot, 0, rng.integers(1, 16, size=num_tokens))
+    return np.stack([first, (first + rng.integers(1, 16, size=num_tokens)) % 16], axis=1)
+
+
+def test_default_plans_on_recent_loads_when_the_sample_drifts():
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    gains = []
+    for seed in range(5):
+        sample = RoutingTrace(topk_ids=(_ramp(3000, 0.0, 0.5, seed),), num_experts=16)
+        check = RoutingTrace(topk_ids=(_ramp(3000, 0.5, 0.5, seed + 100),), num_experts=16)
+        assert recent_loads(sample, 0.5)[0][0] > 1.1 * sample.loads()[0][0]  # the rising expert
+        plans = [
+            build_plan(sample, topology=topology, variant=VARIANTS[k])
+            for k in ("shrunk_room_spread", "robust")
+        ]
+        old, new = (sum(0 in slots for slots in plan.layers[0].slots) for plan in plans)
+        assert new >= old  # the rising expert gets at least as many instances
+        old_b, new_b = (evaluate_plan(check, plan)["balancedness"] for plan in plans)
+        gains.append(new_b - old_b)
+    assert np.mean(gains) > 0.02  # measured +0.044 over these 5 samples
+
+
+def test_recency_applies_only_where_the_halves_differ_beyond_sampling_noise():
+    steady = synthetic(num_layers=2, num_experts=16, top_k=2, num_tokens=4000, skew=1.2, seed=4)
+    assert (drift_ratio(steady) < 2.0).all()  # i.i.d. tokens: ~1
+    drifting = RoutingTrace(topk_ids=(_ramp(3000, 0.0, 0.5, 0),), num_experts=16)
+    assert drift_ratio(drifting)[0] > 10.0
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    same = [
+        build_plan(steady, topology=topology, variant=VARIANTS[k]) for k in ("shrunk_room_spread", "robust")
+    ]
+    assert [layer.slots for layer in same[0].layers] == [layer.slots for layer in same[1].layers]
