@@ -11,7 +11,8 @@ give each of 16 GPUs a primary). grace and eplb get the same S = ceil(E / GPUs) 
 evaluate's: expectations over origin GPUs and the replayed ones (ds_grace/replayed.py). Targets:
 grace balancedness >= eplb's - 0.005 and grace cross-node copies <= 0.9 x contiguous (per-node dedup).
 
-Ablation (``ds_grace.planning.robust.VARIANTS``): the same real traces at fractions 0.3-0.7.
+Ablation (``ds_grace.planning.robust.VARIANTS``): the same real traces at fractions 0.3-0.7. Noise floor:
+the same for the default and the previous default with their planning loads perturbed by 0.1 %.
 Speed: 48 MoE layers x 128 experts, top-8, 8 x 8 GPUs, 100k tokens per layer (synthetic), default
 config, one core (BLAS threads 1). Target: < 5 s.
 
