@@ -11,7 +11,8 @@ give each of 16 GPUs a primary). grace and eplb get the same S = ceil(E / GPUs) 
 evaluate's: expectations over origin GPUs and the replayed ones (ds_grace/replayed.py). Targets:
 grace balancedness >= eplb's - 0.005 and grace cross-node copies <= 0.9 x contiguous (per-node dedup).
 
-Ablation (``ds_grace.planning.robust.VARIANTS``): the same real traces at fractions 0.3-0.7.
+Ablation (``ds_grace.planning.robust.VARIANTS``): the same real traces at fractions 0.3-0.7. Noise floor:
+the same for the default and the previous default with their planning loads perturbed by 0.1 %.
 Speed: 48 MoE layers x 128 experts, top-8, 8 x 8 GPUs, 100k tokens per layer (synthetic), default
 config, one core (BLAS threads 1). Target: < 5 s.
 
@@ -27,6 +28,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,7 +38,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.planning.build import build_plan  # noqa: E402
 from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan  # noqa: E402
-from ds_grace.planning.robust import VARIANTS  # noqa: E402
+from ds_grace.planning.robust import NOISE_FLOOR_JITTER, NOISE_FLOOR_SEEDS, VARIANTS, Variant  # noqa: E402
 from ds_grace.replayed import REPLAYED_KEYS, replayed_metrics  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 from ds_grace.trace import (  # noqa: E402
@@ -119,8 +121,9 @@ def bench_held_out() -> dict:
     return results
 
 
-def bench_ablation() -> dict:
+def bench_ablation(variants: dict[str, Variant] | None = None) -> dict:
     """Held-out balancedness minus EPLB's and copies / contiguous per variant, over split fractions."""
+    variants = VARIANTS if variants is None else variants
     root = packaged_traces_dir()
     traces = {
         "qwen15_moe": load_route_logs(
@@ -128,7 +131,7 @@ def bench_ablation() -> dict:
         ),
         "olmoe_tokens": load_route_logs([root / "olmoe_tokens" / "moe_routes_layer0.jsonl"]),
     }
-    cases: dict[str, list] = {name: [] for name in VARIANTS}
+    cases: dict[str, list] = {name: [] for name in variants}
     for trace in traces.values():
         for nodes, gpus in SHAPES:
             topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
@@ -136,7 +139,7 @@ def bench_ablation() -> dict:
                 fit, check = split_trace(trace, fraction=fraction)
                 eplb = evaluate_plan(check, build_plan(fit, topology=topology, policy="eplb"))
                 contiguous = evaluate_plan(check, build_plan(fit, topology=topology, policy="contiguous"))
-                for name, variant in VARIANTS.items():
+                for name, variant in variants.items():
                     held = evaluate_plan(check, build_plan(fit, topology=topology, variant=variant))
                     cases[name].append(
                         (
@@ -154,6 +157,50 @@ def bench_ablation() -> dict:
             "mean_copies_vs_contiguous": round(sum(ratios) / len(rows), 4),
         }
     return summary
+
+
+def bench_noise_floor(bases: tuple[str, ...] = ("shrunk_room_spread", "robust")) -> dict:
+    """How far the held-out results move when the planning loads are perturbed by NOISE_FLOOR_JITTER
+    (relative, far below sampling noise): per base variant and seed, the f=0.5 cases meeting both
+    targets and the ablation's mean margin over the 30 split cases."""
+    fitted = real_traces()
+    refs: dict[str, tuple[float, float]] = {}
+    for name, (fit, check) in fitted.items():
+        for nodes, gpus in SHAPES:
+            topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
+            if fit.num_experts >= topology.world_size:
+                slots = -(-fit.num_experts // topology.world_size) + 1
+                eplb = build_plan(fit, topology=topology, policy="eplb", replication={"slots_per_gpu": slots})
+                contiguous = build_plan(fit, topology=topology, policy="contiguous")
+                refs[f"{name}_{nodes}x{gpus}"] = (
+                    evaluate_plan(check, eplb)["balancedness"],
+                    evaluate_plan(check, contiguous)["cross_node_copies_per_token"],
+                )
+    results: dict = {}
+    for base in bases:
+        variants = {
+            f"{base}_jitter_{seed}": replace(VARIANTS[base], jitter=NOISE_FLOOR_JITTER, jitter_seed=seed)
+            for seed in NOISE_FLOOR_SEEDS
+        }
+        splits = bench_ablation(variants)
+        for key, variant in variants.items():
+            met = 0
+            for name, (fit, check) in fitted.items():
+                for nodes, gpus in SHAPES:
+                    case = f"{name}_{nodes}x{gpus}"
+                    if case not in refs:
+                        continue
+                    topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
+                    slots = -(-fit.num_experts // topology.world_size) + 1
+                    plan = build_plan(
+                        fit, topology=topology, replication={"slots_per_gpu": slots}, variant=variant
+                    )
+                    held = evaluate_plan(check, plan)
+                    met += held["balancedness"] >= refs[case][0] - BALANCE_TOLERANCE and (
+                        held["cross_node_copies_per_token"] <= COPIES_TARGET * refs[case][1]
+                    )
+            results[key] = {"held_out_cases_meeting_both": met, **splits[key]}
+    return {"jitter": NOISE_FLOOR_JITTER, "rows": results}
 
 
 def bench_olmoe_aggregate() -> dict:
@@ -252,6 +299,9 @@ def main() -> None:
             report["variants"] = bench_ablation()
             for name, row in report["variants"].items():
                 print(f"variant {name:22s} {json.dumps(row)}")
+            report["noise_floor"] = bench_noise_floor()
+            for name, row in report["noise_floor"]["rows"].items():
+                print(f"noise floor {name:22s} {json.dumps(row)}")
         report["olmoe_aggregate_in_sample"] = bench_olmoe_aggregate()
         for name, row in report["olmoe_aggregate_in_sample"].items():
             print(f"olmoe aggregate {name:15s} {json.dumps(row)}")

@@ -50,7 +50,16 @@ from ds_grace.planning.replication import (
     replicate,
     seed_replicas,
 )
-from ds_grace.planning.robust import ROBUST_VARIANT, Variant, load_spread, shrinkage, shrunk_loads
+from ds_grace.planning.robust import (
+    ROBUST_VARIANT,
+    Variant,
+    block_loads,
+    drift_ratio,
+    load_spread,
+    recent_loads,
+    shrinkage,
+    shrunk_loads,
+)
 from ds_grace.planning.stats import LoadSource, affinity_matrices, expert_loads, grouping_affinities
 from ds_grace.topology import Topology
 from ds_grace.trace import ExpertLoads, RoutingTrace
@@ -248,8 +257,22 @@ def _grace_layers(
     slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology)
     sampled = isinstance(source, RoutingTrace)
     lam_L = shrinkage(source) if sampled else np.zeros(num_layers)
+    if variant.recency is not None and sampled:
+        recent_LE = recent_loads(source, variant.recency)
+        if variant.recency_gate is None:
+            loads_LE = recent_LE
+        else:  # only layers whose halves differ beyond sampling noise
+            loads_LE = np.where((drift_ratio(source) > variant.recency_gate)[:, None], recent_LE, loads_LE)
+    blocks_LBE = block_loads(source, variant.blocks) if variant.blocks > 1 and sampled else None
     if variant.shrunk_loads and sampled:
         loads_LE = shrunk_loads(loads_LE, lam_L)
+        if blocks_LBE is not None:
+            blocks_LBE = np.stack(
+                [shrunk_loads(blocks_LBE[:, b], lam_L) for b in range(variant.blocks)], axis=1
+            )
+    if variant.jitter > 0:  # the planner's sensitivity to its inputs (robust.py: noise floor)
+        noise_LE = np.random.default_rng(variant.jitter_seed).standard_normal(loads_LE.shape)
+        loads_LE = loads_LE * (1.0 + variant.jitter * noise_LE)
     # drifting layers (shrinkage >= variant.drift_shrinkage) get variant.replicas on loads raised by
     # their spread; the others the budget greedy (robust.py says why)
     drifting_L = np.ones(num_layers, dtype=bool)
@@ -279,7 +302,12 @@ def _grace_layers(
             primaries = np.stack(
                 [
                     spread_within_nodes(
-                        primaries[i], loads_LE[i], intra[i], topology, anti_affinity=variant.anti_affinity
+                        primaries[i],
+                        loads_LE[i],
+                        intra[i],
+                        topology,
+                        anti_affinity=variant.anti_affinity,
+                        block_loads_BE=None if blocks_LBE is None else blocks_LBE[i],
                     )
                     for i in range(num_layers)
                 ]
@@ -310,6 +338,7 @@ def _grace_layers(
             routing_policy=routing,
             affinity_EE=None if intra is None else intra[index],
             slots_per_gpu=slots,
+            weight_bound=variant.weight_bound,
         )
         primary = primaries[index]
         replicas = variant.replicas if drifting_L[index] else "greedy"

@@ -520,6 +520,7 @@ def spread_within_nodes(
     topology: Topology,
     *,
     anti_affinity: float = 1.0,
+    block_loads_BE: np.ndarray | None = None,
 ) -> np.ndarray:
     """Keep every expert's node, re-deal each node's experts over its GPUs for robust balance.
 
@@ -540,6 +541,7 @@ def spread_within_nodes(
         high = -(-len(members) // gpus)
         count = np.zeros(gpus, dtype=np.int64)
         fill = np.zeros(gpus)
+        fill_BG = None if block_loads_BE is None else np.zeros((len(block_loads_BE), gpus))
         together = np.zeros(gpus)
         full_allowed = len(members) - (high - 1) * gpus  # GPUs that may take `high` experts
         placed: list[list[int]] = [[] for _ in range(gpus)]
@@ -549,10 +551,13 @@ def spread_within_nodes(
                 together[g] = affinity_EE[expert, placed[g]].sum() * scale if placed[g] else 0.0
             at_high = int((count == high).sum())
             open_G = (count < high - 1) | ((count == high - 1) & (at_high < full_allowed))
-            score = np.where(open_G, fill + anti_affinity * together, np.inf)
+            level = fill if fill_BG is None else (fill_BG + block_loads_BE[:, [expert]]).max(axis=0)
+            score = np.where(open_G, level + anti_affinity * together, np.inf)
             g = int(np.argmin(score))
             placed[g].append(int(expert))
             count[g] += 1
             fill[g] += loads[expert]
+            if fill_BG is not None:
+                fill_BG[:, g] += block_loads_BE[:, expert]
             result[expert] = node * gpus + g
     return result

@@ -110,8 +110,10 @@ def _refine_weights(
     topology: Topology,
     policy: RoutingPolicy,
     primary_E: np.ndarray,
+    weight_bound: float = 1e3,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multiplicative updates of per-rank weights toward equal expected GPU loads; keeps the best."""
+    """Multiplicative updates of per-rank weights toward equal expected GPU loads; keeps the best.
+    Every step clips the weights to [1 / weight_bound, weight_bound] x their mean."""
     best_w = weight_R
     best_gpu = instance_loads(loads_E, hosts_ER, weight_R, topology, policy, primary_E).sum(axis=0)
     if policy == "primary":
@@ -121,7 +123,7 @@ def _refine_weights(
     for _ in range(WEIGHT_REFINE_STEPS):
         mean = gpu.mean()
         w = w * np.sqrt(np.divide(mean, gpu, out=np.full_like(gpu, 2.0), where=gpu > 0))
-        w = np.clip(w / w.mean(), 1e-3, 1e3)
+        w = np.clip(w / w.mean(), 1.0 / weight_bound, weight_bound)
         gpu = instance_loads(loads_E, hosts_ER, w, topology, policy, primary_E).sum(axis=0)
         if (gpu.max(), float((gpu**2).sum())) < (best_gpu.max() - 1e-12 * mean, float((best_gpu**2).sum())):
             best_w, best_gpu = w, gpu
@@ -153,6 +155,7 @@ def replicate(
     slots_per_gpu: int | Sequence[int] | np.ndarray | None = None,
     greedy: bool = True,
     fit_weights: bool = True,
+    weight_bound: float = 1e3,
 ) -> ReplicaPlacement:
     """Replicas for one layer given per-expert loads and the fixed primary rank of every expert.
 
@@ -261,7 +264,7 @@ def replicate(
             tolerance=locality_tolerance,
         )
     if mode == "budget" and fit_weights:
-        weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary)
+        weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary, weight_bound)
     else:
         gpu = instance_loads(loads, hosts, weight, topology, routing_policy, primary).sum(axis=0)
     replica_ranks: list[list[int]] = [[] for _ in range(num_experts)]
