@@ -50,9 +50,9 @@ from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups
 from ds_grace.comm.path_model import (
     PathModel,
+    choose_path,
     corrected_costs,
     path_costs,
-    prefers_hierarchical,
     rank_summary,
 )
 
@@ -109,6 +109,7 @@ class DispatchMeta:
     local: _LocalRoutes | None = None  # routes of this rank's own tokens computed here, outputs included
     path_costs_s: tuple[float, float] | None = None
     path_corrected_s: tuple[float, float] | None = None
+    path_explored: bool = False  # the per-forward choice took the other path to re-measure it
 
     @property
     def exchanges(self) -> tuple[Exchange, ...]:
@@ -135,6 +136,7 @@ def dispatch(
     counters: TrafficCounters | None = None,
     path_model: PathModel | None = None,
     path_residual_us: tuple[int, int] = (0, 0),
+    explore_path: bool = False,
     low_latency_rows: int | None = None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -146,7 +148,9 @@ def dispatch(
     rounds take the path the model predicts faster for this forward's traffic; without it,
     hierarchical decides; `path_residual_us` (this rank's measured-minus-predicted microseconds of
     flat and hierarchical, ``PathFeedback.as_micros``) rides in the header and the EP group's mean
-    corrects the model. `low_latency_rows` (None: off) is the low-latency buffer's rows per
+    corrects the model; `explore_path` (``PathFeedback.explore_due``) asks, through the header, that
+    this forward try the other path when its prediction is close (``choose_path``; any rank's request
+    turns the whole group). `low_latency_rows` (None: off) is the low-latency buffer's rows per
     peer; every rank must pass the same value and the same path options. With `local_experts`
     (experts(x_QD, slot_splits) -> out_QD) the routes of this rank's own tokens to itself skip the
     collectives and are computed while the first payload round is in flight (normal rounds only);
@@ -186,7 +190,8 @@ def dispatch(
     return _dispatch_dedup(
         rows, dest_TK, x_TD, layout=layout, groups=groups, slot_stride=slot_stride,
         num_local_slots=num_local_slots, hierarchical=hierarchical, counters=counters, path_model=path_model,
-        path_residual_us=path_residual_us, low_latency_rows=low_latency_rows, local_experts=local_experts,
+        path_residual_us=path_residual_us, explore_path=explore_path, low_latency_rows=low_latency_rows,
+        local_experts=local_experts,
     )  # fmt: skip
 
 
@@ -203,6 +208,7 @@ def _dispatch_dedup(
     counters: TrafficCounters | None,
     path_model: PathModel | None,
     path_residual_us: tuple[int, int],
+    explore_path: bool,
     low_latency_rows: int | None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -240,6 +246,7 @@ def _dispatch_dedup(
             columns[f"summary{i}"] = value.expand(world)
         for name, micros in zip(("residual_flat", "residual_hier"), path_residual_us, strict=True):
             columns[name] = torch.full_like(routed_R, int(micros))
+        columns["explore"] = torch.full_like(routed_R, int(explore_path))
     names = list(columns)
     col = {name: i for i, name in enumerate(names)}
     header_RC = torch.stack([columns[name] for name in names], dim=1).to(torch.int64)
@@ -289,6 +296,7 @@ def _dispatch_dedup(
     hierarchical_used = None
     costs_s: tuple[float, float] | None = None
     corrected_s: tuple[float, float] | None = None
+    explored = False
     if any_normal:
         normal_dest_TK = torch.full_like(dest_TK, -1) if fits else net_dest_TK
         hierarchical_used = hierarchical
@@ -302,7 +310,8 @@ def _dispatch_dedup(
             )  # fmt: skip
             first = col["residual_flat"]
             corrected_s = corrected_costs(costs_s, np.array([row[first : first + 2] for row in header]))
-            hierarchical_used = prefers_hierarchical(corrected_s)
+            explore = any(row[col["explore"]] for row in header)
+            hierarchical_used, explored = choose_path(corrected_s, explore=explore)
         routed_from = [int(row[col["routed"]]) for row in header]
         exchanges: list[Exchange] = []
         current = rows
@@ -346,7 +355,9 @@ def _dispatch_dedup(
         counters=counters, hierarchical_used=hierarchical_used, max_tokens=max_tokens,
     )  # fmt: skip
     if costs_s is not None:
-        meta = dataclasses.replace(meta, path_costs_s=costs_s, path_corrected_s=corrected_s)
+        meta = dataclasses.replace(
+            meta, path_costs_s=costs_s, path_corrected_s=corrected_s, path_explored=explored
+        )
     if local is None:
         return x_QD, meta
     # the local rows come after every received row: their own branch, summed into the tokens in place

@@ -168,6 +168,23 @@ def prefers_hierarchical(costs_s: tuple[float, float]) -> bool:
 
 
 FEEDBACK_WEIGHT = 0.3  # weight of the newest measurement in a path's running residual
+# Every EXPLORE_EVERY-th per-forward choice takes the other path when its corrected prediction is within
+# EXPLORE_WITHIN of the chosen one's: a path not taken keeps the residual of its last forwards, and
+# one slow forward there (noise) would otherwise keep it untaken for good. Measured (benchmarks/README.md):
+# without it, mixtral-prefill at 200 Mbit/s stayed on the hierarchical path for 20 of 20 forwards
+# (32.9 ms) while the flat one ran 28.8 ms.
+EXPLORE_EVERY = 8
+EXPLORE_WITHIN = 1.25
+
+
+def choose_path(corrected_s: tuple[float, float], *, explore: bool) -> tuple[bool, bool]:
+    """(hierarchical, explored): the preferred path (``prefers_hierarchical``), or with `explore` the
+    other one when its corrected seconds are within EXPLORE_WITHIN of the preferred path's."""
+    hierarchical = prefers_hierarchical(corrected_s)
+    chosen, other = corrected_s[int(hierarchical)], corrected_s[int(not hierarchical)]
+    if explore and 0.0 < chosen and other <= chosen * EXPLORE_WITHIN:
+        return not hierarchical, True
+    return hierarchical, False
 
 
 class PathFeedback:
@@ -181,22 +198,35 @@ class PathFeedback:
     residual (0), so the model's prediction stands for it until it is tried.
     """
 
-    def __init__(self, *, weight: float = FEEDBACK_WEIGHT) -> None:
+    def __init__(self, *, weight: float = FEEDBACK_WEIGHT, explore_every: int = EXPLORE_EVERY) -> None:
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight ({weight}) must be in (0, 1]")
+        if explore_every < 0:
+            raise ValueError(f"explore_every ({explore_every}) must be >= 0 (0: never)")
         self.weight = weight
+        self.explore_every = explore_every
         self.residual_s = [0.0, 0.0]
         self.samples = [0, 0]
+        self.decisions = 0
 
-    def update(self, *, hierarchical: bool, measured_s: float, predicted_s: float) -> None:
-        """Fold one forward's measured payload seconds of the path taken into its residual."""
+    def explore_due(self) -> bool:
+        """Whether this rank asks the next per-forward choice to try the other path (the request
+        rides in the header; any rank's request turns the whole EP group)."""
+        return self.explore_every > 0 and self.decisions % self.explore_every == self.explore_every - 1
+
+    def update(
+        self, *, hierarchical: bool, measured_s: float, predicted_s: float, explored: bool = False
+    ) -> None:
+        """Fold one forward's measured payload seconds of the path taken into its residual; an
+        explored path's old residual is stale, so the new measurement replaces it."""
         path = int(hierarchical)
         residual = measured_s - predicted_s
-        if self.samples[path] == 0:
+        if self.samples[path] == 0 or explored:
             self.residual_s[path] = residual
         else:
             self.residual_s[path] += self.weight * (residual - self.residual_s[path])
         self.samples[path] += 1
+        self.decisions += 1
 
     def as_micros(self) -> tuple[int, int]:
         """The residuals in whole microseconds: what this rank sends in its header row."""

@@ -239,6 +239,7 @@ class GraceMOELayer(MOELayer):
             counters=self.comm_counters,
             path_model=path_model,
             path_residual_us=feedback.as_micros() if feedback is not None else (0, 0),
+            explore_path=feedback.explore_due() if feedback is not None else False,
             low_latency_rows=self._low_latency_rows if low_latency else None,
             local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
         )
@@ -260,6 +261,7 @@ class GraceMOELayer(MOELayer):
                 hierarchical=meta.hierarchical_used,
                 measured_s=time.perf_counter() - start - experts_s,
                 predicted_s=meta.path_costs_s[int(meta.hierarchical_used)],
+                explored=meta.path_explored,
             )
         return y_TD
 

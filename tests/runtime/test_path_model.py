@@ -10,6 +10,7 @@ from ds_grace.comm.path_model import (
     PathFeedback,
     PathModel,
     choose_hierarchical,
+    choose_path,
     corrected_costs,
     link_fit,
     path_costs,
@@ -146,3 +147,32 @@ def test_near_ties_go_to_the_hierarchical_path() -> None:
     assert prefers_hierarchical((1.0, 0.5))
     assert not prefers_hierarchical((1.0, 1.2))  # flat clearly faster
     assert not prefers_hierarchical((0.0, 0.0))  # nothing to send: the flat path's fewer rounds
+
+
+def test_exploration_re_measures_a_close_path_that_a_stale_residual_keeps_untaken() -> None:
+    # flat's residual comes from one slow forward (+15 ms): without exploration it is never re-measured
+    feedback = PathFeedback(weight=0.3, explore_every=4)
+    feedback.update(hierarchical=False, measured_s=0.035, predicted_s=0.020)
+    model_s = (0.020, 0.030)  # the model: flat 20 ms, hierarchical 30 ms
+    due = []
+    for _ in range(7):
+        due.append(feedback.explore_due())
+        corrected = corrected_costs(model_s, np.array([feedback.as_micros()] * 4))  # (35 ms, ~31 ms)
+        hierarchical, explored = choose_path(corrected, explore=due[-1])
+        measured = 0.021 if not hierarchical else 0.031
+        feedback.update(hierarchical=hierarchical, measured_s=measured, predicted_s=model_s[int(hierarchical)],
+                        explored=explored)  # fmt: skip
+        if explored:
+            break
+    # the 4th choice after the first forward explores flat; its residual is replaced, not averaged
+    assert due == [False, False, True] and not hierarchical and explored
+    assert feedback.as_micros()[0] == 1000
+    corrected = corrected_costs(model_s, np.array([feedback.as_micros()] * 4))
+    assert choose_path(corrected, explore=False) == (False, False)  # flat from now on
+    # a path far slower than the chosen one is not explored; nor when the chosen one costs nothing
+    assert choose_path((0.010, 0.030), explore=True) == (False, False)
+    assert choose_path((0.010, 0.012), explore=True) == (True, True)  # flat preferred, hierarchical close
+    assert choose_path((0.0, 0.0), explore=True) == (False, False)
+    assert not PathFeedback(explore_every=0).explore_due()
+    with pytest.raises(ValueError, match=r"explore_every \(-1\) must be >= 0"):
+        PathFeedback(explore_every=-1)

@@ -62,6 +62,7 @@ def _routed(
     hierarchical=True,
     local=False,
     path_residual_us=(0, 0),
+    explore_path=False,
 ):
     """One forward through dispatch/combine with explicit path options (what forward_routed does)."""
     moe = layer.deepspeed_moe
@@ -72,7 +73,7 @@ def _routed(
             x_TD, rank_TK, slot_TK, w_TK, groups=groups, slot_stride=moe._slot_stride,
             num_local_slots=moe.num_local_experts, hierarchical=hierarchical, counters=moe.comm_counters,
             path_model=path_model, low_latency_rows=low_latency_rows, local_experts=moe.experts if local else None,
-            path_residual_us=path_residual_us,
+            path_residual_us=path_residual_us, explore_path=explore_path,
         )  # fmt: skip
         y_TD = combine(moe.experts(x_QD, meta.slot_splits), meta, groups=groups, counters=moe.comm_counters)
     local_routes = 0 if meta.local is None else int(meta.local.route_row_Q.shape[0])
@@ -130,16 +131,22 @@ def _paths_cases(ctx: RankContext) -> list[dict]:
             # measured residuals in the header: only rank 0 reports one, every rank follows the mean
             "residual_turns_hier": ((x_TD, ids_TK, w_TK), TIE, None, True),
             "residual_turns_flat": ((x_TD, ids_TK, w_TK), PREFER_HIER, None, True),
+            # corrected (1.0 s, 0.9 s): hierarchical preferred; rank 0 asks to explore: every rank goes flat
+            "explore_turns_flat": ((x_TD, ids_TK, w_TK), TIE, None, True),
+            "no_explore_stays_hier": ((x_TD, ids_TK, w_TK), TIE, None, True),
         }
         residuals = {  # rank 0's (flat, hierarchical) microseconds; mean over 4 ranks: -1 s and +3 s
             "residual_turns_hier": (0, -4_000_000) if ctx.rank == 0 else (0, 0),
             "residual_turns_flat": (0, 12_000_000) if ctx.rank == 0 else (0, 0),
+            "explore_turns_flat": (4_000_000, 3_600_000) if ctx.rank == 0 else (0, 0),
+            "no_explore_stays_hier": (4_000_000, 3_600_000) if ctx.rank == 0 else (0, 0),
         }
         result = {"scenario": scenario, "tokens": counts, "runs": {}}
         for name, (inputs, model, ll, hierarchical) in runs.items():
             y_TD, meta, calls, computed, local_routes = _routed(
                 layer, *inputs, path_model=model, low_latency_rows=ll, hierarchical=hierarchical,
                 local=name.startswith("local_first"), path_residual_us=residuals.get(name, (0, 0)),
+                explore_path=name == "explore_turns_flat" and ctx.rank == 0,
             )  # fmt: skip
             ref = reference_big if inputs is big else reference
             result["runs"][name] = {
@@ -147,7 +154,7 @@ def _paths_cases(ctx: RankContext) -> list[dict]:
                 "scale": max(1.0, float(ref.abs().max())) if ref.numel() else 1.0,
                 "routes": int((inputs[1] >= 0).sum()), "computed": computed, "calls": calls,
                 "hierarchical_used": meta.hierarchical_used, "max_tokens": meta.max_tokens,
-                "local_routes": local_routes,
+                "local_routes": local_routes, "explored": meta.path_explored,
             }  # fmt: skip
         out.append(result)
 
@@ -214,6 +221,9 @@ def test_every_path_is_lossless_and_takes_the_same_rounds_on_every_rank():
         assert run["ll_overflow_forced_hier"]["hierarchical_used"] is True
         assert run["residual_turns_hier"]["hierarchical_used"] is True  # tie + mean residual -1 s
         assert run["residual_turns_flat"]["hierarchical_used"] is False  # -2 s + mean residual +3 s
+        assert run["no_explore_stays_hier"]["hierarchical_used"] is True
+        assert run["explore_turns_flat"]["hierarchical_used"] is False  # one rank's request turns all
+        assert run["explore_turns_flat"]["explored"] and not run["no_explore_stays_hier"]["explored"]
         assert run["local_first_flat"]["calls"] == 3 and run["local_first_hier"]["calls"] == 5
         assert run["local_first_ll_overflow"]["hierarchical_used"] is True
         assert (
