@@ -340,6 +340,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_target_table(document: dict[str, Any]) -> str:
+    """Markdown table of the target check: full GRACE against the best peer, per workload and setting."""
+    by_key = {(r["workload"], r["setting"], r["system"]): r for r in document["rows"]}
+    head = ("| workload | setting | full GRACE ms | best peer ms | GRACE vs best peer (95 % interval) | "
+            "GRACE vs DeepSpeed lossless | cross-node MB: GRACE / DeepEP-like / EPLB+DeepEP | paths (ll/hier/flat) |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for setting, workloads in document["target"]["settings"].items():
+        for workload, check in workloads.items():
+            grace = by_key[(workload, setting, FULL_GRACE)]
+            best = by_key[(workload, setting, check["best_peer"])]
+            deepep = [by_key[(workload, setting, p)]["bytes_cross_node"] / 1e6 for p in DEEPEP_LIKE]
+            paths = grace["paths"] or {}
+            ci95 = check.get("speedup_vs_best_peer_ci95")
+            interval = f" ({ci95[0]:.2f}-{ci95[1]:.2f})" if ci95 else ""
+            label = workload + (" (synthetic)" if grace["synthetic"] else "")
+            lines.append(
+                f"| {label} | {setting} | {grace['median_ms']:.1f} | {best['median_ms']:.1f} ({check['best_peer']}) | "
+                f"{check['speedup_vs_best_peer']:.2f}x{interval} | {check['speedup_vs_vanilla_lossless']:.2f}x | "
+                f"{grace['bytes_cross_node'] / 1e6:.3f} / {deepep[0]:.3f} / {deepep[1]:.3f} | "
+                f"{paths.get('low-latency', 0)}/{paths.get('hierarchical', 0)}/{paths.get('flat', 0)} |"
+            )
+    return "\n".join(lines)
+
+
 def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
@@ -477,6 +501,7 @@ def _table_note(document: dict[str, Any]) -> str:
 def print_summary(document: dict[str, Any]) -> None:
     print(format_table(document["rows"]))
     target = document["target"]
+    print("\n" + format_target_table(document))
     print(f"\nTargets for full GRACE ({target['system']}) vs the best sparse peer:")
     for setting, workloads in target["settings"].items():
         for workload, check in workloads.items():

@@ -15,6 +15,7 @@ from benchmarks.bench import (
     Setting,
     build_rows,
     format_table,
+    format_target_table,
     speedup_ci95,
     target_check,
     update_readme,
@@ -85,6 +86,9 @@ def test_rows_hold_every_field_and_ratios_against_vanilla_lossless() -> None:
     assert check["best_peer"] == "peer_eplb_deepep" and check["deepep_like_cross_node_bytes"] == 90.0
     assert not check["bytes_met"]  # 100 bytes > the DeepEP-like peer's 90
     assert check["zero_drops"] and check["parity"]
+    table = format_target_table({"rows": rows, "target": target})
+    assert "| mixtral-prefill | 50mbit | 10.0 | 11.0 (peer_eplb_deepep) | 1.10x" in table
+    assert "| 0.000 / 0.000 / 0.000 | 0/2/1 |" in table  # bytes in MB (100 B), paths of the grace row
     faster = target_check(rows, [Setting("10mbit", "netns", 10.0), setting])
     assert faster["settings"]["50mbit"]["mixtral-prefill"]["speedup_needed"] == 1.0  # not the slowest link
 
