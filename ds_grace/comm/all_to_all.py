@@ -230,26 +230,31 @@ def _dispatch_dedup(
     if local_first:
         net_member_TR[:, me] = False
     relay_TK = torch.where(net_dest_TK >= 0, net_dest_TK // gpus * gpus + groups.local_rank, -1)
-    columns: dict[str, torch.Tensor] = {}
+    # header columns: counts per peer, then values that are the same for every peer (one tensor op each)
+    per_peer: dict[str, torch.Tensor] = {}
+    same: dict[str, int] = {}
     if ll is not None:
-        columns["ll"] = net_member_TR.sum(0) if fits else zero_R
-        columns["tokens"] = torch.full_like(routed_R, tokens)
-    columns["routed"] = zero_R if fits else net_member_TR.sum(0)
+        per_peer["ll"] = net_member_TR.sum(0) if fits else zero_R
+        same["tokens"] = tokens
+    per_peer["routed"] = zero_R if fits else net_member_TR.sum(0)
     if hierarchical:
-        columns["relay"] = zero_R if fits else _membership(relay_TK, world).sum(0)
+        per_peer["relay"] = zero_R if fits else _membership(relay_TK, world).sum(0)
     if adaptive:
         if fits:  # nothing of this rank goes by the normal rounds
-            summary_C = torch.zeros(3 * nodes, dtype=torch.int64, device=dest_TK.device)
+            summary = [0] * (3 * nodes)
         else:
-            summary_C = rank_summary(net_member_TR, ep_index=me, topology=topology)
-        for i, value in enumerate(summary_C):
-            columns[f"summary{i}"] = value.expand(world)
-        for name, micros in zip(("residual_flat", "residual_hier"), path_residual_us, strict=True):
-            columns[name] = torch.full_like(routed_R, int(micros))
-        columns["explore"] = torch.full_like(routed_R, int(explore_path))
-    names = list(columns)
+            summary = rank_summary(net_member_TR, ep_index=me, topology=topology).tolist()
+        same.update({f"summary{i}": int(value) for i, value in enumerate(summary)})
+        same["residual_flat"], same["residual_hier"] = (int(micros) for micros in path_residual_us)
+        same["explore"] = int(explore_path)
+    names = [*per_peer, *same]
     col = {name: i for i, name in enumerate(names)}
-    header_RC = torch.stack([columns[name] for name in names], dim=1).to(torch.int64)
+    header_RC = torch.stack(list(per_peer.values()), dim=1).to(torch.int64)
+    if same:
+        same_RC = torch.tensor(list(same.values()), dtype=torch.int64, device=dest_TK.device).expand(
+            world, -1
+        )
+        header_RC = torch.cat([header_RC, same_RC], dim=1)
 
     local: _LocalRoutes | None = None
 
