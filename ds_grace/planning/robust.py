@@ -143,13 +143,20 @@ class Variant:
     blocks: int = 0
     jitter: float = 0.0
     jitter_seed: int = 0
+    split_z: float = 0.0
+    split_tolerance: float = 0.0
+    swap_tolerance: float | None = None
 
 
 SAMPLE_FITTED = Variant()
 SHRUNK_ROOM_SPREAD = Variant(shrunk_loads=True, replica_room=True, spread=True)  # the default until recency
 RECENCY_HALF_LIFE = 0.5  # of the sample's tokens
 RECENCY_GATE = 2.0  # drift_ratio above which a layer's loads are the recent ones
-ROBUST_VARIANT = replace(SHRUNK_ROOM_SPREAD, recency=RECENCY_HALF_LIFE, recency_gate=RECENCY_GATE)
+RECENCY = replace(
+    SHRUNK_ROOM_SPREAD, recency=RECENCY_HALF_LIFE, recency_gate=RECENCY_GATE
+)  # default until swaps
+SWAP_TOLERANCE = 0.02  # of the mean GPU load: what a locality swap may add to the max
+ROBUST_VARIANT = replace(RECENCY, swap_tolerance=SWAP_TOLERANCE)
 DRIFT_SHRINKAGE = 0.3
 DRIFT_PER_COPY = Variant(  # measured, not the default (module docstring)
     shrunk_loads=True,
@@ -171,6 +178,8 @@ VARIANTS: dict[str, Variant] = {  # the ablation of benchmarks/bench_planner.py
     "per_copy_bounded": replace(
         SHRUNK_ROOM_SPREAD, replicas="per_copy", fitted_weights=True, weight_bound=2.0
     ),
+    "recency": RECENCY,
+    "split_inside_nodes": replace(RECENCY, split_z=2.0, split_tolerance=0.01),
     "robust": ROBUST_VARIANT,
 }
 NOISE_FLOOR_JITTER = 1e-3  # relative; sampling noise of the shipped traces' loads is ~5-10 %
