@@ -93,7 +93,9 @@ the 1 % margin (z = 0 / 1 / 2): +0.0062 / -0.0059 / -0.0012, f=0.5 3 / 3 / 3 cas
 by a greedy on the robust max over every (expert, GPU) (z = 0 / 1 / 2 / 3 / 4): splits -0.010 / -0.017 /
 -0.008 / -0.009 / -0.003, f=0.5 4 / 2 / 4 / 3 / 3 cases (OLMoE 4x4 -0.108 / -0.051 / -0.059 / -0.120 /
 -0.141): the held-out hot experts are not the ones whose load moved between the sample's halves often
-enough for the spread to pick them.
+enough for the spread to pick them. ``split_inside_nodes`` together with the swaps:
+splits -0.020 / -0.018 / -0.018 (split margin 1 / 3 / 5 %; OLMoE 4x4 -0.231); the swaps' limit on the
+robust max (z = 1 / 2) instead of the expected one: splits -0.004 / -0.022.
 
 Measured, not adopted (same benchmark; "f=0.5": held-out table mean margin, cases meeting both):
 recency on every layer without the drift gate: splits +0.002, f=0.5 5 cases, but the aggregate rows
