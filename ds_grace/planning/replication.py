@@ -699,7 +699,8 @@ def split_seed_replicas(
     """``seed_replicas``' order (copies to the expert with the largest load per copy), but each copy
     chooses between the least-loaded GPU of a node without the expert (a cross-node copy: it takes
     that node's share) and the least-loaded other GPU of a node that holds it (TAR splits that node's
-    share inside it): whichever gives the lower (max, then sum of squares) of ``robust_gpu_loads``."""
+    share inside it): the split where it lowers the max of ``robust_gpu_loads`` by more than tolerance x
+    the mean GPU load, else the cross-node copy (measured, not the default: planning/robust.py)."""
     num_experts, world, gpus = len(loads_E), topology.world_size, topology.gpus_per_node
     copies = np.ones(num_experts)
     hosts = np.zeros((num_experts, world), dtype=bool)
@@ -722,10 +723,8 @@ def split_seed_replicas(
                 float(robust_gpu_loads(loads_E, spread_E, hosts, topology, z=z, policy=policy).max())
             )
             hosts[e, t] = False
-        t = targets[0]  # a cross-node copy unless splitting inside a node is clearly better
-        if len(targets) == 2 and (
-            not len(options[0]) or worst[1] < worst[0] - tolerance * float(loads_E.sum()) / world
-        ):
+        t = targets[0]  # a cross-node copy (if any node lacks e) unless the split is clearly better
+        if len(targets) == 2 and worst[1] < worst[0] - tolerance * float(loads_E.sum()) / world:
             t = targets[1]
         copies[e] += 1
         hosts[e, t] = True
