@@ -159,7 +159,7 @@ def bench_ablation(variants: dict[str, Variant] | None = None) -> dict:
     return summary
 
 
-def bench_noise_floor(bases: tuple[str, ...] = ("shrunk_room_spread", "robust")) -> dict:
+def bench_noise_floor(bases: tuple[str, ...] = ("recency", "robust")) -> dict:
     """How far the held-out results move when the planning loads are perturbed by NOISE_FLOOR_JITTER
     (relative, far below sampling noise): per base variant and seed, the f=0.5 cases meeting both
     targets and the ablation's mean margin over the 30 split cases."""

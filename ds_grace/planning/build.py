@@ -47,8 +47,11 @@ from ds_grace.planning.replication import (
     ReplicaPlacement,
     instance_loads,
     layer_plan_from,
+    locality_swaps,
     replicate,
+    robust_gpu_loads,
     seed_replicas,
+    split_seed_replicas,
 )
 from ds_grace.planning.robust import (
     ROBUST_VARIANT,
@@ -280,6 +283,17 @@ def _grace_layers(
         drifting_L = lam_L >= variant.drift_shrinkage
     if variant.uncertainty > 0 and sampled:
         loads_LE = loads_LE + variant.uncertainty * load_spread(source) * drifting_L[:, None]
+    # on drifting layers (the recency gate): replicas split inside nodes (variant.split_z) and swapped
+    # for locality (variant.swap_tolerance); robust.py says why, with the numbers
+    spread_LE = np.zeros_like(loads_LE)
+    split_L = swap_L = np.zeros(num_layers, dtype=bool)
+    if (variant.split_z > 0 or variant.swap_tolerance is not None) and sampled and slots is not None:
+        spread_LE = load_spread(source)
+        gate_L = np.ones(num_layers, dtype=bool)
+        if variant.recency_gate is not None:
+            gate_L = drift_ratio(source) > variant.recency_gate
+        split_L = gate_L & (variant.split_z > 0)
+        swap_L = gate_L & (variant.swap_tolerance is not None)
     cap = cfg.grouping.max_experts_per_gpu if slots is None else slots
     # primaries per GPU: up to S, or ceil(E / GPUs) so that every GPU keeps room for replicas
     group_cap = cap if slots is None or not variant.replica_room else -(-num_experts // world)
@@ -373,9 +387,27 @@ def _grace_layers(
                 options,
                 group_cap,
                 slots,
+                split=(spread_LE[index], variant) if split_L[index] else None,
             )
         else:
             placement = replicate(loads_LE[index], primary, topology, **options)
+        if swap_L[index]:
+            swapped = locality_swaps(
+                loads_LE[index],
+                spread_LE[index],
+                primary,
+                placement.pairs(),
+                source.topk_ids[index],
+                topology,
+                z=variant.split_z,
+                tolerance=float(variant.swap_tolerance),
+                policy=routing,
+                weight_R=np.asarray(placement.rank_weights),
+            )
+            if set(swapped) != set(placement.pairs()):  # same replicas per GPU; WRR weights refitted
+                placement = replicate(
+                    loads_LE[index], primary, topology, initial=swapped, greedy=False, **options
+                )
         layers.append(layer_plan_from(primary, placement, num_ranks=world))
         gpu = np.asarray(placement.predicted_gpu_loads)
         predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
@@ -409,13 +441,48 @@ def _rebalance(
     options: dict[str, Any],
     cap: int | None,
     slots: int | None,
+    split: tuple[np.ndarray, Variant] | None = None,
 ) -> tuple[np.ndarray, ReplicaPlacement]:
     """Primaries and replicas, jointly (beyond the paper): start from a load-only replica guess
     (budget mode) or the paper's replicas, move primaries away from where replicas are, replicate
-    again starting from the replicas that still fit; keep the round with the lowest max GPU load."""
+    again starting from the replicas that still fit; keep the round with the lowest max GPU load.
+    ``split`` (spread_E, variant; measured, not the default): the guess is ``split_seed_replicas``
+    and rounds are scored by the max of ``robust_gpu_loads``."""
     budget = cfg.replication.mode == "budget"
     rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
-    if budget:
+    split_seeds = budget and split is not None and slots is not None
+
+    def score(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
+        moved_E, placement = round_
+        if not split_seeds or split is None:
+            return _max_load(placement)
+        hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
+        hosts[np.arange(len(loads_E)), moved_E] = True
+        for e, r in placement.pairs():
+            hosts[e, r] = True
+        robust_R = robust_gpu_loads(
+            loads_E,
+            split[0],
+            hosts,
+            topology,
+            z=split[1].split_z,
+            policy=cfg.routing.policy,
+            weight_R=np.asarray(placement.rank_weights),
+        )
+        return float(robust_R.max())
+
+    if split_seeds and split is not None and slots is not None:
+        pairs = split_seed_replicas(
+            loads_E,
+            split[0],
+            primary,
+            topology,
+            slots,
+            z=split[1].split_z,
+            policy=cfg.routing.policy,
+            tolerance=split[1].split_tolerance,
+        )
+    elif budget:
         pairs = seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
     else:
         rounds.append((primary, replicate(loads_E, primary, topology, **options)))
@@ -449,4 +516,4 @@ def _rebalance(
         if np.array_equal(moved, primary) and set(candidate.pairs()) == set(pairs):
             break
         primary, pairs, weights = moved, candidate.pairs(), np.asarray(candidate.rank_weights)
-    return min(rounds, key=lambda round_: _max_load(round_[1]))
+    return min(rounds, key=score)

@@ -8,7 +8,7 @@ import pytest
 from ds_grace.planning.build import build_plan
 from ds_grace.planning.grouping import hierarchical_grouping, spread_within_nodes
 from ds_grace.planning.metrics import evaluate_plan
-from ds_grace.planning.replication import replicate
+from ds_grace.planning.replication import locality_swaps, replicate, robust_gpu_loads
 from ds_grace.planning.robust import (
     ROBUST_VARIANT,
     VARIANTS,
@@ -71,6 +71,9 @@ def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
         "blocks": 0,
         "jitter": 0.0,
         "jitter_seed": 0,
+        "split_z": 0.0,
+        "split_tolerance": 0.0,
+        "swap_tolerance": 0.02,
     }
     assert plan.meta["replication"]["drifting_layers"] == []
     assert {len(s) for layer in plan.layers for s in layer.slots} == {9}
@@ -194,3 +197,55 @@ def test_recency_applies_only_where_the_halves_differ_beyond_sampling_noise():
         build_plan(steady, topology=topology, variant=VARIANTS[k]) for k in ("shrunk_room_spread", "robust")
     ]
     assert [layer.slots for layer in same[0].layers] == [layer.slots for layer in same[1].layers]
+
+
+def test_locality_swaps_trade_copies_for_at_most_the_balance_tolerance():
+    # 2 nodes x 1 GPU; experts 0-3 on rank 0, 4-7 on rank 1; expert 4 is hot and has a replica on rank 0
+    topology = Topology(num_nodes=2, gpus_per_node=1)
+    primary = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    ids = np.array([[0, 5]] * 40 + [[4, 6]] * 200 + [[1, 2]] * 40 + [[3, 7]] * 40)
+    loads = np.bincount(ids.ravel(), minlength=8).astype(float)  # mean GPU load 320
+    spread = np.zeros(8)
+
+    def outcome(pairs: list[tuple[int, int]]) -> tuple[float, int]:
+        hosts = np.zeros((8, 2), dtype=bool)
+        hosts[np.arange(8), primary] = True
+        for e, r in pairs:
+            hosts[e, r] = True
+        remote = sum(int((~hosts[ids, n]).any(axis=1).sum()) for n in range(2))  # tokens leaving a node
+        return float(robust_gpu_loads(loads, spread, hosts, topology, z=0.0).max()), remote
+
+    start = [(4, 0), (2, 1)]
+    assert outcome(start) == (400.0, 400)
+    tight = locality_swaps(loads, spread, primary, start, ids, topology, z=0.0, tolerance=0.1)
+    # expert 0 on node 1 keeps the [0, 5] tokens there at no cost; moving the hot replica off rank 0
+    # for expert 5 would save more copies but raise the max by 80 > 0.1 x 320
+    assert tight == [(4, 0), (0, 1)] and outcome(tight) == (400.0, 360)
+    loose = locality_swaps(loads, spread, primary, start, ids, topology, z=0.0, tolerance=0.5)
+    assert loose == [(5, 0), (0, 1)] and outcome(loose) == (480.0, 320)
+    assert [r for _, r in loose] == [r for _, r in start]  # replicas per GPU unchanged
+
+
+def test_robust_gpu_loads_penalise_a_gpu_that_hangs_on_one_uncertain_expert():
+    topology = Topology(num_nodes=1, gpus_per_node=2)
+    hosts = np.array([[True, False], [False, True], [False, True]])
+    loads, spread = np.array([2.0, 1.0, 1.0]), np.array([1.0, 0.5, 0.5])
+    assert robust_gpu_loads(loads, spread, hosts, topology, z=0.0).tolist() == [2.0, 2.0]
+    robust = robust_gpu_loads(loads, spread, hosts, topology, z=2.0)
+    assert robust == pytest.approx([4.0, 2.0 + 2.0 * np.sqrt(0.5)])
+
+
+def test_default_swaps_replicas_for_locality_only_where_the_sample_drifts():
+    fit, _ = split_trace(load_route_logs(QWEN), fraction=0.5)  # every layer drifts (drift_ratio 4-12)
+    topology = Topology(num_nodes=2, gpus_per_node=4)
+    before, after = (build_plan(fit, topology=topology, variant=VARIANTS[k]) for k in ("recency", "robust"))
+    assert [layer.replica_count() for layer in after.layers] == [
+        layer.replica_count() for layer in before.layers
+    ]
+    assert {len(s) for layer in after.layers for s in layer.slots} == {9}
+    old, new = (evaluate_plan(fit, plan) for plan in (before, after))
+    assert new["cross_node_copies_per_token"] < old["cross_node_copies_per_token"] - 0.02  # 0.776 -> 0.731
+    assert new["balancedness"] >= old["balancedness"] - 0.02
+    steady = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=4000, skew=1.2, seed=4)
+    same = [build_plan(steady, topology=topology, variant=VARIANTS[k]) for k in ("recency", "robust")]
+    assert same[0].layers[0].slots == same[1].layers[0].slots  # i.i.d. sample: nothing swapped
