@@ -172,9 +172,10 @@ FEEDBACK_WEIGHT = 0.3  # weight of the newest measurement in a path's running re
 # EXPLORE_WITHIN of the chosen one's: a path not taken keeps the residual of its last forwards, and
 # one slow forward there (noise) would otherwise keep it untaken for good. Measured (benchmarks/README.md):
 # without it, mixtral-prefill at 200 Mbit/s stayed on the hierarchical path for 20 of 20 forwards
-# (32.9 ms) while the flat one ran 28.8 ms.
+# (32.9 ms) while the flat one ran 28.8 ms; with 1.25x the stale flat residual predicted 44.0 against
+# 23.7 ms, out of reach, and the layer stayed hierarchical again (30.5 ms; flat rung 27.6 ms).
 EXPLORE_EVERY = 8
-EXPLORE_WITHIN = 1.25
+EXPLORE_WITHIN = 2.0
 
 
 def choose_path(corrected_s: tuple[float, float], *, explore: bool) -> tuple[bool, bool]:
