@@ -561,11 +561,7 @@ def seed_replicas(
         if loads_E[e] <= 0 or len(targets) == 0:
             break
         t = int(targets[np.argmin(gpu[targets])])
-        copies[e] += 1
-        hosts[e, t] = True
-        free_R[t] -= 1
-        gpu[t] += loads_E[e] / copies[e]
-        pairs.append((e, t))
+        _add_copy(e, t, loads_E=loads_E, copies=copies, hosts=hosts, free_R=free_R, gpu=gpu, pairs=pairs)
     return pairs
 
 
@@ -726,12 +722,27 @@ def split_seed_replicas(
         t = targets[0]  # a cross-node copy (if any node lacks e) unless the split is clearly better
         if len(targets) == 2 and worst[1] < worst[0] - tolerance * float(loads_E.sum()) / world:
             t = targets[1]
-        copies[e] += 1
-        hosts[e, t] = True
-        free_R[t] -= 1
-        gpu[t] += loads_E[e] / copies[e]
-        pairs.append((e, t))
+        _add_copy(e, t, loads_E=loads_E, copies=copies, hosts=hosts, free_R=free_R, gpu=gpu, pairs=pairs)
     return pairs
+
+
+def _add_copy(
+    e: int,
+    t: int,
+    *,
+    loads_E: np.ndarray,
+    copies: np.ndarray,
+    hosts: np.ndarray,
+    free_R: np.ndarray,
+    gpu: np.ndarray,
+    pairs: list[tuple[int, int]],
+) -> None:
+    """Put one more copy of expert e on GPU t: its load splits evenly over its copies."""
+    copies[e] += 1
+    hosts[e, t] = True
+    free_R[t] -= 1
+    gpu[t] += loads_E[e] / copies[e]
+    pairs.append((e, t))
 
 
 def _nodes_missing(ids_TK: np.ndarray, hosted_EN: np.ndarray) -> np.ndarray:
