@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         metadata={"model": str(args.model), "family": family, "data": str(data), "tokenizer": tokenizer_name},
     )
+    if world_size > 1:  # leave together: a rank exiting while a peer's gloo connection is open can abort
+        from ds_grace.comm.collectives import shutdown_distributed
+
+        shutdown_distributed()
     if trace is None:
         return 0
     out = Path(args.out)
