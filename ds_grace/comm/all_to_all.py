@@ -393,20 +393,10 @@ def _finish(
     """Bucket the received routes by local slot: the experts' input rows and combine's metadata."""
     me = groups.ep_index
     view = layout.unpack(received_VW)
-    routed_VK = view.code >= 0
-    row_Q, k_Q = routed_VK.nonzero(as_tuple=True)
-    slot_Q = view.code[row_Q, k_Q].long() - me * slot_stride
-    order_Q = torch.argsort(slot_Q, stable=True)
-    slot_splits = torch.bincount(slot_Q, minlength=num_local_slots).tolist()
-    if len(slot_splits) != num_local_slots:
-        raise RuntimeError(
-            f"EP rank {me} received routes for slot {len(slot_splits) - 1} but hosts {num_local_slots} "
-            "slots: the ranks do not serve the same plan"
-        )
-    route_row_Q = row_Q[order_Q]
-    route_weight_Q = view.weight[row_Q, k_Q][order_Q]
-    if counters is not None:
-        counters.record_expert_rows(slot_splits)
+    route_row_Q, route_weight_Q, slot_splits = _routes_by_slot(
+        view, view.code >= 0, me=me, slot_stride=slot_stride, num_local_slots=num_local_slots,
+        counters=counters, what="received routes for",
+    )  # fmt: skip
     meta = DispatchMeta(
         branches=tuple(branches),
         route_row_Q=route_row_Q,
@@ -620,19 +610,38 @@ def _local_routes(
     mine_TK = dest_TK == me
     src_row_L = mine_TK.any(dim=1).nonzero(as_tuple=True)[0]
     view = layout.unpack(rows_TW.index_select(0, src_row_L))
-    row_Q, k_Q = mine_TK[src_row_L].nonzero(as_tuple=True)
+    route_row_Q, route_weight_Q, slot_splits = _routes_by_slot(
+        view, mine_TK[src_row_L], me=me, slot_stride=slot_stride, num_local_slots=num_local_slots,
+        counters=counters, what="routes to its",
+    )  # fmt: skip
+    out_QD = experts(view.x.index_select(0, route_row_Q), slot_splits)
+    return _LocalRoutes(src_row_L, route_row_Q, route_weight_Q, out_QD)
+
+
+def _routes_by_slot(
+    view: _Rows,
+    routed_VK: torch.Tensor,
+    *,
+    me: int,
+    slot_stride: int,
+    num_local_slots: int,
+    counters: TrafficCounters | None,
+    what: str,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The routes routed_VK marks in `view`, ordered by local slot: (row of each route, its gate
+    weight, routes per slot). A slot beyond this rank's means the ranks serve different plans."""
+    row_Q, k_Q = routed_VK.nonzero(as_tuple=True)
     slot_Q = view.code[row_Q, k_Q].long() - me * slot_stride
     order_Q = torch.argsort(slot_Q, stable=True)
     slot_splits = torch.bincount(slot_Q, minlength=num_local_slots).tolist()
     if len(slot_splits) != num_local_slots:
         raise RuntimeError(
-            f"EP rank {me} routes to its slot {len(slot_splits) - 1} but hosts {num_local_slots} slots"
+            f"EP rank {me} {what} slot {len(slot_splits) - 1} but hosts {num_local_slots} slots: the ranks "
+            "do not serve the same plan"
         )
-    route_row_Q = row_Q[order_Q]
     if counters is not None:
         counters.record_expert_rows(slot_splits)
-    out_QD = experts(view.x.index_select(0, route_row_Q), slot_splits)
-    return _LocalRoutes(src_row_L, route_row_Q, view.weight[row_Q, k_Q][order_Q], out_QD)
+    return row_Q[order_Q], view.weight[row_Q, k_Q][order_Q], slot_splits
 
 
 def _exchange_sizes(
