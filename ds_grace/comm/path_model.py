@@ -176,6 +176,11 @@ FEEDBACK_WEIGHT = 0.3  # weight of the newest measurement in a path's running re
 # 23.7 ms, out of reach, and the layer stayed hierarchical again (30.5 ms; flat rung 27.6 ms).
 EXPLORE_EVERY = 8
 EXPLORE_WITHIN = 2.0
+# An exploration that the next choice leaves again (the other path measured slower) doubles the interval
+# to the next one, up to this many times EXPLORE_EVERY; one that the next choice keeps resets it. At
+# 50 Mbit/s an explored flat forward cost 170-200 ms against 85-105 ms hierarchical (qwen15-prefill):
+# a path confirmed slower is re-measured ever more rarely, a close race keeps being re-measured.
+EXPLORE_BACKOFF_MAX = 8
 
 
 def choose_path(corrected_s: tuple[float, float], *, explore: bool) -> tuple[bool, bool]:
@@ -209,11 +214,16 @@ class PathFeedback:
         self.residual_s = [0.0, 0.0]
         self.samples = [0, 0]
         self.decisions = 0
+        # every input below is the same on every rank (the path each forward took, chosen from the
+        # header), so every rank asks for exploration on the same forward
+        self.explore_interval = explore_every
+        self.since_request = 0
+        self.explored_path: int | None = None  # the path the last forward explored, until the next choice
 
     def explore_due(self) -> bool:
         """Whether this rank asks the next per-forward choice to try the other path (the request
         rides in the header; any rank's request turns the whole EP group)."""
-        return self.explore_every > 0 and self.decisions % self.explore_every == self.explore_every - 1
+        return self.explore_every > 0 and self.since_request == self.explore_interval - 1
 
     def update(
         self, *, hierarchical: bool, measured_s: float, predicted_s: float, explored: bool = False
@@ -228,6 +238,15 @@ class PathFeedback:
             self.residual_s[path] += self.weight * (residual - self.residual_s[path])
         self.samples[path] += 1
         self.decisions += 1
+        self.since_request = 0 if self.explore_due() else self.since_request + 1
+        if self.explored_path is not None and not explored:
+            if path == self.explored_path:  # the explored path is preferred now: keep re-measuring often
+                self.explore_interval = self.explore_every
+            else:
+                self.explore_interval = min(
+                    2 * self.explore_interval, EXPLORE_BACKOFF_MAX * self.explore_every
+                )
+        self.explored_path = path if explored else None
 
     def as_micros(self) -> tuple[int, int]:
         """The residuals in whole microseconds: what this rank sends in its header row."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ds_grace.comm.path_model import (
+    EXPLORE_BACKOFF_MAX,
     PathFeedback,
     PathModel,
     choose_hierarchical,
@@ -176,3 +177,34 @@ def test_exploration_re_measures_a_close_path_that_a_stale_residual_keeps_untake
     assert not PathFeedback(explore_every=0).explore_due()
     with pytest.raises(ValueError, match=r"explore_every \(-1\) must be >= 0"):
         PathFeedback(explore_every=-1)
+
+
+def _explored_at(feedback: PathFeedback, preferred: list[bool], forwards: int) -> list[int]:
+    """Forwards (0-based) at which `feedback` asks to explore when the preferred path of forward i is
+    preferred[i % len(preferred)] (True: hierarchical) and exploration is always honoured."""
+    explored_at = []
+    for i in range(forwards):
+        hierarchical, explored = preferred[i % len(preferred)], False
+        if feedback.explore_due():
+            hierarchical, explored = not hierarchical, True
+            explored_at.append(i)
+        feedback.update(hierarchical=hierarchical, measured_s=0.01, predicted_s=0.01, explored=explored)
+    return explored_at
+
+
+def test_an_exploration_confirmed_slower_doubles_the_interval_to_the_next_and_one_kept_resets_it() -> None:
+    # hierarchical stays preferred: each exploration of flat is left again, so the gaps double to the cap
+    slower = _explored_at(PathFeedback(explore_every=2), [True], 80)
+    assert slower == [1, 5, 13, 29, 45, 61, 77]  # gaps 2, 4, 8, then the cap
+    assert EXPLORE_BACKOFF_MAX * 2 == 16
+    # the preference follows every exploration (a close race): the interval stays at explore_every
+    feedback = PathFeedback(explore_every=2)
+    close = []
+    hierarchical = True
+    for i in range(12):
+        explored = feedback.explore_due()
+        if explored:
+            hierarchical = not hierarchical  # explored, and the next choice keeps the new path
+            close.append(i)
+        feedback.update(hierarchical=hierarchical, measured_s=0.01, predicted_s=0.01, explored=explored)
+    assert close == [1, 3, 5, 7, 9, 11]
