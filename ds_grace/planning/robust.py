@@ -140,6 +140,11 @@ both targets in 4; "splits": the 30-case ablation above, where it has -0.009):
   candidate (24 for 8 candidates; planning speed) and was not measured over the splits.
 - WRR weights refined within [1/1.5, 1.5] x their mean instead of [1e-3, 1e3]: splits -0.008, f=0.5
   -0.001, targets unchanged (4 of 10), aggregate 4x8 margin +0.001 instead of +0.007: within noise.
+- EPLB's per-copy replica rule (even weights) on the layers the recency gate marks (drift_ratio > 2),
+  with recent loads and locality swaps as in ``ROBUST_VARIANT``: f=0.5 both targets in 4 of 10 (the
+  default 5), mean margin +0.002 (+0.012); Mixtral 2x2 -0.028 / -0.002 (-0.047 / -0.006) and OLMoE
+  2x4 copies 0.904 (0.935), but Qwen1.5 2x2 / 4x4 -0.028 / -0.026 (+0.001 / +0.008) and OLMoE 4x4
+  -0.117; splits -0.016 (+0.002), copies 0.845 (0.873). Without the swaps: 4 of 10, splits -0.008.
 """
 
 from __future__ import annotations
