@@ -137,6 +137,7 @@ def dispatch(
     path_model: PathModel | None = None,
     path_residual_us: tuple[int, int] = (0, 0),
     explore_path: bool = False,
+    path_measured: tuple[bool, bool] = (False, False),
     low_latency_rows: int | None = None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -150,7 +151,9 @@ def dispatch(
     flat and hierarchical, ``PathFeedback.as_micros``) rides in the header and the EP group's mean
     corrects the model; `explore_path` (``PathFeedback.explore_due``) asks, through the header, that
     this forward try the other path when its prediction is close (``choose_path``; any rank's request
-    turns the whole group). `low_latency_rows` (None: off) is the low-latency buffer's rows per
+    turns the whole group); `path_measured` (``PathFeedback.measured``: whether this rank has measured
+    flat, hierarchical) rides along too, and a path counts as measured when every rank has measured it.
+    `low_latency_rows` (None: off) is the low-latency buffer's rows per
     peer; every rank must pass the same value and the same path options. With `local_experts`
     (experts(x_QD, slot_splits) -> out_QD) the routes of this rank's own tokens to itself skip the
     collectives and are computed while the first payload round is in flight (normal rounds only);
@@ -190,8 +193,8 @@ def dispatch(
     return _dispatch_dedup(
         rows, dest_TK, x_TD, layout=layout, groups=groups, slot_stride=slot_stride,
         num_local_slots=num_local_slots, hierarchical=hierarchical, counters=counters, path_model=path_model,
-        path_residual_us=path_residual_us, explore_path=explore_path, low_latency_rows=low_latency_rows,
-        local_experts=local_experts,
+        path_residual_us=path_residual_us, explore_path=explore_path, path_measured=path_measured,
+        low_latency_rows=low_latency_rows, local_experts=local_experts,
     )  # fmt: skip
 
 
@@ -209,6 +212,7 @@ def _dispatch_dedup(
     path_model: PathModel | None,
     path_residual_us: tuple[int, int],
     explore_path: bool,
+    path_measured: tuple[bool, bool],
     low_latency_rows: int | None,
     local_experts: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, DispatchMeta]:
@@ -247,6 +251,7 @@ def _dispatch_dedup(
         same.update({f"summary{i}": int(value) for i, value in enumerate(summary)})
         same["residual_flat"], same["residual_hier"] = (int(micros) for micros in path_residual_us)
         same["explore"] = int(explore_path)
+        same["measured"] = int(path_measured[0]) | int(path_measured[1]) << 1
     names = [*per_peer, *same]
     col = {name: i for i, name in enumerate(names)}
     header_RC = torch.stack(list(per_peer.values()), dim=1).to(torch.int64)
@@ -316,7 +321,8 @@ def _dispatch_dedup(
             first = col["residual_flat"]
             corrected_s = corrected_costs(costs_s, np.array([row[first : first + 2] for row in header]))
             explore = any(row[col["explore"]] for row in header)
-            hierarchical_used, explored = choose_path(corrected_s, explore=explore)
+            measured = tuple(all(row[col["measured"]] >> path & 1 for row in header) for path in (0, 1))
+            hierarchical_used, explored = choose_path(corrected_s, explore=explore, measured=measured)
         routed_from = [int(row[col["routed"]]) for row in header]
         exchanges: list[Exchange] = []
         current = rows

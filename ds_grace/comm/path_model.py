@@ -176,6 +176,12 @@ FEEDBACK_WEIGHT = 0.3  # weight of the newest measurement in a path's running re
 # 23.7 ms, out of reach, and the layer stayed hierarchical again (30.5 ms; flat rung 27.6 ms).
 EXPLORE_EVERY = 8
 EXPLORE_WITHIN = 2.0
+# A path never measured has no stale residual to escape, only the model's own error: at 50 Mbit/s its
+# median prediction of each path's payload was within 4-13 % of the fixed rungs' (benchmarks/README.md),
+# so a path predicted beyond 1.25x of the chosen one is not explored until it has been measured once.
+# At 50 Mbit/s flat was predicted 1.4-1.6x the hierarchical path (qwen15, olmoe), and each exploration
+# of it cost a forward of 170-200 ms against 85-105.
+EXPLORE_UNMEASURED_WITHIN = 1.25
 # An exploration that the next choice leaves again (the other path measured slower) doubles the interval
 # to the next one, up to this many times EXPLORE_EVERY; one that the next choice keeps resets it. At
 # 50 Mbit/s an explored flat forward cost 170-200 ms against 85-105 ms hierarchical (qwen15-prefill):
@@ -183,12 +189,16 @@ EXPLORE_WITHIN = 2.0
 EXPLORE_BACKOFF_MAX = 8
 
 
-def choose_path(corrected_s: tuple[float, float], *, explore: bool) -> tuple[bool, bool]:
+def choose_path(
+    corrected_s: tuple[float, float], *, explore: bool, measured: tuple[bool, bool] = (True, True)
+) -> tuple[bool, bool]:
     """(hierarchical, explored): the preferred path (``prefers_hierarchical``), or with `explore` the
-    other one when its corrected seconds are within EXPLORE_WITHIN of the preferred path's."""
+    other one when its corrected seconds are within EXPLORE_WITHIN of the preferred path's
+    (EXPLORE_UNMEASURED_WITHIN while the other path is not `measured`: (flat, hierarchical))."""
     hierarchical = prefers_hierarchical(corrected_s)
     chosen, other = corrected_s[int(hierarchical)], corrected_s[int(not hierarchical)]
-    if explore and 0.0 < chosen and other <= chosen * EXPLORE_WITHIN:
+    within = EXPLORE_WITHIN if measured[int(not hierarchical)] else EXPLORE_UNMEASURED_WITHIN
+    if explore and 0.0 < chosen and other <= chosen * within:
         return not hierarchical, True
     return hierarchical, False
 
@@ -247,6 +257,10 @@ class PathFeedback:
                     2 * self.explore_interval, EXPLORE_BACKOFF_MAX * self.explore_every
                 )
         self.explored_path = path if explored else None
+
+    def measured(self) -> tuple[bool, bool]:
+        """Whether this rank has measured (flat, hierarchical) at least once: what it sends in its header."""
+        return self.samples[0] > 0, self.samples[1] > 0
 
     def as_micros(self) -> tuple[int, int]:
         """The residuals in whole microseconds: what this rank sends in its header row."""

@@ -240,6 +240,7 @@ class GraceMOELayer(MOELayer):
             path_model=path_model,
             path_residual_us=feedback.as_micros() if feedback is not None else (0, 0),
             explore_path=feedback.explore_due() if feedback is not None else False,
+            path_measured=feedback.measured() if feedback is not None else (False, False),
             low_latency_rows=self._low_latency_rows if low_latency else None,
             local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
         )

@@ -8,6 +8,7 @@ import torch
 
 from ds_grace.comm.path_model import (
     EXPLORE_BACKOFF_MAX,
+    EXPLORE_UNMEASURED_WITHIN,
     PathFeedback,
     PathModel,
     choose_hierarchical,
@@ -208,3 +209,19 @@ def test_an_exploration_confirmed_slower_doubles_the_interval_to_the_next_and_on
             close.append(i)
         feedback.update(hierarchical=hierarchical, measured_s=0.01, predicted_s=0.01, explored=explored)
     assert close == [1, 3, 5, 7, 9, 11]
+
+
+def test_a_path_never_measured_is_explored_only_within_the_models_own_error() -> None:
+    # hierarchical preferred; flat predicted 1.5x: explored once measured (a stale residual), not before
+    costs_s = (0.150, 0.100)
+    assert choose_path(costs_s, explore=True, measured=(True, True)) == (False, True)
+    assert choose_path(costs_s, explore=True, measured=(False, True)) == (True, False)
+    # within EXPLORE_UNMEASURED_WITHIN it is explored although never measured
+    close_s = (0.100 * EXPLORE_UNMEASURED_WITHIN * 0.99, 0.100)
+    assert choose_path(close_s, explore=True, measured=(False, True)) == (False, True)
+    # the measured flag of the path taken does not matter, only the other one's
+    assert choose_path(costs_s, explore=True, measured=(True, False)) == (False, True)
+    feedback = PathFeedback()
+    assert feedback.measured() == (False, False)
+    feedback.update(hierarchical=True, measured_s=0.01, predicted_s=0.01)
+    assert feedback.measured() == (False, True)
