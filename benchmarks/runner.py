@@ -29,6 +29,7 @@ from torch import nn
 from benchmarks.systems import SYSTEM_BY_NAME, SystemSpec
 from benchmarks.workloads import ModelShape, ReplayBatches, WorkloadSpec, spec_from_dict
 from ds_grace.comm.groups import create_grace_groups
+from ds_grace.comm.path_model import reset_path_feedback
 from ds_grace.moe.layer import GraceMoE
 from ds_grace.planning.plan import GracePlan
 from ds_grace.topology import Topology
@@ -248,6 +249,8 @@ def run_workload(
                       timeout_s=timeout_s)
         for spec in systems
     ]  # fmt: skip
+    # every workload is another model: the adaptive path starts as a fresh server of it would
+    reset_path_feedback(create_grace_groups(topology, timeout_s=timeout_s))
     dist.barrier()
     row_s = torch.tensor([expert_seconds_per_row(shape)], dtype=torch.float64)
     dist.all_reduce(row_s)

@@ -283,6 +283,13 @@ def path_feedback(groups: GraceGroups) -> PathFeedback:
     return _FEEDBACK.setdefault(groups, PathFeedback())
 
 
+def reset_path_feedback(groups: GraceGroups) -> None:
+    """Forget what this EP group's forwards measured (a new model served over the same group: its
+    residuals and measured paths say nothing about the new one). Every rank of the group must call
+    it between the same two forwards, or their headers would ask for different explorations."""
+    _FEEDBACK.pop(groups, None)
+
+
 def calibrated_model(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> PathModel:
     """This EP group's PathModel: calibrated (collectively) on first use, then cached."""
     if groups not in _CACHE:

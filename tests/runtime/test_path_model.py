@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ds_grace.comm.groups import create_grace_groups
 from ds_grace.comm.path_model import (
     EXPLORE_BACKOFF_MAX,
     EXPLORE_UNMEASURED_WITHIN,
@@ -16,8 +17,10 @@ from ds_grace.comm.path_model import (
     corrected_costs,
     link_fit,
     path_costs,
+    path_feedback,
     prefers_hierarchical,
     rank_summary,
+    reset_path_feedback,
 )
 from ds_grace.config import GraceConfigError, parse_grace_block
 from ds_grace.moe.layer import RuntimeOptions
@@ -225,3 +228,13 @@ def test_a_path_never_measured_is_explored_only_within_the_models_own_error() ->
     assert feedback.measured() == (False, False)
     feedback.update(hierarchical=True, measured_s=0.01, predicted_s=0.01)
     assert feedback.measured() == (False, True)
+
+
+def test_reset_path_feedback_starts_the_group_afresh() -> None:
+    groups = create_grace_groups(Topology(num_nodes=1, gpus_per_node=1), timeout_s=5.0)
+    feedback = path_feedback(groups)
+    feedback.update(hierarchical=False, measured_s=0.02, predicted_s=0.01)
+    assert path_feedback(groups) is feedback and feedback.measured() == (True, False)
+    reset_path_feedback(groups)
+    fresh = path_feedback(groups)
+    assert fresh is not feedback and fresh.measured() == (False, False) and fresh.as_micros() == (0, 0)
