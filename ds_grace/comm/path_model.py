@@ -223,7 +223,6 @@ class PathFeedback:
         self.explore_every = explore_every
         self.residual_s = [0.0, 0.0]
         self.samples = [0, 0]
-        self.decisions = 0
         # every input below is the same on every rank (the path each forward took, chosen from the
         # header), so every rank asks for exploration on the same forward
         self.explore_interval = explore_every
@@ -247,7 +246,6 @@ class PathFeedback:
         else:
             self.residual_s[path] += self.weight * (residual - self.residual_s[path])
         self.samples[path] += 1
-        self.decisions += 1
         self.since_request = 0 if self.explore_due() else self.since_request + 1
         if self.explored_path is not None and not explored:
             if path == self.explored_path:  # the explored path is preferred now: keep re-measuring often
