@@ -10,7 +10,8 @@ communication.timeout_s and DeepSpeed's path keys (checkpoint, base_dir, save_mp
 
 ``rank_identity(checked)`` is what only this rank knows: its rank and host. ``disagreements`` compares the
 gathered fingerprints and identities (pure) and returns one line per problem, naming the field and every
-rank's value; the collective that gathers them is ds_grace.comm.collectives.check_ranks_agree.
+rank's value (ds_grace.comm.agreement); the collective that gathers them is
+ds_grace.comm.collectives.check_ranks_agree, which receives the plain dicts built here.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ds_grace.config import GraceConfigError
+# re-exported: comparing the gathered fingerprints is comm's (ds_grace.comm.agreement)
+from ds_grace.comm.agreement import RankMismatchError as RankMismatchError
+from ds_grace.comm.agreement import disagreements as disagreements
 
 if TYPE_CHECKING:
     from ds_grace.preflight import Checked
@@ -33,10 +36,6 @@ LOCAL_FIELDS = frozenset(
 
 # DeepSpeed keys that are paths: a checkpoint folder may sit elsewhere on every node
 LOCAL_DEEPSPEED_PREFIXES = ("ds_config.checkpoint", "ds_config.base_dir", "ds_config.save_mp_checkpoint_path")
-
-
-class RankMismatchError(GraceConfigError):
-    """Ranks would serve with different settings, plans, layouts or versions; raised on every rank."""
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -101,60 +100,3 @@ def rank_identity(checked: Checked) -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
-
-
-def _ranks_text(ranks: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "ranks 0-2, 5"."""
-    spans: list[str] = []
-    start = prev = ranks[0]
-    for rank in [*ranks[1:], None]:
-        if rank is not None and rank == prev + 1:
-            prev = rank
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if rank is not None:
-            start = prev = rank
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(spans)
-
-
-def _shown(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
-
-
-def disagreements(
-    fingerprints: Sequence[Mapping[str, Any]], identities: Sequence[Mapping[str, Any]]
-) -> list[str]:
-    """One line per field whose value differs across ranks (values grouped by rank), and per layout
-    problem: a rank whose own rank number is not its place, ranks of one node on different hosts."""
-    problems = []
-    fields = sorted({name for fp in fingerprints for name in fp})
-    for name in fields:
-        by_value: dict[str, list[int]] = {}
-        for rank, fp in enumerate(fingerprints):
-            shown = _shown(fp[name]) if name in fp else "(unset)"
-            by_value.setdefault(shown, []).append(rank)
-        if len(by_value) > 1:
-            listing = "; ".join(f"{value} on {_ranks_text(ranks)}" for value, ranks in by_value.items())
-            problems.append(f"{name} differs: {listing}")
-    for place, identity in enumerate(identities):
-        if identity.get("rank") != place:
-            problems.append(f"rank {place} reports rank number {identity.get('rank')!r}")
-    hosts_by_node: dict[int, dict[str, list[int]]] = {}
-    for place, identity in enumerate(identities):
-        hosts_by_node.setdefault(identity["node"], {}).setdefault(str(identity["host"]), []).append(place)
-    for node, hosts in sorted(hosts_by_node.items()):
-        if len(hosts) > 1:
-            listing = "; ".join(f"{host} has {_ranks_text(ranks)}" for host, ranks in hosts.items())
-            problems.append(
-                f"node {node} of the topology spans several hosts ({listing}): grace.topology does not "
-                "match how the launcher placed the ranks"
-            )
-    return problems
-
-
-def mismatch_error(problems: Sequence[str]) -> RankMismatchError:
-    return RankMismatchError(
-        "ranks disagree on what they serve with, so no rank serves: "
-        + " | ".join(problems)
-        + ". Give every node the same ds_config, plan and package versions"
-    )

@@ -30,7 +30,7 @@ from ds_grace.config import GraceConfig, GraceConfigError
 from ds_grace.topology import Topology
 
 if TYPE_CHECKING:
-    from ds_grace.inference import ModelMoE
+    from ds_grace.models.describe import ModelMoE
     from ds_grace.planning.plan import GracePlan
     from ds_grace.trace import ExpertLoads, RoutingTrace
 

@@ -139,11 +139,12 @@ _PEERS: list[dict[str, Any]] = []
 
 
 def check_ranks_agree(fields: Mapping[str, Any], identity: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The start-up handshake: one all-gather of every rank's fingerprint `fields` and `identity`
-    (ds_grace.fingerprint). Any difference raises RankMismatchError on every rank, naming each field and
-    every rank's value, before any MoE collective. Returns the identities by rank (also kept for fault
-    messages, see ``peers``). Without a process group there is nothing to compare."""
-    from ds_grace.fingerprint import disagreements, mismatch_error
+    """The start-up handshake: one all-gather of every rank's `fields` ({name: JSON-able value}, what every
+    rank must hold the same of) and `identity` (rank, node, host, pid). Any difference raises
+    RankMismatchError on every rank, naming each field and every rank's value (ds_grace.comm.agreement),
+    before any MoE collective. Returns the identities by rank (also kept for fault messages, see
+    ``peers``). Without a process group there is nothing to compare."""
+    from ds_grace.comm.agreement import disagreements, mismatch_error
 
     if not is_distributed():
         gathered = [{"fields": dict(fields), "identity": dict(identity)}]
