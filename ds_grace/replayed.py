@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_grace.planning.plan import GracePlan, PlanError, RoutingPolicy
+from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
 from ds_grace.routing import RouteTable, choose_instances
+from ds_grace.topology import Topology
 from ds_grace.trace import RoutingTrace
 
 REPLAYED_KEYS = ("balancedness_replayed", "cross_node_copies_replayed", "cross_gpu_copies_replayed")
@@ -44,6 +45,31 @@ def _distinct_remote(dest_TK: np.ndarray, own_T: np.ndarray, count: int) -> np.n
     return reached_TX.sum(axis=1)
 
 
+def _replayed_layer(
+    layer_plan: LayerPlan, ids_TK: np.ndarray, *, topology: Topology, policy: RoutingPolicy
+) -> dict[str, float]:
+    """One layer's REPLAYED_KEYS: each origin rank's block routed by the runtime's choose_instances."""
+    num_ranks, gpus = topology.world_size, topology.gpus_per_node
+    table = RouteTable.build(layer_plan, topology, policy)
+    origin_T = origin_ranks(len(ids_TK), num_ranks)
+    dest_TK = np.empty(ids_TK.shape, dtype=np.int64)
+    ids = torch.from_numpy(np.ascontiguousarray(ids_TK, dtype=np.int64))
+    for rank in range(num_ranks):
+        block = np.flatnonzero(origin_T == rank)
+        if len(block) == 0:
+            continue
+        chosen_TK, _ = choose_instances(table, ids[block], origin_rank=rank)
+        dest_TK[block] = chosen_TK.numpy()
+    load_R = np.bincount(dest_TK.ravel(), minlength=num_ranks).astype(np.float64)
+    return {
+        "balancedness_replayed": float(load_R.mean() / load_R.max()) if load_R.max() > 0 else 1.0,
+        "cross_node_copies_replayed": float(
+            _distinct_remote(dest_TK // gpus, origin_T // gpus, topology.num_nodes).mean()
+        ),
+        "cross_gpu_copies_replayed": float(_distinct_remote(dest_TK, origin_T, num_ranks).mean()),
+    }
+
+
 def replayed_metrics(
     trace: RoutingTrace,
     plan: GracePlan,
@@ -61,29 +87,15 @@ def replayed_metrics(
         )
     policy: RoutingPolicy = routing_policy or plan.meta.get("routing_policy", "tar")
     topo = plan.topology
-    num_ranks, gpus = topo.world_size, topo.gpus_per_node
-    rows = []
-    for layer_plan, ids_TK in zip(plan.layers, trace.topk_ids):
-        table = RouteTable.build(layer_plan, topo, policy)
-        origin_T = origin_ranks(len(ids_TK), num_ranks)
-        dest_TK = np.empty(ids_TK.shape, dtype=np.int64)
-        ids = torch.from_numpy(np.ascontiguousarray(ids_TK, dtype=np.int64))
-        for rank in range(num_ranks):
-            block = np.flatnonzero(origin_T == rank)
-            if len(block) == 0:
-                continue
-            chosen_TK, _ = choose_instances(table, ids[block], origin_rank=rank)
-            dest_TK[block] = chosen_TK.numpy()
-        load_R = np.bincount(dest_TK.ravel(), minlength=num_ranks).astype(np.float64)
-        rows.append(
-            {
-                "balancedness_replayed": float(load_R.mean() / load_R.max()) if load_R.max() > 0 else 1.0,
-                "cross_node_copies_replayed": float(
-                    _distinct_remote(dest_TK // gpus, origin_T // gpus, topo.num_nodes).mean()
-                ),
-                "cross_gpu_copies_replayed": float(_distinct_remote(dest_TK, origin_T, num_ranks).mean()),
-            }
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small tensor ops: one thread is several times faster than a pool
+    try:
+        rows = [
+            _replayed_layer(layer_plan, ids_TK, topology=topo, policy=policy)
+            for layer_plan, ids_TK in zip(plan.layers, trace.topk_ids)
+        ]
+    finally:
+        torch.set_num_threads(threads)
     result: dict[str, Any] = {key: float(np.mean([row[key] for row in rows])) for key in REPLAYED_KEYS}
     result["replay_origin_rule"] = "consecutive blocks: token i of T on rank floor(i * R / T)"
     if per_layer:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy, route_table
 from ds_grace.planning.stats import expert_loads
@@ -61,29 +62,34 @@ def expected_gpu_loads(
     return np.asarray(loads_E, dtype=np.float64) @ prob.mean(axis=0)
 
 
-def _expected_distinct(topk_ids_TK: np.ndarray, reach_EX: np.ndarray) -> float:
-    """Mean over tokens of the expected number of destinations x reached by >= 1 of its experts."""
-    total = 0.0
-    for start in range(0, len(topk_ids_TK), TOKEN_CHUNK):
-        ids = topk_ids_TK[start : start + TOKEN_CHUNK]
-        missed_TX = np.prod(1.0 - reach_EX[ids], axis=1)
-        total += float((1.0 - missed_TX).sum())
-    return total / max(1, len(topk_ids_TK))
-
-
 def _copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -> float:
-    """Average over origins of expected distinct non-own destinations (origins with equal rows share work)."""
-    by_row: dict[bytes, list[int]] = {}
-    for g in range(reach_GEX.shape[0]):
-        reach = reach_GEX[g].copy()
-        reach[:, own_G[g]] = 0.0
-        by_row.setdefault(reach.tobytes(), []).append(g)
-    total = 0.0
-    for origins in by_row.values():
-        reach = reach_GEX[origins[0]].copy()
-        reach[:, own_G[origins[0]]] = 0.0
-        total += len(origins) * _expected_distinct(topk_ids_TK, reach)
-    return total / reach_GEX.shape[0]
+    """Average over origins g of the mean over tokens of the expected distinct destinations x != own_G[g]
+    reached by >= 1 of the token's experts (instance choices independent across its experts).
+
+    P(x missed) = prod over the token's experts of (1 - reach[e, x]), taken as exp of a sum of logs:
+    one sparse (tokens x experts) product for all origins at once. Origins with equal rows share work.
+    """
+    num_origins, num_experts, num_dest = reach_GEX.shape
+    reach_GEX = reach_GEX.copy()
+    reach_GEX[np.arange(num_origins), :, own_G] = 0.0
+    origins_by_row: dict[bytes, list[int]] = {}
+    for origin in range(num_origins):
+        origins_by_row.setdefault(reach_GEX[origin].tobytes(), []).append(origin)
+    rows_U = reach_GEX[[origins[0] for origins in origins_by_row.values()]]
+    count_U = np.array([len(origins) for origins in origins_by_row.values()], dtype=np.float64)
+    # log(1 - reach), a certain reach (factor 0) as -1000: exp of any sum holding it is exactly 0
+    log_missed_EX = np.where(rows_U >= 1.0, -1000.0, np.log(np.clip(1.0 - rows_U, 1e-300, None)))
+    log_missed_EX = log_missed_EX.transpose(1, 0, 2).reshape(num_experts, -1)
+    num_tokens, top_k = topk_ids_TK.shape
+    choice_TE = sparse.csr_matrix(
+        (np.ones(topk_ids_TK.size), topk_ids_TK.ravel(), np.arange(0, topk_ids_TK.size + 1, top_k)),
+        shape=(num_tokens, num_experts),
+    )
+    reached_U = np.zeros(len(rows_U))
+    for start in range(0, num_tokens, TOKEN_CHUNK):
+        log_missed_TX = choice_TE[start : start + TOKEN_CHUNK] @ log_missed_EX
+        reached_U += (1.0 - np.exp(log_missed_TX)).reshape(-1, len(rows_U), num_dest).sum(axis=(0, 2))
+    return float(count_U @ reached_U) / (num_origins * max(1, num_tokens))
 
 
 def evaluate_plan(

@@ -331,6 +331,27 @@ def _real(value: Any, where: str) -> float:
     return float(value)
 
 
+def instance_table(layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(inst_rank_EI, inst_weight_EI): every expert's instances in the order of ``LayerPlan.instances``
+    (primary first, then replicas by rank) and their WRR weights; padding: rank -1, weight 0."""
+    num_ranks, num_experts = layer.num_ranks, layer.num_experts
+    weight_RE = np.zeros((num_ranks, num_experts), dtype=np.float64)
+    for rank, (experts, weights) in enumerate(zip(layer.slots, layer.slot_weights)):
+        weight_RE[rank, list(experts)] = weights
+    hosts_RE = weight_RE > 0
+    primary_E = np.asarray(layer.primary, dtype=np.int64)
+    rank_R = np.arange(num_ranks)
+    # sort key per (rank, expert): the primary first (-1), replicas by rank, non-hosts last
+    key_RE = np.where(hosts_RE, rank_R[:, None], num_ranks)
+    key_RE = np.where(rank_R[:, None] == primary_E[None, :], -1, key_RE)
+    max_inst = int(hosts_RE.sum(axis=0).max())
+    order_EI = np.argsort(key_RE.T, axis=1, kind="stable")[:, :max_inst]
+    valid_EI = np.take_along_axis(key_RE.T, order_EI, axis=1) < num_ranks
+    inst_rank_EI = np.where(valid_EI, order_EI, -1)
+    inst_weight_EI = np.where(valid_EI, np.take_along_axis(weight_RE.T, order_EI, axis=1), 0.0)
+    return inst_rank_EI, inst_weight_EI
+
+
 def route_table(layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> tuple[np.ndarray, np.ndarray]:
     """Candidate instances per (origin rank, expert) and their cumulative choice probabilities.
 
@@ -340,31 +361,38 @@ def route_table(layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> 
     - "tar": own rank if it hosts e; else instances on g's node by WRR weight; else all by weight;
     - "wrr": all instances by WRR weight, ignoring locality;
     - "primary": always the primary instance (no replica is used).
+    Built with array ops over all (origin, expert, instance) triples (G = origin ranks).
     """
     if policy not in ("tar", "wrr", "primary"):
         raise ValueError(f"grace.routing.policy ({policy!r}) must be one of 'tar', 'wrr', 'primary'")
-    num_ranks, num_experts = topology.world_size, layer.num_experts
-    insts = [layer.instances(e) for e in range(num_experts)]
-    weights = [layer.instance_weights(e) for e in range(num_experts)]
-    max_inst = max(len(i) for i in insts)
-    cand_rank = np.full((num_ranks, num_experts, max_inst), -1, dtype=np.int64)
-    cand_cdf = np.ones((num_ranks, num_experts, max_inst), dtype=np.float64)
-    for g in range(num_ranks):
-        node = topology.node_of(g)
-        for e in range(num_experts):
-            if policy == "primary":
-                chosen = [(insts[e][0], 1.0)]
-            elif policy == "wrr":
-                chosen = list(zip(insts[e], weights[e]))
-            elif g in insts[e]:
-                chosen = [(g, 1.0)]
-            else:
-                pairs = list(zip(insts[e], weights[e]))
-                local = [(r, w) for r, w in pairs if topology.node_of(r) == node]
-                chosen = local or pairs
-            total = sum(w for _, w in chosen)
-            cdf = np.cumsum([w / total for _, w in chosen])
-            cdf[-1] = 1.0
-            cand_rank[g, e, : len(chosen)] = [r for r, _ in chosen]
-            cand_cdf[g, e, : len(chosen)] = cdf
-    return cand_rank, cand_cdf
+    num_ranks = topology.world_size
+    inst_rank_EI, inst_weight_EI = instance_table(layer)
+    valid_EI = inst_rank_EI >= 0
+    shape = (num_ranks, *inst_rank_EI.shape)
+    rank_GEI = np.broadcast_to(inst_rank_EI, shape)
+    if policy == "primary":
+        chosen_GEI = np.broadcast_to(np.arange(inst_rank_EI.shape[1]) == 0, shape)
+    elif policy == "wrr":
+        chosen_GEI = np.broadcast_to(valid_EI, shape)
+    else:
+        origin_G = np.arange(num_ranks)[:, None, None]
+        own_GEI = rank_GEI == origin_G
+        node_of_EI = np.where(valid_EI, inst_rank_EI // topology.gpus_per_node, -1)
+        local_GEI = node_of_EI[None] == origin_G // topology.gpus_per_node
+        chosen_GEI = np.where(
+            own_GEI.any(axis=2, keepdims=True),
+            own_GEI,
+            np.where(local_GEI.any(axis=2, keepdims=True), local_GEI, valid_EI[None]),
+        )
+    # chosen instances first, in instance order; the own-rank instance alone weighs 1.0
+    order_GEI = np.argsort(~chosen_GEI, axis=2, kind="stable")
+    kept_GEI = np.take_along_axis(chosen_GEI, order_GEI, axis=2)
+    weight_GEI = np.where(
+        kept_GEI, np.take_along_axis(np.broadcast_to(inst_weight_EI, shape), order_GEI, axis=2), 0.0
+    )
+    total_GE1 = np.cumsum(weight_GEI, axis=2)[:, :, -1:]
+    cand_cdf = np.cumsum(weight_GEI / total_GE1, axis=2)
+    last_GEI = np.arange(shape[2]) >= kept_GEI.sum(axis=2, keepdims=True) - 1
+    cand_cdf = np.where(last_GEI, 1.0, cand_cdf)
+    cand_rank = np.where(kept_GEI, np.take_along_axis(rank_GEI, order_GEI, axis=2), -1)
+    return cand_rank.astype(np.int64), cand_cdf

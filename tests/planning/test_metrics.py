@@ -71,3 +71,72 @@ def test_mismatched_trace_and_plan_is_an_error():
     wider = RoutingTrace(topk_ids=(np.array([[0, 5]]),), num_experts=6)
     with pytest.raises(PlanError, match="trace has 6 experts per layer but the plan has 4"):
         evaluate_plan(wider, _plan([[0], [1], [2], [3]], [0, 1, 2, 3]))
+
+
+def _route_table_by_loops(layer: LayerPlan, topology: Topology, policy: str):
+    """The routing rule written out per (origin, expert): the reference the array version must equal."""
+    insts = [layer.instances(e) for e in range(layer.num_experts)]
+    weights = [layer.instance_weights(e) for e in range(layer.num_experts)]
+    width = max(len(i) for i in insts)
+    cand_rank = np.full((topology.world_size, layer.num_experts, width), -1)
+    cand_cdf = np.ones((topology.world_size, layer.num_experts, width))
+    for g in range(topology.world_size):
+        for e in range(layer.num_experts):
+            pairs = list(zip(insts[e], weights[e]))
+            if policy == "primary":
+                chosen = pairs[:1]
+            elif policy == "wrr":
+                chosen = pairs
+            elif g in insts[e]:
+                chosen = [(g, 1.0)]
+            else:
+                local = [(r, w) for r, w in pairs if topology.node_of(r) == topology.node_of(g)]
+                chosen = local or pairs
+            total = sum(w for _, w in chosen)
+            cdf = np.cumsum([w / total for _, w in chosen])
+            cdf[-1] = 1.0
+            cand_rank[g, e, : len(chosen)] = [r for r, _ in chosen]
+            cand_cdf[g, e, : len(chosen)] = cdf
+    return cand_rank, cand_cdf
+
+
+@pytest.mark.parametrize("policy", ["tar", "wrr", "primary"])
+@pytest.mark.parametrize("planner", ["grace", "eplb"])
+def test_route_table_equals_the_rule_and_builds_without_a_loop_per_expert(policy, planner, monkeypatch):
+    from ds_grace.planning.build import build_plan
+    from ds_grace.planning.plan import route_table
+    from ds_grace.trace import synthetic
+
+    topology = Topology(num_nodes=3, gpus_per_node=2)
+    plan = build_plan(
+        synthetic(num_layers=2, num_experts=12, top_k=2, num_tokens=600, seed=3),
+        topology=topology,
+        policy=planner,
+    )
+    assert any(layer.replica_count() for layer in plan.layers)
+    for layer in plan.layers:
+        expected_rank, expected_cdf = _route_table_by_loops(layer, topology, policy)
+        cand_rank, cand_cdf = route_table(layer, topology, policy)
+        assert np.array_equal(cand_rank, expected_rank)
+        assert np.array_equal(cand_cdf, expected_cdf)
+    # array ops over all (origin, expert) pairs: no per-expert instance lookups
+    calls = []
+    monkeypatch.setattr(LayerPlan, "instances", lambda self, e: calls.append(e) or ())
+    route_table(plan.layers[0], topology, policy)
+    assert calls == []
+
+
+def test_copies_equal_the_per_token_product_with_fractional_reach():
+    from ds_grace.planning.metrics import _copies
+
+    rng = np.random.default_rng(0)
+    reach_GEX = rng.random((4, 6, 4))
+    reach_GEX[:, :, 0] = np.where(reach_GEX[:, :, 0] > 0.5, 1.0, 0.0)  # certain and impossible reaches too
+    ids_TK = np.stack([rng.choice(6, size=3, replace=False) for _ in range(50)])
+    own_G = np.array([0, 1, 2, 3])
+    expected = 0.0
+    for g in range(4):
+        reach = reach_GEX[g].copy()
+        reach[:, own_G[g]] = 0.0
+        expected += np.mean([(1.0 - np.prod(1.0 - reach[ids], axis=0)).sum() for ids in ids_TK])
+    assert _copies(ids_TK, reach_GEX, own_G) == pytest.approx(expected / 4, rel=1e-12)
