@@ -316,7 +316,8 @@ def check_fits(num_experts: int, topology: Topology, cap: int | None) -> None:
     if num_experts < world:
         raise GroupingError(
             f"num_experts ({num_experts}) must be >= the world size ({world}): every GPU hosts at least one "
-            "primary expert"
+            "primary expert (with fewer experts than GPUs, plan with policy 'grace' or 'eplb': every GPU then "
+            "holds replicas)"
         )
     needed = -(-num_experts // world)
     if cap is not None and cap < needed:

@@ -144,8 +144,15 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys, mixtral):
         == 2
     )
     assert "grace.grouping.ratio (2.0) must be in [0, 1]" in capsys.readouterr().err
-    assert cli_main(["plan", "--trace", mixtral, "--nodes", "4", "--gpus-per-node", "4", "--out", out]) == 2
+    args = ["plan", "--trace", mixtral, "--nodes", "4", "--gpus-per-node", "4", "--out", out]
+    assert cli_main([*args, "--policy", "contiguous"]) == 2
     assert "num_experts (8) must be >= the world size (16)" in capsys.readouterr().err
+    assert cli_main([*args, "--slots-per-gpu", "9"]) == 2
+    assert (
+        "grace.replication.slots_per_gpu (9) must be in [ceil(E / GPUs) = 1, E = 8]"
+        in capsys.readouterr().err
+    )
+    assert cli_main(args) == 0  # fewer experts than GPUs: copies on every GPU
     assert cli_main(["evaluate", "--trace", mixtral, "--plan", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
