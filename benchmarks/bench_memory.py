@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (str(REPO_ROOT), str(REPO_ROOT / "launch")):
+for _path in (str(REPO_ROOT),):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from node_launchers import LauncherNotFound, run_node_launchers  # noqa: E402 - a module of launch/
-
+from ds_grace.cluster.node_launchers import LauncherNotFound, run_node_launchers  # noqa: E402
 from ds_grace.files import write_text_atomic  # noqa: E402 - after the path set-up; light (no torch)
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "bench_memory.json"

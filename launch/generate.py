@@ -26,7 +26,7 @@ slowest rank's: prefill ms and decode ms per token. --json prints one JSON objec
 --plan PLAN sets grace.plan.path (the shipped ds_configs/grace.json leaves it unset).
 Topology: grace.topology in the config, "auto" taking the launcher's nodes and ranks per node;
 --nodes/--gpus-per-node override it, and so do DS_GRACE_NUM_NODES / DS_GRACE_GPUS_PER_NODE, which
-launch/emulated_cluster.py declares in its local-ranks mode.
+ds_grace/cluster/emulated_cluster.py declares in its local-ranks mode.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from emulated_cluster import declared_topology  # sibling module: this script's directory is on sys.path
+from ds_grace.cluster.emulated_cluster import declared_topology
 
 BYTES_PER_ELEMENT = 4  # float32 payload
 

@@ -6,7 +6,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# launch/ holds plain script modules (emulated_cluster, node_launchers, ...): tests import them by name
+# launch/ holds plain scripts (probe_collectives, generate): tests import them by name
 LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
 if str(LAUNCH_DIR) not in sys.path:
     sys.path.insert(0, str(LAUNCH_DIR))

@@ -1,6 +1,7 @@
 """`ds-grace bench`: GRACE's ablations vs vanilla DeepSpeed-MoE on the emulated multi-node cluster.
 
-A thin wrapper around the repository's benchmarks/bench.py (see benchmarks/README.md).
+A thin wrapper around the benchmarks package (benchmarks/bench.py, installed with ds_grace; see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -11,23 +12,41 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+class BenchmarksMissing(FileNotFoundError):
+    """The benchmarks package is not installed next to ds_grace."""
 
 
 def load_bench() -> ModuleType:
-    """Import benchmarks/bench.py (a script directory next to the ds_grace package)."""
-    if not (REPO_ROOT / "benchmarks" / "bench.py").is_file():
-        raise FileNotFoundError(
-            f"`ds-grace bench` needs the repository's benchmarks/ directory; {REPO_ROOT / 'benchmarks'} has no bench.py"
-        )
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("benchmarks.bench")
+    """Import benchmarks.bench (installed with ds_grace, or the checkout's benchmarks/)."""
+    try:
+        return importlib.import_module("benchmarks.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.bench"):
+            raise
+        raise BenchmarksMissing(
+            None,
+            "the benchmarks package is not installed (it ships with ds_grace: reinstall with `pip install .`)",
+            "benchmarks",
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     load_bench().add_arguments(parser)
 
 
+def in_checkout(bench: ModuleType) -> bool:
+    """True when `bench` is a repository checkout's benchmarks/ (its setup.py one level up)."""
+    return (Path(bench.__file__).resolve().parents[1] / "setup.py").is_file()
+
+
 def run(args: argparse.Namespace) -> int:
-    return int(load_bench().run_from_args(args))
+    bench = load_bench()
+    if not in_checkout(bench):
+        print(
+            "error: ds-grace bench rewrites a checkout's benchmarks/README.md and benchmarks/results; run it "
+            "in a clone of the repository (outside one, `ds-grace demo --output FILE` runs the comparison)",
+            file=sys.stderr,
+        )
+        return 2
+    return int(bench.run_from_args(args))

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from integration_cases import calibration_batches
-from node_launchers import run_node_launchers
 
 import ds_grace
+from ds_grace.cluster.node_launchers import run_node_launchers
 from ds_grace.models import load_checkpoint, tiny_checkpoint
 from ds_grace.profiling import load_text_tokenizer, profile_routing
 

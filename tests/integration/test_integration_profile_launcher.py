@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from node_launchers import free_port
 
 from ds_grace.cli import main as cli_main
+from ds_grace.cluster.node_launchers import free_port
 from ds_grace.models import tiny_checkpoint
 from ds_grace.profiling import load_text_tokenizer
 from ds_grace.trace import load_trace

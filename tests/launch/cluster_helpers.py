@@ -4,7 +4,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cluster_network import PREFIX, netns_unavailable_reason
+
+from ds_grace.cluster.cluster_network import PREFIX, netns_unavailable_reason
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
 

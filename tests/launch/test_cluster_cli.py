@@ -2,11 +2,13 @@
 
 import os
 
-import cluster_network
-import emulated_cluster
 import pytest
 from cluster_helpers import LAUNCH_DIR
-from emulated_cluster import (
+from probe_collectives import parse_args, uneven_counts
+
+from ds_grace import cli
+from ds_grace.cluster import cluster_network, emulated_cluster
+from ds_grace.cluster.emulated_cluster import (
     ClusterRun,
     EmulationUnavailable,
     declared_topology,
@@ -14,9 +16,6 @@ from emulated_cluster import (
     run_emulated,
     run_local_ranks,
 )
-from probe_collectives import parse_args, uneven_counts
-
-from ds_grace import cli
 from ds_grace.topology import Topology
 
 PROBE = LAUNCH_DIR / "probe_collectives.py"

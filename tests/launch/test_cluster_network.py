@@ -7,8 +7,9 @@ import textwrap
 import time
 
 import pytest
-from cluster_helpers import LAUNCH_DIR, host_links_with_prefix, namespaces_with_prefix, requires_netns
-from cluster_network import (
+from cluster_helpers import host_links_with_prefix, namespaces_with_prefix, requires_netns
+
+from ds_grace.cluster.cluster_network import (
     PREFIX,
     EmulatedNetwork,
     LinkShape,
@@ -153,7 +154,7 @@ def test_cleanup_removes_namespaces_of_dead_owners_only():
         sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "60"])
         time.sleep(0.3)
         cli = subprocess.run(
-            [sys.executable, str(LAUNCH_DIR / "emulated_cluster.py"), "--cleanup"],
+            [sys.executable, "-m", "ds_grace.cluster.emulated_cluster", "--cleanup"],
             capture_output=True,
             text=True,
             timeout=60,

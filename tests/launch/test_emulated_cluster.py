@@ -9,7 +9,8 @@ import time
 
 import pytest
 from cluster_helpers import LAUNCH_DIR, host_links_with_prefix, namespaces_with_prefix, requires_netns
-from emulated_cluster import ClusterRun, run_emulated, run_local_ranks
+
+from ds_grace.cluster.emulated_cluster import ClusterRun, run_emulated, run_local_ranks
 
 PROBE = LAUNCH_DIR / "probe_collectives.py"
 RATE_MBIT = 20.0
@@ -132,7 +133,7 @@ def test_sigterm_to_the_tool_tears_everything_down(tmp_path):
     sleeper = tmp_path / "sleep_forever.py"
     sleeper.write_text("import time\ntime.sleep(600)\n")
     tool = subprocess.Popen(
-        [sys.executable, str(LAUNCH_DIR / "emulated_cluster.py"), "--quiet", "--", str(sleeper)],
+        [sys.executable, "-m", "ds_grace.cluster.emulated_cluster", "--quiet", "--", str(sleeper)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

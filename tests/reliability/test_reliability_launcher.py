@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from node_launchers import NodeLaunch, run_node_launchers
 
+from ds_grace.cluster.node_launchers import NodeLaunch, run_node_launchers
 from ds_grace.models import tiny_checkpoint
 from ds_grace.trace import synthetic
 

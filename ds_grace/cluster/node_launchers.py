@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding ds_grace
 MASTER_ADDR = "127.0.0.1"
 
 
@@ -88,7 +88,7 @@ def run_node_launchers(
             procs.append(
                 subprocess.Popen(
                     command,
-                    cwd=REPO_ROOT,
+                    cwd=PACKAGE_PARENT,
                     env=launcher_env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

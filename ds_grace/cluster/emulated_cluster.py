@@ -1,9 +1,9 @@
 """Emulated multi-node cluster: N network namespaces ("nodes") x R ranks on one machine, each node
 running the real deepspeed launcher, with shaped links between nodes (see cluster_network.py).
 
-    python launch/emulated_cluster.py --nodes 2 --ranks-per-node 2 --rate-mbit 50 -- SCRIPT ARGS...
-    python launch/emulated_cluster.py --mode local --nodes 2 --ranks-per-node 2 -- SCRIPT ARGS...
-    python launch/emulated_cluster.py --cleanup
+    ds-grace cluster --nodes 2 --ranks-per-node 2 --rate-mbit 50 -- SCRIPT ARGS...
+    ds-grace cluster --mode local --nodes 2 --ranks-per-node 2 -- SCRIPT ARGS...
+    ds-grace cluster --cleanup
 
 Per node i the tool runs, inside namespace i with GLOO_SOCKET_IFNAME=eth0,
 `deepspeed --hostfile H --no_ssh --node_rank i --master_addr 10.77.0.1 --master_port P SCRIPT`
@@ -36,13 +36,7 @@ from pathlib import Path
 from shutil import rmtree
 from typing import TYPE_CHECKING, Any
 
-LAUNCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = LAUNCH_DIR.parent
-for _path in (str(REPO_ROOT), str(LAUNCH_DIR)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from cluster_network import (  # noqa: E402 - sibling module of a script directory
+from ds_grace.cluster.cluster_network import (
     NODE_IFNAME,
     EmulatedNetwork,
     LinkShape,
@@ -50,12 +44,14 @@ from cluster_network import (  # noqa: E402 - sibling module of a script directo
     cleanup_stale,
     netns_unavailable_reason,
 )
-from node_launchers import free_port  # noqa: E402 - sibling module of a script directory
+from ds_grace.cluster.node_launchers import free_port
 
 if TYPE_CHECKING:
     from ds_grace.topology import Topology
 
-RANK_EXEC = LAUNCH_DIR / "rank_exec.py"
+RANK_EXEC = Path(__file__).resolve().parent / "rank_exec.py"
+# the folder holding the ds_grace package (a checkout or site-packages): on every rank's PYTHONPATH
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 MASTER_PORT = 29500  # free by construction: node 0's namespace is new
 ENV_NUM_NODES = "DS_GRACE_NUM_NODES"
 ENV_GPUS_PER_NODE = "DS_GRACE_GPUS_PER_NODE"
@@ -357,7 +353,7 @@ def _rank_env(
     rank_env.setdefault("OMP_NUM_THREADS", "1")
     rank_env["PYTHONUNBUFFERED"] = "1"
     rank_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")) if p
     )
     rank_env["DS_GRACE_RANK_LOG_DIR"] = str(session.rank_dir)
     rank_env["DS_GRACE_PASS_LOCAL_RANK"] = "1" if pass_local_rank else "0"
