@@ -50,3 +50,38 @@ def plot_bench(document: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_sweep(document: dict[str, Any], out_dir: Path) -> list[Path]:
+    """One PNG per workload and setting of the slot sweep: median latency (with the min-max over runs)
+    and cross-node bytes against the slots per GPU S, one line per system."""
+    paths = []
+    rows = [row for row in document["rows"] if row.get("slots_per_gpu") is not None]
+    for workload, setting in dict.fromkeys((row["workload"], row["setting"]) for row in rows):
+        mine = [row for row in rows if row["workload"] == workload and row["setting"] == setting]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for system in dict.fromkeys(row["system"] for row in mine):
+            points = sorted(
+                (row for row in mine if row["system"] == system), key=lambda r: r["slots_per_gpu"]
+            )
+            slots = [row["slots_per_gpu"] for row in points]
+            medians = [row["median_ms"] for row in points]
+            low = [row["median_ms"] - min(row.get("run_medians_ms") or [row["median_ms"]]) for row in points]
+            high = [max(row.get("run_medians_ms") or [row["median_ms"]]) - row["median_ms"] for row in points]
+            left.errorbar(slots, medians, yerr=[low, high], marker="o", capsize=3, label=points[0]["label"])
+            right.plot(
+                slots, [row["bytes_cross_node"] / 1e6 for row in points], marker="o", label=points[0]["label"]
+            )
+        left.set_xlabel("expert slots per GPU (S)")
+        left.set_ylabel("MoE layer latency, median of runs (ms; bars: runs min-max)")
+        left.set_title(f"{workload} at {setting}: latency vs S")
+        right.set_xlabel("expert slots per GPU (S)")
+        right.set_ylabel("bytes across nodes per forward (MB)")
+        right.set_title(f"{workload} at {setting}: cross-node traffic vs S")
+        right.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"sweep_{workload}_{setting}.png"
+        save_figure(fig, path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -5,7 +5,8 @@ I measured forwards.
 
 Every rank builds the same experts from seeds (so it can also compute the single-process reference
 for its own tokens), its share of each system (DeepSpeed's contiguous experts, or the plan's slots),
-and replays each forward of the workload through every system in turn (order rotated per forward).
+and replays each forward of the workload through every system in turn (order shuffled per forward,
+seeded: the spec's order_seed).
 One forward is timed from a barrier to this rank's finish; the slowest rank's time is the forward's
 latency. Per forward it records: the experts' compute time (slowest rank), bytes sent inside and
 across nodes (all ranks; GRACE: its traffic counters, vanilla: DeepSpeed's capacity-padded buffers),
@@ -232,6 +233,7 @@ def run_workload(
     rank: int,
     timeout_s: float = 300.0,
     seed: int = 0,
+    order_seed: int = 0,
     on_forward: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run every system on `workload`; collective. Rank 0 returns {"systems": per-system summary,
@@ -271,6 +273,9 @@ def run_workload(
         "predicted_hier_s",
     )
     records = {spec.name: {key: [] for key in keys} for spec in systems}
+    # systems run in a shuffled order per forward (the same on every rank: seeded), so that no system
+    # always follows the same predecessor through the shaped link's token bucket
+    order_rng = np.random.default_rng(order_seed)
     count = len(replay.layer_I)
     with torch.no_grad():
         for i in range(count):
@@ -280,7 +285,7 @@ def run_workload(
             ids_TK = torch.from_numpy(replay.topk_ids_ITK[i][mine]).long()
             w_TK = torch.from_numpy(replay.topk_weights_ITK[i][mine]).float()
             reference_TD = reference_output(experts_LE[layer_index], x_TD, ids_TK, w_TK)
-            order = built[i % len(built) :] + built[: i % len(built)]
+            order = [built[j] for j in order_rng.permutation(len(built))]
             for system in order:
                 system.reset(layer_index)
                 dist.barrier()
@@ -361,16 +366,22 @@ def _predicted_ms(flat_s: list[float], hier_s: list[float]) -> dict[str, Any]:
 
 def run_spec_on_rank(spec: dict[str, Any], *, rank: int, topology: Topology) -> dict[str, Any] | None:
     """The whole benchmark spec (every workload) on this rank; rank 0 returns the results."""
+    if spec.get("e2e") is not None:
+        from benchmarks.e2e import run_e2e_on_rank
+
+        return run_e2e_on_rank(spec["e2e"], rank=rank, topology=topology)
     workdir = Path(spec["workdir"])
     systems = tuple(SYSTEM_BY_NAME[name] for name in spec["systems"])
     progress = workdir / "progress.txt"
     results: dict[str, Any] = {}
     total = sum(int(w["warmup"]) + int(w["steps"]) for w in spec["workloads"])
     done = 0
-    for data in spec["workloads"]:
+    for index, data in enumerate(spec["workloads"]):
         workload = spec_from_dict(data)
         replay = ReplayBatches.load(workdir / f"{workload.name}.replay.npz")
-        plans = {key: GracePlan.load(workdir / f"{workload.model}.{key}.plan.json") for key in data["plans"]}
+        prefix = data.get("plan_prefix", workload.model)
+        plans = {key: GracePlan.load(workdir / f"{prefix}.{key}.plan.json") for key in data["plans"]}
+        result_key = data.get("result_key", workload.name)
 
         def on_forward(i: int, _n: int, _base: int = done, _name: str = workload.name) -> None:
             if rank == 0:
@@ -380,11 +391,12 @@ def run_spec_on_rank(spec: dict[str, Any], *, rank: int, topology: Topology) -> 
         started = time.perf_counter()
         summary = run_workload(
             workload, systems=systems, replay=replay, plans=plans, topology=topology, rank=rank,
-            timeout_s=float(spec.get("timeout_s", 300.0)), seed=int(spec.get("seed", 0)), on_forward=on_forward,
+            timeout_s=float(spec.get("timeout_s", 300.0)), seed=int(spec.get("seed", 0)),
+            order_seed=int(spec.get("order_seed", 0)) * 1_000_003 + index, on_forward=on_forward,
         )  # fmt: skip
         done += workload.warmup + workload.steps
         if summary is not None:
-            results[workload.name] = {**summary, "wall_s": time.perf_counter() - started}
+            results[result_key] = {**summary, "wall_s": time.perf_counter() - started}
     if spec.get("model") is not None:
         from benchmarks.model_forward import MODEL_WORKLOAD, run_model_on_rank
 

@@ -254,7 +254,7 @@ def system_traffic(
                                topology=topology, drop_tokens=system.drop_tokens)  # fmt: skip
     assert system.plan is not None  # every GRACE system names its plan
     if hierarchical is None:
-        hierarchical = system.hierarchical
+        hierarchical = system.path != "flat"
     return grace_traffic(
         topk_ids_RTK,
         layer=plans[system.plan].layers[layer_index],
@@ -264,13 +264,13 @@ def system_traffic(
         hidden=hidden,
         itemsize=itemsize,
         low_latency_rows=DEFAULT_COMMUNICATION.low_latency_max_tokens or None,
-        low_latency_policy=DEFAULT_ROUTING.low_latency_policy if system.group == "grace" else None,
+        low_latency_policy=DEFAULT_ROUTING.low_latency_policy,
     )
 
 
 def candidate_traffics(system: SystemSpec, topk_ids_RTK: np.ndarray, **kwargs: Any) -> list[Traffic]:
     """The traffic of each path the system may take: both for full GRACE (adaptive), else its one path."""
-    if system.adaptive_path:
+    if system.path == "auto":
         return [system_traffic(system, topk_ids_RTK, hierarchical=h, **kwargs) for h in (False, True)]
     return [system_traffic(system, topk_ids_RTK, **kwargs)]
 
@@ -299,7 +299,7 @@ def measured_features(bench: dict[str, Any]) -> list[dict[str, Any]]:
         per_forward = []
         world = topology.world_size
         hierarchical = None
-        if system.adaptive_path and row.get("paths"):  # the path the runtime took most often
+        if system.path == "auto" and row.get("paths"):  # the path the runtime took most often
             hierarchical = row["paths"]["hierarchical"] > row["paths"]["flat"]
         for i in range(spec.warmup, len(batches.layer_I)):
             ids_RTK = batches.topk_ids_ITK[i].reshape(world, -1, spec.shape.top_k)

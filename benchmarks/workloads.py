@@ -8,8 +8,9 @@ Four models, each in two phases:
   tokens plans, the second half is replayed.
 - "olmoe-real": OLMoE-1B-7B per-token routing recorded in vLLM (64 experts, top-8), MoE layer 0,
   real co-activation; half plans, half is replayed.
-- "mixtral": Mixtral-8x7B per-token routing (8 experts, top-2). The plan is built from the
-  HumanEval trace and the GSM8K trace is replayed (plan on one workload, serve another).
+- "mixtral": Mixtral-8x7B per-token routing (8 experts, top-2), MoE layers 0, 8, 16, 24 of 32. The
+  plan is built from the first half of each of its two traces (GSM8K, HumanEval), the second halves
+  are replayed.
 - "olmoe": OLMoE-1B-7B (64 experts, top-8), synthetic co-activation. The real data holds expert
   loads only, so a per-token trace is derived whose loads equal the real (Wikipedia) counts; its
   co-activation structure is synthetic. The first half of its tokens plans, the second half is replayed.
@@ -177,6 +178,45 @@ def _select_layers(trace: RoutingTrace, layers: tuple[int, ...], rows: slice | N
     )
 
 
+MIXTRAL_TRACES = ("gsm8k_2_routing.jsonl", "humaneval_2_routing.jsonl")
+
+
+def concat_traces(traces: list[RoutingTrace]) -> RoutingTrace:
+    """The tokens of every trace one after the other, layer by layer (same layers, experts and top-k)."""
+    first = traces[0]
+    weights = None
+    if all(t.gate_weights is not None for t in traces):
+        weights = tuple(
+            np.concatenate([t.gate_weights[layer] for t in traces]) for layer in range(first.num_layers)
+        )
+    token_ids = None
+    if all(t.token_ids is not None for t in traces):  # the next trace's tokens numbered after this one's
+        offsets = np.cumsum([0] + [int(max(ids.max() for ids in t.token_ids)) + 1 for t in traces[:-1]])
+        token_ids = tuple(
+            np.concatenate([t.token_ids[layer] + offset for t, offset in zip(traces, offsets, strict=True)])
+            for layer in range(first.num_layers)
+        )
+    return RoutingTrace(
+        topk_ids=tuple(
+            np.concatenate([t.topk_ids[layer] for t in traces]) for layer in range(first.num_layers)
+        ),
+        num_experts=first.num_experts,
+        gate_weights=weights,
+        token_ids=token_ids,
+        metadata={"concatenated": [dict(t.metadata) for t in traces]},
+    )
+
+
+def mixtral_halves() -> tuple[RoutingTrace, RoutingTrace]:
+    """(first halves, second halves) of the two Mixtral traces (GSM8K, HumanEval), all 32 layers: the
+    plans are fitted on the first half of each trace, every number is measured on the second halves."""
+    halves = [
+        split_trace(load_mixtral_jsonl(packaged_traces_dir() / "mixtral" / name, num_experts=8), fraction=0.5)
+        for name in MIXTRAL_TRACES
+    ]
+    return concat_traces([h[0] for h in halves]), concat_traces([h[1] for h in halves])
+
+
 def calibration_and_replay(model: str) -> tuple[RoutingTrace, RoutingTrace]:
     """(trace the plans are built from, trace whose routing is replayed), both over MODELS[model].layers."""
     shape = MODELS[model]
@@ -189,8 +229,7 @@ def calibration_and_replay(model: str) -> tuple[RoutingTrace, RoutingTrace]:
         calibration, replay = split_trace(logged, fraction=0.5)
         return _select_layers(calibration, shape.layers), _select_layers(replay, shape.layers)
     if model == "mixtral":
-        calibration = load_mixtral_jsonl(traces / "mixtral" / "humaneval_2_routing.jsonl", num_experts=8)
-        replay = load_mixtral_jsonl(traces / "mixtral" / "gsm8k_2_routing.jsonl", num_experts=8)
+        calibration, replay = mixtral_halves()
         return _select_layers(calibration, shape.layers), _select_layers(replay, shape.layers)
     loads = load_olmoe_counts(traces / "olmoe" / "expert_counts" / "wikipedia.json")
     derived = derive_trace_from_loads(loads, num_tokens=OLMOE_DERIVED_TOKENS, seed=0)

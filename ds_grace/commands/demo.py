@@ -2,9 +2,9 @@
 
 On the emulated 2 nodes x 2 ranks (network namespaces, 50 Mbit/s between nodes) when run as root,
 else on plain local ranks with the declared 2 x 2 topology. Replays real Qwen1.5-MoE and OLMoE
-routing (prefill) through vanilla DeepSpeed-MoE (default and lossless), the four sparse peers
-(contiguous or EPLB placement, flat or DeepEP-like hierarchical dispatch) and full GRACE, and prints
-the table: MoE-layer latency, speedup vs DeepSpeed lossless and vs the best peer, bytes across
+routing (prefill) through vanilla DeepSpeed-MoE (default and lossless), the vLLM- and SGLang-like
+peers (global EPLB; even split and flat, or GPU/node-first copies and DeepEP-like dispatch) and full
+GRACE, and prints the table: MoE-layer latency, speedup vs DeepSpeed lossless and vs the best peer, bytes across
 nodes, dropped routes and parity with a single-process reference. Nothing is written unless
 --output is given.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 
 from ds_grace.commands.bench import load_bench
 
-DEMO_SYSTEMS = ["vanilla_default", "vanilla_lossless", "peer_sparse", "peer_deepep", "peer_eplb", "peer_eplb_deepep",
-                "grace"]  # fmt: skip
+DEMO_SYSTEMS = ["vanilla_default", "vanilla_lossless", "peer_vllm", "peer_sglang", "grace"]
 DEMO_MODELS = ("qwen15", "olmoe-real")
 
 

@@ -1,0 +1,144 @@
+"""The benchmark's systems (equal memory, the peers' plans and rules) and the whole-model replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.e2e import E2E_BY_NAME, ReplaySchedule, aligned_replay, install_replay, system_block
+from benchmarks.systems import SYSTEM_BY_NAME, SYSTEMS, build_plans, slot_range
+from benchmarks.workloads import calibration_and_replay
+from ds_grace.planning.build import build_plan
+from ds_grace.topology import Topology
+
+TOPOLOGY = Topology(2, 2)
+
+
+def test_peers_get_every_generic_rule_and_their_engines_instance_choice() -> None:
+    options = {s.name: s.runtime_options(timeout_s=30.0) for s in SYSTEMS if s.kind == "grace"}
+    for name, option in options.items():
+        # the low-latency buffer with its primary-copy rule: every sparse system, not only GRACE
+        assert option.low_latency_max_tokens == 64 and option.low_latency_policy == "primary", name
+        assert option.dedup, name
+    vllm, sglang, grace = options["peer_vllm"], options["peer_sglang"], options["grace"]
+    assert (vllm.policy, vllm.hierarchical, vllm.adaptive_path) == ("wrr", False, False)
+    assert (sglang.policy, sglang.hierarchical, sglang.adaptive_path) == ("tar", True, True)
+    assert (grace.policy, grace.hierarchical, grace.adaptive_path) == ("tar", True, True)
+    # the per-forward path choice on every peer with a hierarchical path; the ladder's rungs stay fixed
+    assert options["peer_deepep"].adaptive_path and options["peer_eplb_deepep"].adaptive_path
+    assert not options["grace_hsc"].adaptive_path and options["grace_hsc"].hierarchical
+    assert SYSTEM_BY_NAME["peer_vllm"].plan == SYSTEM_BY_NAME["peer_sglang"].plan == "eplb_global"
+
+
+@pytest.mark.parametrize("model", ["mixtral", "qwen15"])
+def test_every_replicated_plan_holds_exactly_s_slots_per_gpu_at_every_s(model: str) -> None:
+    calibration, _ = calibration_and_replay(model)
+    values = slot_range(calibration.num_experts, TOPOLOGY)
+    for slots in (values[0], values[-1]) if model == "qwen15" else values:
+        plans = build_plans(calibration, TOPOLOGY, SYSTEMS, slots_per_gpu=slots)
+        for key in ("eplb", "eplb_global", "replicated_wrr", "replicated_tar"):
+            for layer in plans[key].layers:
+                assert [len(s) for s in layer.slots] == [slots] * TOPOLOGY.world_size, (key, slots)
+        assert all(len(s) <= slots for layer in plans["grouping"].layers for s in layer.slots)
+    # the vLLM/SGLang plan is EPLB's global policy (one group), as those engines build it here
+    global_plan = build_plan(calibration, topology=TOPOLOGY, policy="eplb", routing_policy="wrr",
+                             replication={"slots_per_gpu": values[-1]}, eplb_num_groups=1)  # fmt: skip
+    assert global_plan.layers == plans["eplb_global"].layers
+
+
+def test_mixtral_replay_rows_are_one_token_at_every_layer() -> None:
+    model = E2E_BY_NAME["e2e-mixtral"]
+    calibration, ids_NLK, weights_NLK = aligned_replay(model)
+    assert ids_NLK.shape[1:] == (32, 2) and weights_NLK.shape == ids_NLK.shape
+    assert calibration.num_layers == 32 and len(ids_NLK) > 200
+    _, replay = __import__("benchmarks.workloads", fromlist=["mixtral_halves"]).mixtral_halves()
+    # token by token: row n's ids at layer l are the recorded ids of that token at layer l
+    token = sorted(set(replay.token_ids[0].tolist()) & set(replay.token_ids[31].tolist()))[5]
+    for layer in (0, 31):
+        row = int(np.flatnonzero(replay.token_ids[layer] == token)[0])
+        assert (replay.topk_ids[layer][row] == ids_NLK[5, layer]).all()
+    np.testing.assert_allclose(weights_NLK.sum(axis=-1), 1.0, atol=1e-2)  # Mixtral renormalises its top-2
+
+
+def test_replay_schedule_feeds_prefill_then_one_row_per_sequence_per_step() -> None:
+    ids_NLK = np.arange(40 * 3 * 2).reshape(40, 3, 2) % 8
+    weights_NLK = np.full((40, 3, 2), 0.5, dtype=np.float32)
+    schedule = ReplaySchedule(ids_NLK, weights_NLK, num_experts=8, sequences=[1, 2], prompt=4, steps=3)
+    ids, weights = schedule.current(1)
+    assert ids.shape == (8, 2) and weights.shape == (8, 2)
+    # sequence 1 starts at recorded token 1 x (4 + 3) = 7
+    assert (ids[0] == torch.from_numpy(ids_NLK[7, 1])).all() and (
+        ids[4] == torch.from_numpy(ids_NLK[14, 1])
+    ).all()
+    schedule.set_step(2)  # decode step 2: prompt position 4 + 1
+    ids, _ = schedule.current(2)
+    assert ids.shape == (2, 2)
+    assert (ids[0] == torch.from_numpy(ids_NLK[12, 2])).all() and (
+        ids[1] == torch.from_numpy(ids_NLK[19, 2])
+    ).all()
+
+
+def test_replayed_routing_reaches_the_experts_of_a_real_model(tmp_path) -> None:
+    from ds_grace.models import convert_moe_blocks, load_checkpoint, tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("mixtral", tmp_path / "m", seed=0)
+    model = load_checkpoint(checkpoint)
+    blocks = convert_moe_blocks(model)
+    rng = np.random.default_rng(0)
+    ids_NLK = np.stack([rng.permutation(8)[:2] for _ in range(20 * 2)]).reshape(20, 2, 2)
+    weights_NLK = np.full((20, 2, 2), 0.5, dtype=np.float32)
+    schedule = ReplaySchedule(ids_NLK, weights_NLK, num_experts=8, sequences=[0, 1], prompt=3, steps=2)
+    install_replay(blocks, schedule)
+    seen = []
+    for block in blocks:
+        block.routing_callback = lambda layer, ids, weights: seen.append((layer, ids.clone()))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 3)))
+    assert [layer for layer, _ in seen] == [0, 1]
+    for layer, ids in seen:
+        expected = np.concatenate([ids_NLK[0:3, layer], ids_NLK[5:8, layer]])
+        assert (ids.numpy() == expected).all()
+
+
+def test_system_blocks_serve_each_system_as_the_layer_benchmark_does(tmp_path) -> None:
+    block = system_block("peer_vllm", plan_path=tmp_path / "p.json", topology=TOPOLOGY, timeout_s=30.0)
+    assert block["enabled"] and block["routing"] == {"policy": "wrr"}
+    assert block["communication"]["hierarchical"] is False and block["plan"] == {
+        "path": str(tmp_path / "p.json")
+    }
+    grace = system_block("grace", plan_path=tmp_path / "g.json", topology=TOPOLOGY, timeout_s=30.0)
+    assert "routing" not in grace and grace["communication"] == {"timeout_s": 30.0}  # the default block
+    vanilla = system_block("vanilla_lossless", plan_path=None, topology=TOPOLOGY, timeout_s=30.0)
+    assert vanilla["enabled"] is False and vanilla["vanilla"]["drop_tokens"] is False
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_e2e_quick_generates_with_every_system_through_init_inference(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    output = tmp_path / "e2e.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ds_grace.cli", "bench", "--e2e", "--quick", "--mode", "local", "--output",
+         str(output), "--no-readme", "--quiet", "--timeout-s", "400", "--systems", "vanilla_lossless", "peer_vllm",
+         "grace"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    document = json.loads(output.read_text())
+    rows = document["rows"]
+    assert {(r["workload"], r["system"]) for r in rows} == {
+        (w, s) for w in ("e2e-mixtral", "e2e-qwen15") for s in ("vanilla_lossless", "peer_vllm", "grace")
+    }
+    for row in rows:
+        assert row["ttft_ms"] > 0 and row["decode_step_ms"] > 0 and row["run_medians_ms"] == [row["ttft_ms"]]
+        assert row["dropped_routes"] == 0 and row["routes"] > 0 and row["parity"], row
+        assert row["token_mismatches"] == 0
+    grace = next(r for r in rows if r["system"] == "grace" and r["workload"] == "e2e-mixtral")
+    assert grace["ttft_ms_best_new_peer"] == "peer_vllm" and grace["slots_per_gpu"] == 3
+    assert "replays" in grace["layers"]
+    assert {c["workload"] for c in document["target"]["checks"]} == {"e2e-mixtral", "e2e-qwen15"}
