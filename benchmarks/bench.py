@@ -518,6 +518,7 @@ def run_bench(
     phases: Sequence[str] = ("prefill", "decode"),
     systems: Sequence[str] = (),
     steps: int | None = None,
+    decode_steps: int | None = None,
     nodes: int = 2,
     ranks_per_node: int = 2,
     output: Path | None = RESULTS_DIR / "bench.json",
@@ -539,6 +540,8 @@ def run_bench(
     workloads = [w for w in default_workloads(quick=quick, models=tuple(models)) if w.phase in phases]
     if steps is not None:
         workloads = [with_steps(w, steps=steps) for w in workloads]
+    if decode_steps is not None:
+        workloads = [with_steps(w, steps=decode_steps) if w.phase == "decode" else w for w in workloads]
     if not workloads:
         raise ValueError(f"no workload left for models {list(models)} and phases {list(phases)}")
     sweep_slots = None
@@ -701,7 +704,8 @@ def aggregate_runs(documents: list[dict[str, Any]]) -> dict[str, Any]:
             if first.get(metric) is not None:
                 values = [r[metric] for r in runs]
                 row[metric], row[f"run_{metric}"] = statistics.median(values), values
-        for ratio in ("speedup_vs_best_new_peer", "speedup_vs_best_peer"):
+        for ratio in ("speedup_vs_best_new_peer", "speedup_vs_best_peer", "ttft_ms_vs_best_new_peer",
+                      "ttft_ms_vs_vanilla_lossless", "decode_step_ms_vs_best_new_peer"):  # fmt: skip
             values = [r.get(ratio) for r in runs if r.get(ratio) is not None]
             row[f"{ratio}_range"] = [min(values), max(values)] if values else None
         rows.append(row)
@@ -764,6 +768,8 @@ def child_arguments(args: argparse.Namespace, *, order_seed: int, output: Path) 
         out += ["--systems", *args.systems]
     if args.steps is not None:
         out += ["--steps", str(args.steps)]
+    if args.decode_steps is not None:
+        out += ["--decode-steps", str(args.decode_steps)]
     for flag in ("quick", "no_model_forward", "sweep_slots", "e2e"):
         if getattr(args, flag, False):
             out.append("--" + flag.replace("_", "-"))
@@ -881,7 +887,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(MODELS))
     parser.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     parser.add_argument("--systems", nargs="+", default=[], help=f"subset of {', '.join(SYSTEM_BY_NAME)}")
-    parser.add_argument("--steps", type=int, default=None, help="measured forwards per workload")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="measured forwards per workload (--e2e: generations per system)",
+    )
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        help="measured forwards per decode workload (overrides --steps)",
+    )
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=2)
     parser.add_argument(
@@ -940,12 +957,14 @@ def run_from_args(args: argparse.Namespace) -> int:
             document = run_e2e(
                 rates=args.rates, mode=args.mode, quick=args.quick, systems=args.systems, nodes=args.nodes,
                 ranks_per_node=args.ranks_per_node, output=args.output, timeout_s=args.timeout_s, seed=args.seed,
-                order_seed=args.order_seed, quiet=args.quiet, readme=not args.no_readme,
+                order_seed=args.order_seed, quiet=args.quiet, readme=not args.no_readme, repetitions=args.steps,
+                models=args.models,
             )  # fmt: skip
         else:
             document = run_bench(
                 rates=args.rates, mode=args.mode, quick=args.quick, models=args.models, phases=args.phases,
-                systems=args.systems, steps=args.steps, nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                systems=args.systems, steps=args.steps, decode_steps=args.decode_steps, nodes=args.nodes,
+                ranks_per_node=args.ranks_per_node,
                 output=args.output, plots=not args.no_plots, readme=not args.no_readme, timeout_s=args.timeout_s,
                 seed=args.seed, order_seed=args.order_seed, sweep=args.sweep_slots, sweep_points=args.sweep_points,
                 quiet=args.quiet, model_forward=not args.no_model_forward,

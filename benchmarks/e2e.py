@@ -44,6 +44,7 @@ from ds_grace.topology import Topology
 
 E2E_SYSTEMS = ("vanilla_default", "vanilla_lossless", "peer_vllm", "peer_sglang", "peer_deepep", "grace")
 DECODE_STEPS = 16
+REPETITIONS = 3  # measured generations per system and run (after one warm-up each)
 E2E_MARKERS = ("<!-- e2e-table:start -->", "<!-- e2e-table:end -->")
 
 
@@ -136,14 +137,19 @@ def prepare_e2e(
     seed: int,
     order_seed: int,
     timeout_s: float,
+    repetitions: int | None = None,
+    trace_models: Sequence[str] = ("mixtral", "qwen15"),
 ) -> dict[str, Any]:
-    """Checkpoints, plans and replayed routing into `workdir`; the e2e part of the worker spec."""
+    """Checkpoints, plans and replayed routing into `workdir`; the e2e part of the worker spec (the
+    models whose trace is among `trace_models`)."""
     from benchmarks.systems import SYSTEM_BY_NAME, build_plans, default_slots_per_gpu
     from ds_grace.models import tiny_checkpoint
 
     chosen = tuple(SYSTEM_BY_NAME[name] for name in systems)
     models = []
     for model in E2E_MODELS:
+        if model.trace_model not in trace_models:
+            continue
         calibration, ids_NLK, weights_NLK = aligned_replay(model, quick=quick)
         overrides = dict(model.overrides)
         if quick:
@@ -169,7 +175,7 @@ def prepare_e2e(
             "workload": model.workload, "checkpoint": str(checkpoint), "routing": str(workdir / f"{model.workload}.routing.npz"),
             "layer_label": model.layer_label, "blocks": blocks, "slots_per_gpu": slots, "num_experts": num_experts,
             "sequences": 1 if quick else 2, "prompt": 4 if quick else 16, "steps": 2 if quick else DECODE_STEPS,
-            "repetitions": 1 if quick else 3, "overrides": overrides,
+            "repetitions": repetitions or (1 if quick else REPETITIONS), "overrides": overrides,
         })  # fmt: skip
     return {"models": models, "systems": list(systems), "order_seed": order_seed, "seed": seed}
 
@@ -446,6 +452,8 @@ def e2e_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
         checks.append({
             "workload": row["workload"], "setting": row["setting"],
             "ttft_vs_best_new_peer": row["ttft_ms_vs_best_new_peer"], "best_new_peer": row["ttft_ms_best_new_peer"],
+            "ttft_vs_best_new_peer_range": row.get("ttft_ms_vs_best_new_peer_range"),
+            "ttft_vs_vanilla_lossless_range": row.get("ttft_ms_vs_vanilla_lossless_range"),
             "ttft_met": (row["ttft_ms_vs_best_new_peer"] or 0.0) >= 1.0,
             "ttft_vs_vanilla_lossless": row["ttft_ms_vs_vanilla_lossless"],
             "ttft_vs_vanilla_met": (row["ttft_ms_vs_vanilla_lossless"] or 0.0) >= 3.0 if slowest else None,
@@ -467,13 +475,16 @@ def format_e2e_table(document: dict[str, Any]) -> str:
             spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
             return f"{row[metric]:.1f}{spread}"
 
-        def ratio(value: float | None) -> str:
-            return "" if value is None else f"{value:.2f}x"
+        def ratio(metric: str, row: dict[str, Any] = row) -> str:
+            value, spread = row.get(metric), row.get(f"{metric}_range")
+            if value is None:
+                return ""
+            return f"{value:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
         lines.append(
             f"| {row['workload']} | {row['setting']} | {row['label']} | {cell('ttft_ms', 'run_ttft_ms')} | "
-            f"{cell('decode_step_ms', 'run_decode_step_ms')} | {ratio(row['ttft_ms_vs_vanilla_lossless'])} | "
-            f"{ratio(row['ttft_ms_vs_best_new_peer'])} | {ratio(row['decode_step_ms_vs_best_new_peer'])} | "
+            f"{cell('decode_step_ms', 'run_decode_step_ms')} | {ratio('ttft_ms_vs_vanilla_lossless')} | "
+            f"{ratio('ttft_ms_vs_best_new_peer')} | {ratio('decode_step_ms_vs_best_new_peer')} | "
             f"{row['bytes_cross_node'] / 1e6:.3f} | {row['dropped_routes']}/{row['routes']} | "
             f"{'yes' if row['parity'] else 'NO'} ({row['max_abs_diff']:.0e}) |"
         )
@@ -494,6 +505,8 @@ def run_e2e(
     order_seed: int,
     quiet: bool,
     readme: bool,
+    repetitions: int | None = None,
+    models: Sequence[str] = ("mixtral", "qwen15"),
 ) -> dict[str, Any]:
     """The whole-model benchmark at every setting; returns (and writes) the JSON document."""
     from benchmarks.bench import environment, resolve_settings, run_setting, update_readme
@@ -501,12 +514,15 @@ def run_e2e(
 
     topology = Topology(nodes, ranks_per_node)
     names = list(systems) or list(E2E_SYSTEMS)
+    if not any(m.trace_model in models for m in E2E_MODELS):
+        raise ValueError(f"--e2e models ({list(models)}) must include mixtral or qwen15")
     settings = resolve_settings(mode, rates)
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="ds_grace_e2e_"))
     try:
         e2e = prepare_e2e(workdir, topology=topology, systems=names, quick=quick, seed=seed, order_seed=order_seed,
-                          timeout_s=min(timeout_s, 300.0))  # fmt: skip
+                          timeout_s=min(timeout_s, 300.0), repetitions=repetitions,
+                          trace_models=models)  # fmt: skip
         spec = {"workdir": str(workdir), "topology": {"num_nodes": nodes, "gpus_per_node": ranks_per_node},
                 "systems": names, "timeout_s": min(timeout_s, 300.0), "workloads": [], "e2e": e2e}  # fmt: skip
         write_text_atomic(workdir / "spec.json", json.dumps(spec, indent=1))
