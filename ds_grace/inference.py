@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ds_grace.comm.collectives import check_ranks_agree, init_distributed, is_distributed, world
+from ds_grace.comm.counters import summed_traffic
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import rank_identity, run_fingerprint
 from ds_grace.models.describe import ModelMoE, describe_moe
@@ -136,9 +137,11 @@ class ServedMoE:
         """GRACE traffic counters per MoE layer (empty in vanilla mode)."""
         return tuple(layer.comm_counters for layer in self.layers if hasattr(layer, "comm_counters"))
 
-    def traffic(self) -> dict[str, dict[str, Any]]:
-        """Snapshots of this rank's traffic counters, by MoE layer ("layer0", ...)."""
-        return {f"layer{i}": counters.snapshot() for i, counters in enumerate(self.counters)}
+    def traffic(self, *, total: bool = False) -> dict[str, Any]:
+        """Snapshots of this rank's traffic counters, by MoE layer ("layer0", ...); with total=True, every
+        layer's summed over all ranks (a collective: call it on every rank), see ``summed_traffic``."""
+        snapshots = {f"layer{i}": counters.snapshot() for i, counters in enumerate(self.counters)}
+        return summed_traffic(list(snapshots.values())) if total else snapshots
 
     def stats(self) -> dict[str, int]:
         """This rank's MoE totals since the last reset: traffic counters summed over layers (grace), or
@@ -237,7 +240,15 @@ def check_before_start(
         loaded.append(_load_model(model, dtype))
         return describe_moe(loaded[0][0])
 
-    checked = preflight(ds_config, grace, world_size=world_size, rank=rank, describe_model=describe_model)
+    model_name = "the model" if isinstance(model, nn.Module) else f"the checkpoint {os.fspath(model)}"
+    checked = preflight(
+        ds_config,
+        grace,
+        world_size=world_size,
+        rank=rank,
+        describe_model=describe_model,
+        model_name=model_name,
+    )
     module, sharded = loaded[0]
     checkpoint, served_ds_config = _checked_checkpoint(
         sharded, module, checked.ds_config, grace=grace, plan=checked.plan, moe=checked.moe

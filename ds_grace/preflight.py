@@ -59,9 +59,11 @@ def preflight(
     world_size: int,
     rank: int,
     describe_model: Callable[[torch.dtype], ModelMoE] | None = None,
+    model_name: str = "the model",
     env: Mapping[str, str] | None = None,
 ) -> Checked:
-    """Run every local check (see the module doc); no communication."""
+    """Run every local check (see the module doc); no communication. Errors name the model `model_name`
+    (e.g. its checkpoint folder)."""
     dtype = validate_deepspeed_config(ds_config)
     if world_size < 1 or not 0 <= rank < world_size:
         raise GraceConfigError(
@@ -72,7 +74,7 @@ def preflight(
     moe = describe_model(dtype) if describe_model is not None else None
     plan = None
     if source is not None:
-        plan = _plan_for_model(grace, source, topology=topology, moe=moe)
+        plan = _plan_for_model(grace, source, topology=topology, moe=moe, model_name=model_name)
     checked_ds = _with_expert_parallel_size(ds_config, grace=grace, moe=moe, world_size=world_size)
     return Checked(
         ds_config=checked_ds,
@@ -138,6 +140,13 @@ def validate_deepspeed_config(ds_config: Mapping[str, Any]) -> torch.dtype:
 # ---- 3. and 4. the plan ----
 
 
+def _plan_name(grace: GraceConfig) -> str:
+    """The plan as errors name it: its file, or the trace it is built from."""
+    if grace.plan.path is not None:
+        return f"plan {grace.plan.path}"
+    return f"the plan built from grace.profile.trace ({grace.profile.trace})"
+
+
 def _plan_source(grace: GraceConfig, *, topology: Topology) -> GracePlan | RoutingTrace | ExpertLoads:
     """The plan file (checked against the topology) or the trace named by the config."""
     from ds_grace.planning.plan import GracePlan
@@ -145,7 +154,7 @@ def _plan_source(grace: GraceConfig, *, topology: Topology) -> GracePlan | Routi
 
     if grace.plan.path is not None:
         plan = GracePlan.load(grace.plan.path)
-        plan.check_compatible(topology=topology)
+        plan.check_compatible(topology=topology, plan_name=_plan_name(grace))
         return plan
     if grace.profile.trace is not None:
         return load_trace(grace.profile.trace)
@@ -164,6 +173,7 @@ def _plan_for_model(
     *,
     topology: Topology,
     moe: ModelMoE | None,
+    model_name: str = "the model",
 ) -> GracePlan:
     from ds_grace.planning.build import build_plan
     from ds_grace.planning.plan import GracePlan, PlanError
@@ -175,13 +185,19 @@ def _plan_for_model(
         if moe is not None and (source.num_layers != moe.num_layers or source.num_experts != moe.num_experts):
             raise TraceError(
                 f"grace.profile.trace ({grace.profile.trace}) records {source.num_layers} MoE layers of "
-                f"{source.num_experts} experts but the model has {moe.num_layers} of {moe.num_experts}"
+                f"{source.num_experts} experts but {model_name} has {moe.num_layers} of {moe.num_experts}"
             )
         plan = build_plan(source, topology=topology, policy="grace", config=grace)
     if moe is not None:
-        plan.check_compatible(topology=topology, num_layers=moe.num_layers, num_experts=moe.num_experts)
+        plan.check_compatible(
+            topology=topology,
+            num_layers=moe.num_layers,
+            num_experts=moe.num_experts,
+            plan_name=_plan_name(grace),
+            model_name=model_name,
+        )
     else:
-        plan.check_compatible(topology=topology)
+        plan.check_compatible(topology=topology, plan_name=_plan_name(grace))
     cap = grace.grouping.max_experts_per_gpu
     if cap is not None:
         for index, layer in enumerate(plan.layers):
@@ -194,10 +210,14 @@ def _plan_for_model(
     return plan
 
 
-def resolve_plan(grace: GraceConfig, *, topology: Topology, moe: ModelMoE) -> GracePlan:
+def resolve_plan(
+    grace: GraceConfig, *, topology: Topology, moe: ModelMoE, model_name: str = "the model"
+) -> GracePlan:
     """The plan to serve with: grace.plan.path, else built from grace.profile.trace; checked against the
     topology and the model. Pure and local: every rank computes the same plan."""
-    return _plan_for_model(grace, _plan_source(grace, topology=topology), topology=topology, moe=moe)
+    return _plan_for_model(
+        grace, _plan_source(grace, topology=topology), topology=topology, moe=moe, model_name=model_name
+    )
 
 
 # ---- 5. moe.ep_size ----

@@ -118,3 +118,32 @@ def collect_counters(module: nn.Module) -> dict[str, dict[str, Any]]:
 def reset_counters(module: nn.Module) -> None:
     for _, counters in iter_counters(module):
         counters.reset()
+
+
+def summed_traffic(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Traffic of every layer in `snapshots` (``TrafficCounters.snapshot()``s) summed over the layers and
+    over every rank (one all-gather; this rank alone without a process group). Collective: every rank
+    calls it. Returns {"ranks", "stages": {stage: StageTraffic fields}, "total": the stages but "sizes"}."""
+    import torch.distributed as dist
+
+    local: dict[str, StageTraffic] = {}
+    for snapshot in snapshots:
+        for stage, fields in snapshot["stages"].items():
+            local.setdefault(stage, StageTraffic()).add(StageTraffic(**fields))
+    per_rank = [{stage: traffic.as_dict() for stage, traffic in local.items()}]
+    if dist.is_available() and dist.is_initialized():
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, {stage: traffic.as_dict() for stage, traffic in local.items()})
+    stages: dict[str, StageTraffic] = {}
+    for rank_stages in per_rank:
+        for stage, fields in rank_stages.items():
+            stages.setdefault(stage, StageTraffic()).add(StageTraffic(**fields))
+    total = StageTraffic()
+    for stage, traffic in stages.items():
+        if stage != "sizes":
+            total.add(traffic)
+    return {
+        "ranks": len(per_rank),
+        "stages": {stage: traffic.as_dict() for stage, traffic in sorted(stages.items())},
+        "total": total.as_dict(),
+    }

@@ -5,8 +5,9 @@ the grace block, the topology for the world size, the plan or trace file the con
 moe.ep_size; with --model, ds_grace.inference.check_before_start (init_inference's own): the checkpoint
 folder opened as a skeleton (headers only), the plan against the model and the checkpoint's expert
 tensors, as rank 0 runs them. The world size
-is --world-size, else the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config fixes both,
-else 1; the output says which.
+is --world-size, else the launcher's WORLD_SIZE, else num_nodes x gpus_per_node when the config (or --nodes and
+--gpus-per-node, which override grace.topology as for launch/generate.py) fixes both, else 1; the output says
+which.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from ds_grace.config import GraceConfig, GraceConfigError, load_ds_config
+from ds_grace.config import GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plan", default=None, help="override grace.plan.path, as launch/generate.py --plan")
     parser.add_argument("--model", default=None, help="checkpoint folder: also check the model and the plan")
+    parser.add_argument(
+        "--nodes", type=_positive_int, default=None, help="override grace.topology.num_nodes (as generate.py)"
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=_positive_int,
+        default=None,
+        help="override grace.topology.gpus_per_node (as generate.py)",
+    )
 
 
 def _world_size(args: argparse.Namespace, grace: GraceConfig) -> tuple[int, str]:
@@ -56,6 +66,22 @@ def _world_size(args: argparse.Namespace, grace: GraceConfig) -> tuple[int, str]
     return 1, "default"
 
 
+def _with_topology(grace: GraceConfig, *, nodes: int | None, gpus_per_node: int | None) -> GraceConfig:
+    """grace with --nodes / --gpus-per-node in its topology (validated as the config's own fields)."""
+    if nodes is None and gpus_per_node is None:
+        return grace
+    if not grace.enabled:
+        raise GraceConfigError(
+            "--nodes / --gpus-per-node set grace.topology: the ds_config has no enabled grace block"
+        )
+    block = grace.model_dump()
+    block["topology"] = {
+        "num_nodes": nodes if nodes is not None else block["topology"]["num_nodes"],
+        "gpus_per_node": gpus_per_node if gpus_per_node is not None else block["topology"]["gpus_per_node"],
+    }
+    return parse_grace_block(block)
+
+
 def run(args: argparse.Namespace) -> int:
     from ds_grace.preflight import preflight
 
@@ -64,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if not grace.enabled:
             raise GraceConfigError(f"--plan ({args.plan}) needs a ds_config with an enabled grace block")
         grace = grace.model_copy(update={"plan": grace.plan.model_copy(update={"path": args.plan})})
+    grace = _with_topology(grace, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     world_size, source = _world_size(args, grace)
     # stdout carries only the JSON report: DeepSpeed's and transformers' notices go to stderr
     with contextlib.redirect_stdout(sys.stderr):

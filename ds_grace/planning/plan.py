@@ -180,18 +180,27 @@ class GracePlan:
             raise PlanError(f"plan.meta must be JSON-serialisable without NaN or infinity: {exc}") from None
 
     def check_compatible(
-        self, *, topology: Topology, num_layers: int | None = None, num_experts: int | None = None
+        self,
+        *,
+        topology: Topology,
+        num_layers: int | None = None,
+        num_experts: int | None = None,
+        plan_name: str = "plan",
+        model_name: str = "the model",
     ) -> None:
-        """Raise PlanError unless this plan fits the model and cluster it is about to serve."""
+        """Raise PlanError unless this plan fits the model and cluster it is about to serve; the messages
+        name the plan and the model as `plan_name` and `model_name` (e.g. their files)."""
         if topology != self.topology:
             raise PlanError(
-                f"plan topology ({self.topology}) does not match the cluster topology ({topology}); "
+                f"{plan_name} topology ({self.topology}) does not match the cluster topology ({topology}); "
                 "re-plan for this cluster with `ds-grace plan`"
             )
         if num_layers is not None and num_layers != self.num_layers:
-            raise PlanError(f"plan has {self.num_layers} MoE layers but the model has {num_layers}")
+            raise PlanError(f"{plan_name} has {self.num_layers} MoE layers but {model_name} has {num_layers}")
         if num_experts is not None and num_experts != self.num_experts:
-            raise PlanError(f"plan has {self.num_experts} experts per layer but the model has {num_experts}")
+            raise PlanError(
+                f"{plan_name} has {self.num_experts} experts per layer but {model_name} has {num_experts}"
+            )
 
     def content_dict(self) -> dict[str, Any]:
         return {

@@ -170,7 +170,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict, str]]:
         ),
         "plan for another topology": (
             {"dtype": "fp32", "grace": {"topology": {"num_nodes": 1, "gpus_per_node": 4}, **good}},
-            "plan topology (2 nodes x 2 GPUs) does not match the cluster topology (1 nodes x 4 GPUs)",
+            "topology (2 nodes x 2 GPUs) does not match the cluster topology (1 nodes x 4 GPUs)",
         ),
     }
 
@@ -224,10 +224,41 @@ def test_check_config_with_model_checks_the_plan_against_it(mixtral, tmp_path, c
     assert report["world_size"] == 4 and report["world_size_from"] == "WORLD_SIZE"
     assert report["deepspeed"]["moe"]["ep_size"] == 4 and report["model_checked"] is False
     line = _cli_fails(capsys, ["check-config", str(path), "--model", str(mixtral)])
-    assert line == "error: plan has 3 MoE layers but the model has 2"
+    # the line names the plan file and the checkpoint folder
+    assert line == f"error: plan {tmp_path / 'plan.json'} has 3 MoE layers but the checkpoint {mixtral} has 2"
     _plan(Topology(2, 2)).save(tmp_path / "plan.json")
     assert cli_main(["check-config", str(path), "--model", str(mixtral)]) == 0
     assert json.loads(capsys.readouterr().out)["model_checked"] is True
+
+
+def test_check_config_takes_the_topology_as_generate_does(mixtral, tmp_path, capsys, monkeypatch):
+    """The README's example: a config with "auto" topology, the journey's 2 x 2 plan, no launcher."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_SIZE", "CROSS_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    _plan(Topology(2, 2)).save(tmp_path / "plan.json")
+    config = str(REPO_ROOT / "ds_configs" / "grace.json")
+    plan = str(tmp_path / "plan.json")
+    line = _cli_fails(capsys, ["check-config", config, "--world-size", "4", "--plan", plan])
+    assert line.startswith(f"error: plan {plan} topology (2 nodes x 2 GPUs) does not match")
+    args = [
+        "check-config",
+        config,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--plan",
+        plan,
+        "--model",
+        str(mixtral),
+    ]
+    assert cli_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["grace"]["topology"] == {"num_nodes": 2, "gpus_per_node": 2}
+    assert report["world_size"] == 4 and report["world_size_from"] == "grace.topology"
+    assert report["model_checked"] is True
+    line = _cli_fails(capsys, ["check-config", config, "--nodes", "0"])
+    assert "--nodes" in line and "must be an integer >= 1" in line
 
 
 # ---- dependency ranges ----
