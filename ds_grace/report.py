@@ -44,23 +44,49 @@ def _boundaries(plan: GracePlan, layer: int, order_E: np.ndarray) -> tuple[list[
     return gpu_cuts, node_cuts
 
 
+def _block_ticks(primary_E: np.ndarray, gpus_per_node: int) -> tuple[list[float], list[str]]:
+    """One tick per GPU block of the ordered experts, at its centre: "GPU r (n)" with its expert count."""
+    ranks, starts, counts = np.unique(primary_E, return_index=True, return_counts=True)
+    centres = [float(start + (count - 1) / 2) for start, count in zip(starts, counts)]
+    labels = [f"node {r // gpus_per_node} GPU {r} ({n})" for r, n in zip(ranks, counts)]
+    return centres, labels
+
+
 def plot_affinity(plan: GracePlan, trace: RoutingTrace, layer: int, path: Path) -> None:
+    """Co-activation of the layer's experts ordered by group (primary GPU, so by node), GPU blocks
+    outlined in white and nodes in red; a log colour scale keeps the weak pairs visible next to the
+    strong ones. Up to 32 experts every id is a tick; beyond, one tick per GPU block."""
     affinity_EE = intra_layer_affinity(trace.topk_ids[layer], trace.num_experts)
     order = _expert_order(plan, layer)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(affinity_EE[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
+    num_experts = len(order)
+    side = 6.5 if num_experts <= 32 else 9.5
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    ordered = affinity_EE[np.ix_(order, order)]
+    norm = matplotlib.colors.SymLogNorm(linthresh=1.0, vmin=0, vmax=max(1.0, float(ordered.max())))
+    image = ax.imshow(ordered, cmap="magma", norm=norm, interpolation="nearest")
     gpu_cuts, node_cuts = _boundaries(plan, layer, order)
     for cut in gpu_cuts:
-        ax.axhline(cut, color="white", lw=0.4)
-        ax.axvline(cut, color="white", lw=0.4)
+        ax.axhline(cut, color="white", lw=0.6)
+        ax.axvline(cut, color="white", lw=0.6)
     for cut in node_cuts:
-        ax.axhline(cut, color="red", lw=1.2)
-        ax.axvline(cut, color="red", lw=1.2)
-    ticks = np.arange(len(order)) if len(order) <= 32 else np.arange(0, len(order), max(1, len(order) // 16))
-    ax.set_xticks(ticks, [str(order[i]) for i in ticks], fontsize=6, rotation=90)
-    ax.set_yticks(ticks, [str(order[i]) for i in ticks], fontsize=6)
-    ax.set_title(f"layer {layer}: co-activation, experts by GPU (white) and node (red)")
-    fig.colorbar(image, ax=ax, label="tokens choosing both")
+        ax.axhline(cut, color="red", lw=1.6)
+        ax.axvline(cut, color="red", lw=1.6)
+    if num_experts <= 32:
+        ticks = np.arange(num_experts)
+        ax.set_xticks(ticks, [str(order[i]) for i in ticks], fontsize=6, rotation=90)
+        ax.set_yticks(ticks, [str(order[i]) for i in ticks], fontsize=6)
+        ax.set_xlabel("expert id, ordered by GPU and node")
+    else:
+        primary_E = np.array(plan.layers[layer].primary)[order]
+        centres, labels = _block_ticks(primary_E, plan.topology.gpus_per_node)
+        ax.set_xticks(centres, labels, fontsize=7, rotation=90)
+        ax.set_yticks(centres, labels, fontsize=7)
+        ax.set_xlabel("experts grouped by primary GPU (count in brackets)")
+    ax.set_title(
+        f"layer {layer}: co-activation of {num_experts} experts\nby GPU (white lines) and node (red lines)",
+        fontsize=10,
+    )
+    fig.colorbar(image, ax=ax, label="tokens choosing both (log scale)", shrink=0.8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -124,7 +150,7 @@ def plot_placement(plan: GracePlan, layer: int, path: Path) -> None:
         ax.axhline(node * plan.topology.gpus_per_node - 0.5, color="red", lw=1.2)
     ax.set_xlabel("expert")
     ax.set_ylabel("GPU (rank)")
-    ax.set_title(f"layer {layer}: primaries (blue) and replicas (orange); red lines split nodes")
+    ax.set_title(f"layer {layer}: primaries (blue) and replicas (orange)\nred lines split nodes", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -161,33 +187,52 @@ def plot_held_out(
     """Per-GPU load of `layer` and the plan-wide metrics, in-sample next to held-out."""
     routing = plan.meta.get("routing_policy", "tar")
     world = plan.topology.world_size
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(9.0, 0.35 * world + 7), 4))
+    fig, (left, balance, copies) = plt.subplots(
+        1, 3, figsize=(max(12.0, 0.35 * world + 10), 4), gridspec_kw={"width_ratios": [2, 1, 1]}
+    )
     bars = []
     for label, trace in (("in-sample", fitted), ("held-out", held_out)):
         gpu_R = expected_gpu_loads(expert_loads(trace)[layer], plan.layers[layer], plan.topology, routing)
         bars.append((label, gpu_R, gpu_R.mean()))
     _draw_gpu_load_bars(left, bars, title=f"layer {layer}: per-GPU load of this plan")
-    width = 0.4
     fitted_metrics, held_metrics = _all_metrics(plan, fitted), _all_metrics(plan, held_out)
-    keys = [
-        key
-        for key in (
-            "balancedness",
-            "balancedness_replayed",
-            "cross_node_copies_per_token",
-            "cross_node_copies_replayed",
-        )
-        if fitted_metrics[key] is not None and held_metrics[key] is not None
-    ]
-    for i, (label, metrics) in enumerate((("in-sample", fitted_metrics), ("held-out", held_metrics))):
-        right.bar(np.arange(len(keys)) + (i - 0.5) * width, [metrics[k] for k in keys], width, label=label)
-    right.set_xticks(np.arange(len(keys)), [k.replace("_", "\n", 2) for k in keys], fontsize=7)
-    right.set_title(f"{plan.policy} on {plan.topology}: all layers")
-    right.legend(fontsize=7)
+    for ax, keys, title in (
+        (balance, HELD_OUT_BALANCE_KEYS, "balancedness, all layers\n(mean / max load: higher is better)"),
+        (copies, HELD_OUT_COPIES_KEYS, "cross-node copies per token\n(all layers: lower is better)"),
+    ):
+        _draw_metric_pairs(ax, keys, fitted_metrics, held_metrics, title=title)
+    fig.suptitle(f"{plan.policy} on {plan.topology}: in-sample and held-out", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
     return fitted_metrics, held_metrics
+
+
+HELD_OUT_BALANCE_KEYS = ("balancedness", "balancedness_replayed")
+HELD_OUT_COPIES_KEYS = ("cross_node_copies_per_token", "cross_node_copies_replayed")
+
+
+def _draw_metric_pairs(
+    ax: Axes,
+    keys: Sequence[str],
+    fitted: dict[str, object],
+    held: dict[str, object],
+    *,
+    title: str,
+) -> None:
+    """In-sample next to held-out bars of metrics that share one direction (all higher- or all
+    lower-is-better); metrics a trace cannot give are left out."""
+    shown = [key for key in keys if fitted[key] is not None and held[key] is not None]
+    width = 0.4
+    for i, (label, metrics) in enumerate((("in-sample", fitted), ("held-out", held))):
+        values = [float(metrics[key]) for key in shown]  # type: ignore[arg-type]
+        ax.bar(np.arange(len(shown)) + (i - 0.5) * width, values, width, label=label)
+    ax.set_xticks(
+        np.arange(len(shown)),
+        [key.split("_")[-1] if key.endswith("replayed") else "expected" for key in shown],
+    )
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _fmt(value: object) -> str:
@@ -204,7 +249,9 @@ def summary_markdown(plan: GracePlan, trace: RoutingTrace | ExpertLoads, layer: 
         policy="contiguous",
     )
     ours = evaluate_plan(trace, plan)
-    base = evaluate_plan(trace, contiguous, routing_policy="primary")
+    # DeepSpeed-MoE sends every (token, expert) pair, so its copies are counted without dedup: its
+    # cross-node copies are then vanilla_cross_node_copies_per_token, as `ds-grace evaluate` reports
+    base = evaluate_plan(trace, contiguous, routing_policy="primary", dedup=False)
     lines = [
         f"# Plan report: {plan.policy} on {plan.topology}",
         "",
@@ -219,7 +266,11 @@ def summary_markdown(plan: GracePlan, trace: RoutingTrace | ExpertLoads, layer: 
             f"- grouping: ratio r = {grouping.get('ratio')}, affinity kept inside nodes "
             f"{grouping.get('kept_node_affinity', 0):.3f}, inside GPUs {grouping.get('kept_gpu_affinity', 0):.3f}"
         )
-    lines += ["", "| metric | this plan | contiguous (DeepSpeed) |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "| metric | this plan | DeepSpeed-MoE (contiguous, a copy per (token, expert) pair) |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {key} | {_fmt(ours[key])} | {_fmt(base[key])} |" for key in METRIC_KEYS]
     lines += [
         "",

@@ -2,11 +2,12 @@
 
     ds-grace report plan.json --trace PATH --out DIR [--layer L] [--held-out HELD_OUT]
 
-Writes DIR/affinity.png (affinity heatmap, experts ordered by GPU and node; per-token traces only),
+Writes DIR/affinity.png (affinity heatmap on a log scale, experts ordered by primary GPU with GPU and node
+boundaries drawn; per-token traces only),
 DIR/gpu_load.png (expected per-GPU load without and with replicas), DIR/placement.png (which GPU
 holds which expert, primaries and replicas) and DIR/summary.md. With --held-out (traffic the plan was not
-fitted to, e.g. the second part from `ds-grace split-trace`), also DIR/held_out.png: per-GPU load and
-metrics in-sample next to held-out, with a table in summary.md.
+fitted to, e.g. the second part from `ds-grace split-trace`), also DIR/held_out.png: per-GPU load, balancedness (higher is better) and cross-node copies (lower is
+better) on separate axes, in-sample next to held-out, with a table in summary.md.
 """
 
 from __future__ import annotations

@@ -92,17 +92,28 @@ def _copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -
     return float(count_U @ reached_U) / (num_origins * max(1, num_tokens))
 
 
+def _pair_copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -> float:
+    """Without dedup (DeepSpeed's all-to-all): the expected (token, expert) pairs whose instance lies on a
+    destination other than the origin's, per token, averaged over origins."""
+    num_origins = reach_GEX.shape[0]
+    remote_GE = reach_GEX.sum(axis=2) - reach_GEX[np.arange(num_origins), :, own_G]
+    count_E = np.bincount(topk_ids_TK.ravel(), minlength=reach_GEX.shape[1])
+    return float((remote_GE @ count_E).mean()) / max(1, len(topk_ids_TK))
+
+
 def evaluate_plan(
     trace: RoutingTrace | ExpertLoads | np.ndarray,
     plan: GracePlan,
     *,
     routing_policy: RoutingPolicy | None = None,
     per_layer: bool = False,
+    dedup: bool = True,
 ) -> dict[str, Any]:
     """The metrics of METRIC_KEYS (None where the trace cannot give one), plus the routing policy.
 
     routing_policy defaults to the one the plan was built for (plan.meta["routing_policy"], else "tar").
-    With per_layer=True, a "per_layer" entry lists each layer's values.
+    With per_layer=True, a "per_layer" entry lists each layer's values. dedup=False counts copies as
+    DeepSpeed-MoE's all-to-all sends them: one per (token, expert) pair, not one per destination.
     """
     policy: RoutingPolicy = routing_policy or plan.meta.get("routing_policy", "tar")
     loads_LE = expert_loads(trace)
@@ -130,8 +141,9 @@ def evaluate_plan(
             node_prob_GEN = prob_GER.reshape(*prob_GER.shape[:2], topo.num_nodes, topo.gpus_per_node).sum(
                 axis=3
             )
-            row["cross_node_copies_per_token"] = _copies(ids, node_prob_GEN, node_of_R)
-            row["cross_gpu_copies_per_token"] = _copies(ids, prob_GER, np.arange(topo.world_size))
+            copies = _copies if dedup else _pair_copies
+            row["cross_node_copies_per_token"] = copies(ids, node_prob_GEN, node_of_R)
+            row["cross_gpu_copies_per_token"] = copies(ids, prob_GER, np.arange(topo.world_size))
         layers.append(row)
     top_k = trace.top_k if isinstance(trace, (RoutingTrace, ExpertLoads)) else None
     # Without replicas each expert is local to exactly 1/N of the uniformly drawn origins, so the

@@ -49,7 +49,7 @@ def test_plan_evaluate_report_end_to_end(tmp_path, capsys, mixtral):
     for name in ("affinity.png", "gpu_load.png", "placement.png"):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary_md = (out_dir / "summary.md").read_text()
-    assert "cross_node_copies_per_token" in summary_md and "contiguous (DeepSpeed)" in summary_md
+    assert "cross_node_copies_per_token" in summary_md and "DeepSpeed-MoE (contiguous" in summary_md
 
 
 def test_baseline_policies_and_npz_traces(tmp_path, capsys):
