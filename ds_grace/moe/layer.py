@@ -430,14 +430,10 @@ class GraceMoE(MoE):
 
     def swap_layer_plan(self, layer_plan: LayerPlan, slot_modules: Sequence[nn.Module]) -> None:
         """Switch to `layer_plan` with `slot_modules` (one per slot of this rank under it), between
-        forwards; modules no longer referenced are freed. Primaries may not move (same grouping)."""
+        forwards; modules no longer referenced are freed. Primaries may move (online re-grouping): the
+        routing tables are rebuilt from `layer_plan`."""
         layer = self.deepspeed_moe
         _check_plan(layer_plan, layer.topology, num_experts=self.num_experts)
-        if layer_plan.primary != layer.layer_plan.primary:
-            raise ValueError(
-                f"layer_plan.primary ({list(layer_plan.primary)}) must equal the served plan's "
-                f"({list(layer.layer_plan.primary)}); only replicas may change"
-            )
         slots = layer_plan.slots[layer.ep_index]
         if len(slot_modules) != len(slots):
             raise ValueError(
