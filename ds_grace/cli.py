@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split-trace": ("split_trace", "split a per-token trace into the first F of its tokens and the rest"),
     "plan": ("plan", "build a GRACE (or baseline) expert placement plan from a routing trace"),
     "evaluate": ("evaluate", "metrics of a plan on a routing trace (cross-node copies, balance)"),
+    "replay-drift": (
+        "replay_drift",
+        "replay served traffic unlike the profile through the planner and online re-planner (no ranks)",
+    ),
     "report": ("report", "plots and a markdown summary of a plan on a routing trace"),
     "bench": ("bench", "GRACE ablations vs vanilla DeepSpeed-MoE on the emulated multi-node cluster"),
     "demo": (

@@ -75,6 +75,14 @@ class OnlineReplicationConfig(_Section):
     source: Literal["peer", "disk"] = Field(
         "peer", description="Where a replica moving in comes from: a live copy on a peer, or the checkpoint."
     )
+    regroup: bool = Field(
+        False,
+        description="Move primaries too: every interval, moves scored on the routing sampled in the window "
+        "and taken by gain per byte within max_bytes_per_interval (ds_grace/online/regroup.py).",
+    )
+    sample_tokens: int = Field(
+        256, ge=1, description="With regroup: routed tokens per layer each rank keeps per interval."
+    )
 
 
 class ReplicationConfig(_Section):

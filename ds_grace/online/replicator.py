@@ -12,7 +12,10 @@ boundary between two forwards, all ranks run the same sequence:
    gathered in 2: a mismatch raises PlanMismatchError on every rank, nothing switches); layers swap
    their plan and slots, dropped replicas are freed;
 4. with no migration pending, a layer whose predicted balancedness on the window is below
-   ``threshold`` is re-planned (primaries fixed, few replicas moved); every rank's decision (the new
+   ``threshold`` is re-planned (primaries fixed, few replicas moved); with ``regroup``, primaries may
+   move too: each rank's first ``sample_tokens`` routed tokens per layer of the interval ride in the
+   gather of 2, so every rank holds the same window of routing, and ``ds_grace.online.regroup`` takes
+   the moves that pay most per byte within ``max_bytes_per_interval``; every rank's decision (the new
    plan's hash, or "none") is checked across ranks before any byte moves, so a rank that alone
    decides differently is a PlanMismatchError on every rank, not a hang;
 5. the next chunks of a pending migration, up to ``max_bytes_per_interval`` in total, start
@@ -48,11 +51,19 @@ from ds_grace.comm.migration import (
     raise_on_hash_mismatch,
     start_transfers,
 )
-from ds_grace.config import GraceConfig, OnlineReplicationConfig, ReplicationConfig
+from ds_grace.config import (
+    GraceConfig,
+    GroupingConfig,
+    OnlineReplicationConfig,
+    ReplicationConfig,
+    RoutingConfig,
+)
 from ds_grace.moe.layer import GraceMoE
+from ds_grace.online.regroup import regroup
 from ds_grace.online.replan import ReplanResult, predicted_balancedness, replan
 from ds_grace.online.schedule import ReplicaCopy, cross_node_bytes, freed_replicas, next_chunks, plan_copies
 from ds_grace.planning.plan import GracePlan
+from ds_grace.trace import RoutingTrace
 
 if TYPE_CHECKING:
     from ds_grace.models.deepspeed_checkpoint import DeepSpeedMoECheckpoint
@@ -128,6 +139,13 @@ class OnlineReplicator:
         self._step = 0
         self._counts_LE: torch.Tensor = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
         self._window: deque[np.ndarray] = deque(maxlen=config.window)
+        # regroup: this interval's first sample_tokens routed tokens per layer (-1: none), and the window's
+        self.top_k = int(first.gate.k) if config.regroup else 0
+        self._sample_LTK = torch.full(
+            (self.num_layers, config.sample_tokens, self.top_k), -1, dtype=torch.int64
+        )
+        self._sampled_L = [0] * self.num_layers
+        self._sample_window: deque[np.ndarray] = deque(maxlen=config.window)
         self._routes_seen = [0] * self.num_layers
         self._pending: dict[str, Any] | None = None
         self._in_flight: TransferBatch | None = None
@@ -174,6 +192,12 @@ class OnlineReplicator:
             ids = topk_ids_TK.reshape(-1)
             ids = ids[ids >= 0].to("cpu", torch.int64)
             self._counts_LE[index] += torch.bincount(ids, minlength=self.num_experts)
+            room = self.config.sample_tokens - self._sampled_L[index] if self.config.regroup else 0
+            if room > 0:  # shapes only: the first rows of the forward, as they are (-1 routes included)
+                rows = topk_ids_TK[:room].to("cpu", torch.int64)
+                start = self._sampled_L[index]
+                self._sample_LTK[index, start : start + rows.shape[0]] = rows
+                self._sampled_L[index] += rows.shape[0]
 
         return observe
 
@@ -211,9 +235,14 @@ class OnlineReplicator:
         counts_LE = fields_RF[:, :ne].sum(dim=0).reshape(self.num_layers, self.num_experts).numpy()
         routes_RL = fields_RF[:, ne : ne + self.num_layers].numpy()
         live_words = fields_RF[:, ne + self.num_layers : ne + self.num_layers + HASH_WORDS]
-        pending_words = fields_RF[:, ne + self.num_layers + HASH_WORDS :]
+        pending_words = fields_RF[
+            :, ne + self.num_layers + HASH_WORDS : ne + self.num_layers + 2 * HASH_WORDS
+        ]
         raise_on_hash_mismatch(live_words, what=f"step {self._step}: live plan")
         self._window.append(counts_LE)
+        if self.config.regroup:
+            sample_RF = fields_RF[:, ne + self.num_layers + 2 * HASH_WORDS :]
+            self._sample_window.append(sample_RF.numpy().reshape(-1, *self._sample_LTK.shape))
         record: dict[str, Any] = {
             "step": self._step,
             "balancedness": self._balancedness(counts_LE),
@@ -250,12 +279,16 @@ class OnlineReplicator:
             routes.append(total - seen if total >= seen else total)  # counters may have been reset
             self._routes_seen[index] = total
         pending = self._pending["plan"].content_hash if self._pending is not None else None
+        sample = self._sample_LTK.reshape(-1).clone()
+        self._sample_LTK.fill_(-1)
+        self._sampled_L = [0] * self.num_layers
         return torch.cat(
             [
                 counts,
                 torch.tensor(routes, dtype=torch.int64),
                 hash_words(self._plan.content_hash),
                 hash_words(pending) if pending is not None else torch.zeros(HASH_WORDS, dtype=torch.int64),
+                sample,
             ]
         )
 
@@ -267,7 +300,48 @@ class OnlineReplicator:
 
     # ---- re-planning ----
 
+    def window_routing(self) -> RoutingTrace:
+        """The routing every rank sampled in the window (regroup), identical on every rank: per layer,
+        the sampled tokens of every interval and rank whose routes were all taken."""
+        rows = [[] for _ in range(self.num_layers)]
+        for sample_RLTK in self._sample_window:
+            for index in range(self.num_layers):
+                ids_TK = sample_RLTK[:, index].reshape(-1, self.top_k)
+                rows[index].append(ids_TK[(ids_TK >= 0).all(axis=1)])
+        return RoutingTrace(
+            topk_ids=tuple(np.concatenate(r) if r else np.zeros((0, self.top_k), np.int64) for r in rows),
+            num_experts=self.num_experts,
+        )
+
+    def _regroup(self, plan: GracePlan, loads_LE: np.ndarray) -> ReplanResult:
+        window = self.window_routing()
+        if any(len(ids) == 0 for ids in window.topk_ids):
+            before = tuple(self._balancedness(loads_LE))
+            return ReplanResult(None, (), before, before)
+        grace = GraceConfig(
+            grouping=GroupingConfig(max_experts_per_gpu=self.max_experts_per_gpu),
+            replication=self.replication,
+            routing=RoutingConfig(policy=self.policy),
+        )
+        result = regroup(
+            plan,
+            window,
+            config=grace,
+            expert_nbytes=max(self._expert_nbytes()),
+            max_bytes=self.config.max_bytes_per_interval,
+        )
+        before = tuple(self._balancedness(loads_LE))
+        if result.plan is None:
+            return ReplanResult(None, (), before, before)
+        after = tuple(
+            predicted_balancedness(loads_LE[i], layer, self.topology, self.policy)
+            for i, layer in enumerate(result.plan.layers)
+        )
+        return ReplanResult(result.plan, tuple(sorted(m.layer for m in result.moves)), before, after)
+
     def _default_replanner(self, plan: GracePlan, loads_LE: np.ndarray) -> ReplanResult:
+        if self.config.regroup:
+            return self._regroup(plan, loads_LE)
         return replan(
             plan,
             loads_LE,
@@ -380,6 +454,11 @@ class OnlineReplicator:
                 else:
                     modules.append(module_from_bytes(template, pending["staging"].pop((index, e))))
             layer.swap_layer_plan(target.layers[index], modules)
+        primaries_moved = sum(
+            a != b
+            for i in result.layers
+            for a, b in zip(self._plan.layers[i].primary, target.layers[i].primary)
+        )
         self._plan = target
         copies: list[ReplicaCopy] = pending["copies"]
         self._migrations.append(
@@ -388,6 +467,7 @@ class OnlineReplicator:
                 "switched_at_step": self._step,
                 "layers": list(result.layers),
                 "replicas_added": len(copies),
+                "primaries_moved": primaries_moved,
                 "replicas_freed": len(freed),
                 "bytes_moved": pending["total_bytes"],
                 "source": self.config.source,

@@ -1,0 +1,111 @@
+"""Online re-grouping (pure): moves scored by gain per byte within the budget, primaries may move, and the
+drift replay (`ds-grace replay-drift`) built on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ds_grace.cli import main as cli_main
+from ds_grace.config import GraceConfig
+from ds_grace.online.drift import DriftSpec, replay_drift
+from ds_grace.online.regroup import added_instances, layer_cost, regroup, relabel_onto
+from ds_grace.planning.build import build_plan
+from ds_grace.planning.plan import LayerPlan
+from ds_grace.topology import Topology
+from ds_grace.trace import synthetic
+
+TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2)
+PROFILE = synthetic(
+    num_layers=2, num_experts=16, top_k=2, num_tokens=3000, skew=0.8, co_activation=0.8, seed=1
+)
+SERVED = synthetic(
+    num_layers=2, num_experts=16, top_k=2, num_tokens=3000, skew=0.8, co_activation=0.8, seed=7
+)
+
+
+@pytest.fixture(scope="module")
+def live():
+    return build_plan(PROFILE, topology=TOPOLOGY)
+
+
+def test_relabelling_a_renamed_layer_gives_the_live_layer_back(live):
+    layer = live.layers[0]
+    rename = [3, 2, 1, 0]  # nodes swapped, GPUs swapped inside them
+    renamed = LayerPlan.from_lists(
+        slots=[list(layer.slots[rename[r]]) for r in range(4)],
+        slot_weights=[list(layer.slot_weights[rename[r]]) for r in range(4)],
+        primary=[rename.index(r) for r in layer.primary],
+    )
+    back = relabel_onto(layer, renamed, TOPOLOGY)
+    assert [set(s) for s in back.slots] == [set(s) for s in layer.slots]
+    assert back.primary == layer.primary and added_instances(layer, back) == 0
+
+
+def test_regroup_moves_primaries_toward_the_new_traffic(live):
+    result = regroup(live, SERVED, config=GraceConfig(), expert_nbytes=10, max_bytes=None)
+    assert result.plan is not None and result.moves
+    assert any(move.kind == "regroup" for move in result.moves)
+    assert any(result.plan.layers[i].primary != live.layers[i].primary for i in range(2))
+    for move in result.moves:
+        before = layer_cost(SERVED, move.layer, live.layers[move.layer], TOPOLOGY, "tar")
+        after = layer_cost(SERVED, move.layer, result.plan.layers[move.layer], TOPOLOGY, "tar")
+        assert after == pytest.approx(before - move.gain) and move.gain > 0
+        assert move.nbytes == 10 * added_instances(live.layers[move.layer], result.plan.layers[move.layer])
+        assert [len(s) for s in result.plan.layers[move.layer].slots] == [
+            len(s) for s in live.layers[move.layer].slots
+        ]
+    assert result.bytes_moved == sum(move.nbytes for move in result.moves)
+    again = regroup(live, SERVED, config=GraceConfig(), expert_nbytes=10, max_bytes=None)
+    assert again.plan is not None and again.plan.content_hash == result.plan.content_hash
+
+
+def test_moves_are_taken_by_gain_per_byte_within_the_budget(live):
+    free = regroup(live, SERVED, config=GraceConfig(), expert_nbytes=10, max_bytes=None)
+    per_byte = sorted((m.gain / m.nbytes for m in free.moves), reverse=True)
+    smallest = min(m.nbytes for m in free.moves)
+    capped = regroup(live, SERVED, config=GraceConfig(), expert_nbytes=10, max_bytes=smallest)
+    assert 0 < capped.bytes_moved <= smallest and len(capped.moves) == 1
+    assert capped.moves[0].gain / capped.moves[0].nbytes <= per_byte[0]
+    assert regroup(live, SERVED, config=GraceConfig(), expert_nbytes=10, max_bytes=0).plan is None
+
+
+def test_drift_replay_rows_and_what_regroup_buys():
+    spec = DriftSpec(tokens_per_forward=250, window=2, online="regroup", expert_nbytes=5)
+    rows = replay_drift(PROFILE, SERVED, topology=TOPOLOGY, spec=spec)
+    assert [r["interval"] for r in rows] == list(range(12))
+    assert set(rows[0]) == {
+        "interval",
+        "copies",
+        "balancedness",
+        "eplb_replanned_balancedness",
+        "fitted_copies",
+        "bytes_moved",
+        "moves",
+    }
+    assert rows[0]["bytes_moved"] == 0 and any(r["bytes_moved"] > 0 for r in rows)
+    off = replay_drift(
+        PROFILE, SERVED, topology=TOPOLOGY, spec=DriftSpec(tokens_per_forward=250, online="off")
+    )
+    assert all(r["bytes_moved"] == 0 for r in off)
+    late = slice(4, None)
+    assert np.mean([r["copies"] for r in rows[late]]) < np.mean([r["copies"] for r in off[late]])
+
+
+def test_cli_prints_the_intervals_as_json(tmp_path, capsys):
+    PROFILE.save(tmp_path / "a.npz")
+    SERVED.save(tmp_path / "b.npz")
+    args = ["replay-drift", "--plan-on", str(tmp_path / "a.npz"), "--serve", str(tmp_path / "b.npz")]
+    args += ["--nodes", "2", "--gpus-per-node", "2", "--tokens-per-forward", "1000", "--json"]
+    assert cli_main([*args, "--max-bytes-per-interval", "0"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(out[-1])["intervals"]
+    assert [r["interval"] for r in rows] == [0, 1, 2] and all(r["bytes_moved"] == 0 for r in rows)
+    assert cli_main([*args, "--window", "0"]) == 2
+    assert "window (0) must be an integer >= 1" in capsys.readouterr().err
+    other = synthetic(num_layers=2, num_experts=8, top_k=2, num_tokens=100, seed=1)
+    other.save(tmp_path / "c.npz")
+    assert cli_main([*args[:4], str(tmp_path / "c.npz"), *args[5:]]) == 2
+    assert "must have the same layers and experts" in capsys.readouterr().err
