@@ -285,8 +285,8 @@ def _grace_variant(
     variant: Variant | None,
 ) -> Variant:
     """The planning variant: `variant` if given; else, with grace.replication.robust (default), equal
-    slots and a per-token trace, ``ROBUST_VARIANT`` (planning/robust.py says why, with the numbers);
-    else the sample-fitted planner (``Variant()``)."""
+    slots and a per-token trace, ``ROBUST_VARIANT`` (planning/robust.py says why; the numbers:
+    benchmarks/README.md); else the sample-fitted planner (``Variant()``)."""
     if variant is not None:
         return variant
     slots = resolve_slots_per_gpu(cfg, num_experts=loads_LE.shape[1], topology=topology)
@@ -322,18 +322,18 @@ def _grace_layers(
             blocks_LBE = np.stack(
                 [shrunk_loads(blocks_LBE[:, b], lam_L) for b in range(variant.blocks)], axis=1
             )
-    if variant.jitter > 0:  # the planner's sensitivity to its inputs (robust.py: noise floor)
+    if variant.jitter > 0:  # the planner's sensitivity to its inputs (noise floor: benchmarks/README.md)
         noise_LE = np.random.default_rng(variant.jitter_seed).standard_normal(loads_LE.shape)
         loads_LE = loads_LE * (1.0 + variant.jitter * noise_LE)
     # drifting layers (shrinkage >= variant.drift_shrinkage) get variant.replicas on loads raised by
-    # their spread; the others the budget greedy (robust.py says why)
+    # their spread; the others the budget greedy (measured: benchmarks/README.md)
     drifting_L = np.ones(num_layers, dtype=bool)
     if variant.drift_shrinkage is not None:
         drifting_L = lam_L >= variant.drift_shrinkage
     if variant.uncertainty > 0 and sampled:
         loads_LE = loads_LE + variant.uncertainty * load_spread(source) * drifting_L[:, None]
     # on drifting layers (the recency gate): replicas split inside nodes (variant.split_z) and swapped
-    # for locality (variant.swap_tolerance); robust.py says why, with the numbers
+    # for locality (variant.swap_tolerance); measured: benchmarks/README.md
     spread_LE = np.zeros_like(loads_LE)
     split_L = swap_L = np.zeros(num_layers, dtype=bool)
     if (variant.split_z > 0 or variant.swap_tolerance is not None) and sampled and slots is not None:
@@ -369,7 +369,6 @@ def _grace_layers(
                         loads_LE[i],
                         intra[i],
                         topology,
-                        anti_affinity=variant.anti_affinity,
                         block_loads_BE=None if blocks_LBE is None else blocks_LBE[i],
                     )
                     for i in range(num_layers)

@@ -62,7 +62,6 @@ def test_default_is_the_robust_variant_and_holds_on_held_out_qwen_traffic():
         "spread": True,
         "replicas": "greedy",
         "fitted_weights": False,
-        "anti_affinity": 1.0,
         "uncertainty": 0.0,
         "drift_shrinkage": None,
         "weight_bound": 1e3,
