@@ -110,7 +110,7 @@ def prepare(
     """
     from ds_grace.planning.metrics import evaluate_plan
 
-    chosen = select_systems(list(systems))
+    chosen = select_systems(list(systems), baseline=sweep_slots is None)
     spec: dict[str, Any] = {
         "workdir": str(workdir), "topology": {"num_nodes": topology.num_nodes, "gpus_per_node": topology.gpus_per_node},
         "systems": [s.name for s in chosen], "seed": seed, "order_seed": order_seed, "timeout_s": timeout_s,

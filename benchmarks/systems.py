@@ -123,17 +123,19 @@ NEW_PEERS = ("peer_vllm", "peer_sglang")
 FULL_GRACE = "grace"
 DEEPEP_LIKE = ("peer_deepep", "peer_eplb_deepep")
 REPLICATED_PLANS = ("eplb", "eplb_global", "replicated_wrr", "replicated_tar")
-# the slot sweep: GRACE and the two peers a user would pick between
-SWEEP_SYSTEMS = (BASELINE, "peer_vllm", "peer_sglang", FULL_GRACE)
+# the slot sweep: GRACE and the two peers a user would pick between (DeepSpeed does not replicate)
+SWEEP_SYSTEMS = ("peer_vllm", "peer_sglang", FULL_GRACE)
 
 
-def select_systems(names: list[str] | None) -> tuple[SystemSpec, ...]:
+def select_systems(names: list[str] | None, *, baseline: bool = True) -> tuple[SystemSpec, ...]:
+    """The named systems (all when none), in SYSTEMS order, with DeepSpeed lossless added unless not
+    `baseline`."""
     if not names:
         return SYSTEMS
     unknown = [name for name in names if name not in SYSTEM_BY_NAME]
     if unknown:
         raise ValueError(f"systems ({unknown}) must be among {', '.join(SYSTEM_BY_NAME)}")
-    if BASELINE not in names:
+    if baseline and BASELINE not in names:
         names = [BASELINE, *names]
     return tuple(system for system in SYSTEMS if system.name in names)
 

@@ -244,3 +244,28 @@ def test_bench_quick_runs_end_to_end_on_local_ranks(tmp_path: Path) -> None:
             r["slots_per_gpu"] for r in rows if r["workload"] == workload and r["slots_per_gpu"] is not None
         }
         assert len(slots) == 1, (workload, slots)
+
+
+def test_sweep_spec_has_one_entry_per_s_with_plans_of_exactly_s_slots(tmp_path: Path) -> None:
+    from benchmarks.bench import prepare
+    from benchmarks.systems import SWEEP_SYSTEMS
+    from ds_grace.planning.plan import GracePlan
+
+    workloads = default_workloads(quick=True, models=("mixtral",))
+    spec = prepare(tmp_path, workloads=workloads, systems=list(SWEEP_SYSTEMS), topology=Topology(2, 2), seed=0,
+                   timeout_s=30.0, order_seed=3, sweep_slots={"mixtral": [2, 3, 4]})  # fmt: skip
+    assert spec["systems"] == list(SWEEP_SYSTEMS) and spec["order_seed"] == 3  # no DeepSpeed row in the sweep
+    entries = spec["workloads"]
+    assert [e["result_key"] for e in entries] == [
+        "mixtral-prefill@S2",
+        "mixtral-prefill@S3",
+        "mixtral-prefill@S4",
+    ]
+    for entry in entries:
+        assert sorted(entry["plans"]) == ["eplb_global", "replicated_tar"]
+        for key in entry["plans"]:
+            plan = GracePlan.load(tmp_path / f"{entry['plan_prefix']}.{key}.plan.json")
+            assert {len(s) for layer in plan.layers for s in layer.slots} == {entry["slots_per_gpu"]}
+    # at S = E / G every node holds every expert: GRACE sends nothing across nodes by plan
+    at_four = spec["plan_metrics"]["mixtral.S4"]["replicated_tar"]
+    assert at_four["cross_node_copies_per_token"] == pytest.approx(0.0, abs=1e-9)
