@@ -42,7 +42,7 @@ import torch
 
 from ds_grace.topology import Topology
 
-E2E_SYSTEMS = ("vanilla_default", "vanilla_lossless", "peer_vllm", "peer_sglang", "peer_deepep", "grace")
+E2E_SYSTEMS = ("vanilla_default", "vanilla_lossless", "peer_vllm", "peer_sglang", "grace")
 DECODE_STEPS = 16
 REPETITIONS = 3  # measured generations per system and run (after one warm-up each)
 E2E_MARKERS = ("<!-- e2e-table:start -->", "<!-- e2e-table:end -->")
