@@ -102,9 +102,19 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# commands that import DeepSpeed (or start ranks that do): its accelerator is named before the import
+DEEPSPEED_COMMANDS = frozenset(
+    {"cluster", "check-config", "baseline", "selfcheck", "profile", "bench", "demo"}
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = argv[0] if argv and argv[0] in COMMANDS else None
+    if selected in DEEPSPEED_COMMANDS:
+        from ds_grace.log import quiet_deepspeed_accelerator
+
+        quiet_deepspeed_accelerator()
     args = build_parser(selected).parse_args(argv)
     try:
         return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)

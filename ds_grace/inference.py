@@ -38,6 +38,8 @@ and their counters. Heavy libraries (torch.distributed, deepspeed, transformers)
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -46,10 +48,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from ds_grace.comm.collectives import check_ranks_agree, init_distributed, is_distributed, world
+from ds_grace.comm.collectives import (
+    check_ranks_agree,
+    gather_objects_to_rank0,
+    init_distributed,
+    is_distributed,
+    world,
+)
 from ds_grace.comm.counters import summed_traffic
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import rank_identity, run_fingerprint
+from ds_grace.log import format_bytes, rank_logger
 from ds_grace.models.describe import ModelMoE, describe_moe
 
 # re-exported: what a model holds is described in ds_grace.models.describe
@@ -197,10 +206,19 @@ def init_inference(
     checked, module, checkpoint, ds_config = start.checked, start.module, start.checkpoint, start.ds_config
     moe, plan, topology = checked.moe, checked.plan, checked.topology
     module.eval()
+    log = rank_logger(rank)
+    if plan is not None:
+        log.info(
+            "plan %s: %s on %s, %d MoE layers x %d experts, %d replicas, content hash %s",
+            grace.plan.path or f"built from {grace.profile.trace}", plan.policy, plan.topology,
+            plan.num_layers, plan.num_experts, sum(layer.replica_count() for layer in plan.layers),
+            plan.content_hash[:16],
+        )  # fmt: skip
 
     init_distributed(timeout_s=grace.communication.timeout_s)
     # the first collective: every rank's settings, plan, layout and versions must agree before any MoE one
     check_ranks_agree(run_fingerprint(checked), rank_identity(checked))
+    log.info("start-up handshake passed: %d ranks agree on settings, plan, layout and versions", world_size)
     if plan is not None:
         engine = _serve_grace(
             module, ds_config, grace=grace, plan=plan, moe=moe, rank=rank, checkpoint=checkpoint
@@ -209,7 +227,28 @@ def init_inference(
         engine = _serve_vanilla(
             module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
         )
+    log_start(engine.grace, log)
     return engine
+
+
+def log_start(served: ServedMoE, log: logging.Logger) -> None:
+    """Log what the ranks read (one gather when served from a folder) and, at exit, each layer's paths."""
+    if served.load is not None:
+        read = gather_objects_to_rank0(served.load.bytes_read)
+        if read:
+            shown = ", ".join(f"rank {r} {format_bytes(n)}" for r, n in enumerate(read))
+            log.info("%s served on %s; checkpoint bytes read: %s", served.mode, served.topology, shown)
+    if served.mode == "grace":
+        atexit.register(log_path_summary, served, log)
+
+
+def log_path_summary(served: ServedMoE, log: logging.Logger) -> None:
+    """One line per MoE layer: forwards by all-to-all path (low-latency, flat, hierarchical) on this rank."""
+    for index, layer in enumerate(served.layers):
+        counts = getattr(layer, "path_counts", None)
+        if counts:
+            shown = ", ".join(f"{path} {count}" for path, count in sorted(counts.items()))
+            log.info("layer %d all-to-all paths over %d forwards: %s", index, sum(counts.values()), shown)
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,6 +386,7 @@ def _serve_grace(
             make_routed_experts=make_routed_experts,
             slots_of_layer=lambda index: plan.layers[index].slots[rank],
             device=_served_device(),
+            progress=rank == 0,
         )
     engine = deepspeed.init_inference(module, config=ds_config)
     served = engine.module
@@ -444,6 +484,7 @@ def _serve_vanilla(
                     moe.blocks[index].num_experts, ep_rank=rank, ep_size=topology.world_size
                 ),
                 device=_served_device(),
+                progress=rank == 0,
             )
     engine = serve_vanilla(module, ds_config, grace.vanilla)
     layers = tuple(layer for _, layer in moe_layers(engine.module))

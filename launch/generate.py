@@ -14,7 +14,10 @@ Real clusters, ssh form (run once, on the first host):
 
 The ds_config's "grace" block selects GRACE-MoE; with the block absent or "enabled": false the same
 line serves vanilla DeepSpeed-MoE, which is how the two are compared. --compare-vanilla does both in one
-launch: GRACE first, then vanilla DeepSpeed-MoE (the block's grace.vanilla settings), with the speedups. Prompts are dealt to ranks in
+launch: GRACE first (its results printed before vanilla starts), then vanilla DeepSpeed-MoE (the block's
+grace.vanilla settings), with the speedups; when vanilla refuses the set-up (e.g. experts that do not divide
+over the ranks) the last line says why and GRACE's results stand. Latencies are the median (and range) of
+--repeats timed generations after --warmup untimed ones, speedups the ratio of the medians. Prompts are dealt to ranks in
 contiguous shares of ceil(P / world size); a short share is filled with copies of the first prompt
 (computed, not reported) so that every rank runs the same batch shape and the same number of steps.
 All prompts are left-padded to the longest. Greedy decoding runs exactly --max-new-tokens steps on
@@ -48,7 +51,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402 - after the path set-up above
 
+from ds_grace.log import quiet_deepspeed_accelerator  # noqa: E402
+
+quiet_deepspeed_accelerator()  # before DeepSpeed is imported: no accelerator warning on every rank
+
 from ds_grace.comm.collectives import barrier, gather_objects_to_rank0, max_over_ranks, world  # noqa: E402
+from ds_grace.serving_comparison import Timing, comparison_line, speedup, timed_repeats, unless_refused  # noqa: E402
 
 ENV_NUM_NODES = "DS_GRACE_NUM_NODES"
 ENV_GPUS_PER_NODE = "DS_GRACE_GPUS_PER_NODE"
@@ -67,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed 2-token generations first (default 1)")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="timed generations; latencies are their median (default 3)"
+    )
+    parser.add_argument(
         "--compare-vanilla",
         action="store_true",
         help="then serve vanilla DeepSpeed-MoE and compare (grace only)",
@@ -78,6 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup ({args.warmup}) must be >= 0")
+    if args.repeats < 1:
+        parser.error(f"--repeats ({args.repeats}) must be >= 1")
     if any(not prompt for prompt in args.prompt):
         parser.error("--prompt must not be empty")
     return args
@@ -206,12 +219,20 @@ def serve_and_generate(
     input_ids_BL, attention_mask_BL = left_pad(batch, width=width, pad_id=pad_id)
     for _ in range(args.warmup):
         greedy_generate(engine, input_ids_BL, attention_mask_BL, max_new_tokens=2)
-    served.reset_counters()
-    new_ids_BN, prefill_ms, decode_ms = greedy_generate(
-        engine, input_ids_BL, attention_mask_BL, max_new_tokens=args.max_new_tokens
-    )
-    prefill_ms = max_over_ranks(prefill_ms)
-    decode_ms_per_token = max_over_ranks(sum(decode_ms) / len(decode_ms)) if decode_ms else 0.0
+    generated: list[torch.Tensor] = []
+
+    def timed_run() -> tuple[float, float]:
+        served.reset_counters()  # the stats reported are the last run's
+        new_ids_BN, prefill_ms, decode_ms = greedy_generate(
+            engine, input_ids_BL, attention_mask_BL, max_new_tokens=args.max_new_tokens
+        )
+        generated.append(new_ids_BN)
+        return max_over_ranks(prefill_ms), max_over_ranks(
+            sum(decode_ms) / len(decode_ms)
+        ) if decode_ms else 0.0
+
+    prefill, decode = timed_repeats(timed_run, repeats=args.repeats)
+    new_ids_BN = generated[0]
     mine = [(i, new_ids_BN[row].tolist()) for row, i in enumerate(rows) if i is not None]
     gathered = gather_objects_to_rank0({"continuations": mine, "stats": served.stats()})
     if rank != 0:
@@ -240,8 +261,10 @@ def serve_and_generate(
         "world_size": world_size,
         "topology": {"num_nodes": served.topology.num_nodes, "gpus_per_node": served.topology.gpus_per_node},
         "max_new_tokens": args.max_new_tokens,
-        "prefill_ms": prefill_ms,
-        "decode_ms_per_token": decode_ms_per_token,
+        "prefill_ms": prefill.median,
+        "decode_ms_per_token": decode.median,
+        "prefill_ms_runs": prefill.as_dict(),
+        "decode_ms_per_token_runs": decode.as_dict(),
         "moe_stats": stats,
         "results": results,
     }
@@ -253,6 +276,24 @@ def vanilla_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "grace": {"enabled": False, "vanilla": grace.get("vanilla", {})}}
 
 
+def add_comparison(
+    report: dict[str, Any], baseline: dict[str, Any] | None, *, refused: str | None, repeats: int
+) -> None:
+    """Put vanilla's report (or why it was refused), the speedups and the token check into `report`."""
+    report["repeats"] = repeats
+    if refused is not None or baseline is None:
+        report["vanilla_refused"] = refused
+        return
+    report["vanilla"] = baseline
+    report["speedup"] = {
+        phase: speedup(Timing(tuple(baseline[key]["samples"])), Timing(tuple(report[key]["samples"])))
+        for phase, key in (("prefill", "prefill_ms_runs"), ("decode", "decode_ms_per_token_runs"))
+    }
+    report["same_tokens"] = [r["new_token_ids"] for r in report["results"]] == [
+        r["new_token_ids"] for r in baseline["results"]
+    ]
+
+
 def print_report(report: dict[str, Any]) -> None:
     topology = report["topology"]
     print(
@@ -262,8 +303,11 @@ def print_report(report: dict[str, Any]) -> None:
     for result in report["results"]:
         shown = result["text"] if result["text"] is not None else f"token ids {result['new_token_ids']}"
         print(f"--- {result['prompt']!r}\n{shown}")
+    prefill, decode = report["prefill_ms_runs"], report["decode_ms_per_token_runs"]
     print(
-        f"prefill {report['prefill_ms']:.1f} ms, decode {report['decode_ms_per_token']:.2f} ms/token (slowest rank)"
+        f"prefill {prefill['median']:.1f} ms ({prefill['min']:.1f}-{prefill['max']:.1f}), decode "
+        f"{decode['median']:.2f} ms/token ({decode['min']:.2f}-{decode['max']:.2f}): median (range) of "
+        f"{len(prefill['samples'])} runs, slowest rank"
     )
     print("MoE " + ", ".join(f"{name} {value}" for name, value in sorted(report["moe_stats"].items())))
 
@@ -279,33 +323,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--prompt {empty[0]!r} encodes to no token")
     config = load_config(args.ds_config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, plan=args.plan)
     report = serve_and_generate(args, config, prompt_ids, tokenizer)
+    if report is not None and not args.json:
+        print_report(report)  # GRACE's results stand whatever happens to the comparison
+        sys.stdout.flush()
     if args.compare_vanilla:
         if report is not None and report["mode"] == "vanilla":
             raise ValueError("--compare-vanilla needs a ds_config whose grace block is enabled")
         gc.collect()
-        baseline = serve_and_generate(args, vanilla_config(config), prompt_ids, tokenizer)
-        if report is not None and baseline is not None:
-            report["vanilla"] = baseline
-            report["speedup"] = {
-                "prefill": baseline["prefill_ms"] / report["prefill_ms"],
-                "decode": baseline["decode_ms_per_token"] / max(report["decode_ms_per_token"], 1e-9),
-            }
-            report["same_tokens"] = [r["new_token_ids"] for r in report["results"]] == [
-                r["new_token_ids"] for r in baseline["results"]
-            ]
+        baseline, refused = unless_refused(
+            lambda: serve_and_generate(args, vanilla_config(config), prompt_ids, tokenizer)
+        )
+        if report is not None:
+            add_comparison(report, baseline, refused=refused, repeats=args.repeats)
     if report is None:
         return 0
     if args.json:
         print(json.dumps(report), flush=True)
         return 0
-    print_report(report)
     if "vanilla" in report:
         print_report(report["vanilla"])
-        speedup = report["speedup"]
-        print(
-            f"GRACE vs vanilla: prefill x{speedup['prefill']:.2f}, decode x{speedup['decode']:.2f}, "
-            f"same tokens: {report['same_tokens']}"
-        )
+    if args.compare_vanilla:
+        print(comparison_line(report))
     sys.stdout.flush()
     return 0
 

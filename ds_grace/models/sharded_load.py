@@ -540,16 +540,21 @@ def load_converted(
     make_routed_experts: Callable[[int, list[nn.Module]], nn.Module],
     slots_of_layer: Callable[[int], Iterable[int]],
     device: torch.device | str,
+    progress: bool = False,
 ) -> tuple[list[nn.Module], LoadStats]:
     """Materialise the dense tensors, convert the MoE blocks (their experts still on the meta device) with
     `make_routed_experts`, then read each layer's slots ``slots_of_layer(layer_index)`` (expert ids, in
-    slot order) into the converted layers. Returns (RoutedMoEBlocks, this rank's LoadStats)."""
+    slot order) into the converted layers. Returns (RoutedMoEBlocks, this rank's LoadStats). With
+    `progress`, a tqdm bar on stderr counts the MoE layers read (shown on a terminal only)."""
+    from tqdm import tqdm
+
     from ds_grace.models.convert import convert_moe_blocks
     from ds_grace.moe.layer import GraceMoE
 
     checkpoint.load_dense(device=device)
     blocks = convert_moe_blocks(checkpoint.model, make_routed_experts=make_routed_experts)
-    for index, block in enumerate(blocks):
+    layers = tqdm(blocks, desc="reading checkpoint", unit="MoE layer", disable=None if progress else True)
+    for index, block in enumerate(layers):
         routed = block.routed_experts
         if isinstance(routed, GraceMoE):
             tie_gate_to_router(routed, block.block.gate)

@@ -16,6 +16,7 @@ exactly its rows. For inference: the all-to-alls carry no gradient.
 
 from __future__ import annotations
 
+import collections
 import copy
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +131,7 @@ class GraceMOELayer(MOELayer):
         # the corrected (flat, hierarchical) seconds the last forward's path was chosen on (adaptive path)
         self.last_path_costs_s: tuple[float, float] | None = None
         self.last_path: str | None = None  # "low-latency", "flat" or "hierarchical": the last forward's
+        self.path_counts: collections.Counter[str] = collections.Counter()  # forwards per path, for the log
 
     def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
         """Serve `layer_plan` with `experts` (this rank's slots under it) from the next forward on.
@@ -252,6 +254,7 @@ class GraceMOELayer(MOELayer):
             "low-latency" if meta.hierarchical_used is None else
             "hierarchical" if meta.hierarchical_used else "flat"
         )  # fmt: skip
+        self.path_counts[self.last_path] += 1
         experts_start = time.perf_counter()
         expert_out_QD = self.experts(x_QD, meta.slot_splits)
         experts_s = time.perf_counter() - experts_start
@@ -416,6 +419,11 @@ class GraceMoE(MoE):
     @property
     def comm_counters(self) -> TrafficCounters:
         return self.deepspeed_moe.comm_counters
+
+    @property
+    def path_counts(self) -> collections.Counter[str]:
+        """Forwards by all-to-all path ("low-latency", "flat", "hierarchical") since the layer was built."""
+        return self.deepspeed_moe.path_counts
 
     @property
     def layer_plan(self) -> LayerPlan:

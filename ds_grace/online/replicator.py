@@ -58,6 +58,7 @@ from ds_grace.config import (
     ReplicationConfig,
     RoutingConfig,
 )
+from ds_grace.log import format_bytes, logger
 from ds_grace.moe.layer import GraceMoE
 from ds_grace.online.regroup import regroup
 from ds_grace.online.replan import ReplanResult, predicted_balancedness, replan
@@ -483,6 +484,16 @@ class OnlineReplicator:
                 "plan_hash": target.content_hash,
             }
         )
+        migration = self._migrations[-1]
+        moved = ", ".join(f"layer {c.layer} expert {c.expert} rank {c.src} -> {c.dst}" for c in copies[:8])
+        logger.info(
+            "online re-plan at step %d (decided at %d): %d expert copies (%s%s), %d primaries moved, %d replicas "
+            "freed, %s moved (%s across nodes) from %s",
+            self._step, migration["decided_at_step"], len(copies), moved, ", ..." if len(copies) > 8 else "",
+            primaries_moved, len(freed), format_bytes(migration["bytes_moved"]),
+            format_bytes(migration["cross_node_bytes"]),
+            self.config.source,
+        )  # fmt: skip
         self._pending = None
 
     # ---- reporting ----

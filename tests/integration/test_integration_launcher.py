@@ -114,7 +114,8 @@ def test_generate_through_deepspeed_launcher_two_nodes_no_ssh(checkpoint, tmp_pa
     assert vanilla["mode"] == "vanilla" and report["same_tokens"] is True
     assert [result["new_token_ids"] for result in vanilla["results"]] == _reference(path)
     assert vanilla["moe_stats"]["dropped_routes"] == 0 and vanilla["moe_stats"]["routes"] > 0
-    assert report["speedup"]["prefill"] > 0 and report["speedup"]["decode"] > 0
+    assert report["speedup"]["prefill"]["median"] > 0 and report["speedup"]["decode"]["median"] > 0
+    assert report["repeats"] == 3 and len(report["prefill_ms_runs"]["samples"]) == 3
 
 
 def test_single_process_without_launcher(checkpoint, monkeypatch):
