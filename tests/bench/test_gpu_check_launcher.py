@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from node_launchers import run_node_launchers
+
+from ds_grace.cluster.node_launchers import run_node_launchers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAYER_CHECK = REPO_ROOT / "benchmarks" / "gpu" / "layer_check.py"
