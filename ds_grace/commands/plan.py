@@ -1,7 +1,7 @@
 """`ds-grace plan`: build a GracePlan (JSON) from a routing trace.
 
-    ds-grace plan --trace PATH --nodes N --gpus-per-node G [--policy grace|contiguous|occult|eplb]
-                  [--slots-per-gpu S | --extra-slots-per-gpu X] --out plan.json
+    ds-grace plan --trace PATH [--trace PATH2 ... [--trace-weights W1 W2 ...]] --nodes N --gpus-per-node G
+                  [--policy grace|contiguous|occult|eplb] [--slots-per-gpu S | --extra-slots-per-gpu X] --out plan.json
 
 Memory is per GPU: grace and eplb give every GPU exactly S expert slots (default ceil(E / GPUs) + 1),
 all used; contiguous and occult hold ceil(E / GPUs) or fewer.
@@ -9,7 +9,9 @@ all used; contiguous and occult hold ceil(E / GPUs) or fewer.
 Options default to the "grace" block of --config (or GraceConfig's defaults); the flags override
 single fields. PATH is a trace file (.npz) from `ds-grace import-trace` or `ds-grace profile`; route logs
 (.jsonl with a header) and OLMoE counts (.json) are also read directly. Mixtral JSONL records no expert
-count: import it with `ds-grace import-trace FILE --num-experts 8`.
+count: import it with `ds-grace import-trace FILE --num-experts 8`. Several --trace plan for a mix of
+traffic kinds (ds_grace/planning/mix.py: each gets a share of the tokens by --trace-weights, equal by
+default, so co-activation seen in several profiles counts for more than co-activation seen in one).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from ds_grace.config import GraceConfigError, load_ds_config
 from ds_grace.planning.build import PLANNER_POLICIES, build_plan
 from ds_grace.planning.grouping import GroupingError
+from ds_grace.planning.mix import mix_traces
 from ds_grace.planning.plan import PlanError
 from ds_grace.planning.replication import ReplicationError
 from ds_grace.topology import Topology
@@ -39,7 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace",
         required=True,
-        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also read)",
+        action="append",
+        help="routing trace (.npz from import-trace or profile; a route-log .jsonl or OLMoE counts .json also "
+        "read); repeat it to plan for a mix of per-token profiles",
+    )
+    parser.add_argument(
+        "--trace-weights",
+        type=float,
+        nargs="+",
+        help="with several --trace: each profile's share of the mix (default: equal)",
     )
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
     parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
@@ -90,14 +101,23 @@ def overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
     return grouping, replication
 
 
+def _load_traces(paths: list[str], weights: list[float] | None) -> RoutingTrace | ExpertLoads:
+    """The one trace, or the weighted mix of several per-token traces (planning/mix.py)."""
+    if len(paths) == 1:
+        if weights is not None:
+            raise TraceError(f"--trace-weights ({weights}) needs several --trace; one was given")
+        return load_trace(paths[0])
+    return mix_traces([load_trace(path) for path in paths], weights=weights)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_ds_config(args.config)[1] if args.config else None
         topology = Topology(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-        trace: RoutingTrace | ExpertLoads = load_trace(args.trace)
+        trace = _load_traces(args.trace, args.trace_weights)
         if isinstance(trace, ExpertLoads) and args.derive_tokens:
             print(
-                f"note: {args.trace} holds loads only; planning on a synthetic per-token trace of "
+                f"note: {args.trace[0]} holds loads only; planning on a synthetic per-token trace of "
                 f"{args.derive_tokens} tokens whose loads match it (its co-activation is synthetic)",
                 file=sys.stderr,
             )
