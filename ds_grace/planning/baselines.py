@@ -147,14 +147,8 @@ def eplb_layer(
     for node in range(num_nodes):
         groups = np.flatnonzero(group2node == node)
         experts = (groups[:, None] * group_size + np.arange(group_size)[None, :]).ravel()
-        phy2local, count = _replicate(loads[experts], per_gpu * gpus, max_count=gpus)
-        per_copy = loads[experts][phy2local] / count[phy2local]
-        phy2gpu = _balanced_packing(per_copy, gpus, per_gpu, label_X=phy2local)
-        for phy, gpu in enumerate(phy2gpu):
-            slots[node * gpus + int(gpu)].append(int(experts[phy2local[phy]]))
-    slots = [sorted(s) for s in slots]
-    primary = [min(r for r in range(world) if e in slots[r]) for e in range(num_experts)]
-    return LayerPlan.from_lists(slots=slots, primary=primary)
+        fill_node(slots, experts, loads[experts], first_rank=node * gpus, gpus=gpus, slots_per_gpu=per_gpu)
+    return layer_from_slots(slots, num_experts)
 
 
 def node_packed_layer(
@@ -174,12 +168,33 @@ def node_packed_layer(
                 f"node {node} holds {len(experts)} experts: must be in [{max(gpus, slots_per_gpu)}, "
                 f"{gpus * slots_per_gpu}] for {gpus} GPUs of {slots_per_gpu} slots"
             )
-        phy2local, count = _replicate(loads[experts], slots_per_gpu * gpus, max_count=gpus)
-        per_copy = loads[experts][phy2local] / count[phy2local]
-        phy2gpu = _balanced_packing(per_copy, gpus, slots_per_gpu, label_X=phy2local)
-        for phy, gpu in enumerate(phy2gpu):
-            slots[node * gpus + int(gpu)].append(int(experts[phy2local[phy]]))
-    slots = [sorted(s) for s in slots]
-    num_experts = len(loads)
-    primary = [min(r for r in range(world) if e in slots[r]) for e in range(num_experts)]
-    return LayerPlan.from_lists(slots=slots, primary=primary)
+        fill_node(
+            slots, experts, loads[experts], first_rank=node * gpus, gpus=gpus, slots_per_gpu=slots_per_gpu
+        )
+    return layer_from_slots(slots, len(loads))
+
+
+def fill_node(
+    slots: list[list[int]],
+    experts_X: np.ndarray,
+    loads_X: np.ndarray,
+    *,
+    first_rank: int,
+    gpus: int,
+    slots_per_gpu: int,
+) -> None:
+    """EPLB's intra-node step: copies to the expert with the largest load per copy until the node's
+    gpus x slots_per_gpu slots are full (at most one per GPU), packed heaviest first onto the GPUs
+    first_rank .. first_rank + gpus - 1 of `slots` (appended)."""
+    phy2local, count = _replicate(loads_X, slots_per_gpu * gpus, max_count=gpus)
+    per_copy = loads_X[phy2local] / count[phy2local]
+    phy2gpu = _balanced_packing(per_copy, gpus, slots_per_gpu, label_X=phy2local)
+    for phy, gpu in enumerate(phy2gpu):
+        slots[first_rank + int(gpu)].append(int(experts_X[phy2local[phy]]))
+
+
+def layer_from_slots(slots: list[list[int]], num_experts: int) -> LayerPlan:
+    """The LayerPlan of `slots` (sorted per rank), every expert's primary its copy on the lowest rank."""
+    ordered = [sorted(s) for s in slots]
+    primary = [min(r for r, held in enumerate(ordered) if e in held) for e in range(num_experts)]
+    return LayerPlan.from_lists(slots=ordered, primary=primary)

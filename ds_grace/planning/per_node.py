@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ds_grace.planning.baselines import _balanced_packing, _replicate
+from ds_grace.planning.baselines import fill_node, layer_from_slots
 from ds_grace.planning.grouping import hierarchical_grouping
 from ds_grace.planning.plan import LayerPlan, PlanError
 from ds_grace.topology import Topology
@@ -76,11 +76,7 @@ def per_node_layer(
     # every expert needs >= 1 copy: a node of G x S slots holds at most G copies of one expert
     weights = loads + loads.sum() * 1e-9 + 1e-12  # idle experts still get their one copy
     for node, experts in enumerate(node_members(loads, affinity_EE, topology, slots_per_gpu)):
-        phy2local, count = _replicate(weights[experts], slots_per_gpu * gpus, max_count=gpus)
-        per_copy = weights[experts][phy2local] / count[phy2local]
-        phy2gpu = _balanced_packing(per_copy, gpus, slots_per_gpu, label_X=phy2local)
-        for phy, gpu in enumerate(phy2gpu):
-            slots[node * gpus + int(gpu)].append(int(experts[phy2local[phy]]))
-    slots = [sorted(s) for s in slots]
-    primary = [min(r for r in range(topology.world_size) if e in slots[r]) for e in range(num_experts)]
-    return LayerPlan.from_lists(slots=slots, primary=primary)
+        fill_node(
+            slots, experts, weights[experts], first_rank=node * gpus, gpus=gpus, slots_per_gpu=slots_per_gpu
+        )
+    return layer_from_slots(slots, num_experts)
