@@ -4,9 +4,11 @@
 math of a launch: the serving mode, every grace setting that is used in that mode (grace.vanilla.* for
 vanilla, all other sections for GRACE, grace.replication.online.* included), the plan's content hash, the
 topology and world size, the dtype and every key of the DeepSpeed part (moe.ep_size as resolved), and the
-ds_grace, DeepSpeed, torch and transformers versions. Not in it, because ranks may differ there safely:
-the paths grace.plan.path and grace.profile.trace (their content is in the plan hash), profile.tokens,
-communication.timeout_s and DeepSpeed's path keys (checkpoint, base_dir, save_mp_checkpoint_path).
+ds_grace, DeepSpeed, torch and transformers versions. ``launch_fingerprint(fields)`` adds a launch's
+own fields (launch/generate.py's prompts, token counts, batch shape, new tokens, sampling) as
+``launch.*``. Not in it, because ranks may differ there safely: the paths grace.plan.path and
+grace.profile.trace (their content is in the plan hash), profile.tokens, communication.timeout_s and
+DeepSpeed's path keys (checkpoint, base_dir, save_mp_checkpoint_path).
 
 ``rank_identity(checked)`` is what only this rank knows: its rank and host. ``disagreements`` compares the
 gathered fingerprints and identities (pure) and returns one line per problem, naming the field and every
@@ -90,6 +92,15 @@ def run_fingerprint(checked: Checked) -> dict[str, Any]:
     )
     fields.update(_versions())
     return fields
+
+
+def launch_fingerprint(fields: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A launch's own fields every rank must pass the same of (launch/generate.py: prompts, their token
+    counts, new tokens, batch shape, sampling), as ``launch.<name>`` (nested mappings flattened)."""
+    flat: dict[str, Any] = {}
+    for name, value in (fields or {}).items():
+        _flatten(f"launch.{name}", value, flat)
+    return flat
 
 
 def rank_identity(checked: Checked) -> dict[str, Any]:

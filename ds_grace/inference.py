@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ds_grace.cli import is_input_error
 from ds_grace.comm.collectives import (
     check_ranks_agree,
     gather_objects_to_rank0,
@@ -56,8 +57,9 @@ from ds_grace.comm.collectives import (
     world,
 )
 from ds_grace.comm.counters import summed_traffic
+from ds_grace.comm.rendezvous import join_startup
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
-from ds_grace.fingerprint import rank_identity, run_fingerprint
+from ds_grace.fingerprint import launch_fingerprint, rank_identity, run_fingerprint
 from ds_grace.log import format_bytes, rank_logger
 from ds_grace.models.describe import ModelMoE, describe_moe
 
@@ -193,16 +195,26 @@ def _load_model(
 def init_inference(
     model: nn.Module | str | os.PathLike[str],
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    agree_on: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """deepspeed.init_inference with GRACE-MoE: see the module docstring. `model` is a module or a local
     checkpoint folder (loaded in the config's dtype); `config` a ds_config path or dict whose optional
     "grace" block selects GRACE (absent or enabled=false: vanilla DeepSpeed-MoE); `kwargs` are merged into
-    the DeepSpeed part as deepspeed.init_inference merges them. Returns the InferenceEngine, with
-    ``engine.grace`` (a ServedMoE)."""
-    ds_config, grace = split_config(config, kwargs)
-    world_size, rank = _world()
-    start = check_before_start(model, ds_config, grace, world_size=world_size, rank=rank)
+    the DeepSpeed part as deepspeed.init_inference merges them. `agree_on` ({field: JSON-able value}, such
+    as a launch script's prompts and generation settings) joins the start-up fingerprint: every rank must
+    pass the same. Returns the InferenceEngine, with ``engine.grace`` (a ServedMoE)."""
+    startup = join_startup()  # under a launcher: a rank failing before the handshake stops the others
+    try:
+        ds_config, grace = split_config(config, kwargs)
+        world_size, rank = _world()
+        start = check_before_start(model, ds_config, grace, world_size=world_size, rank=rank)
+    except Exception as exc:
+        if startup is not None:
+            startup.fail(exc, input_error=is_input_error(exc))
+            startup.leave()
+        raise
     checked, module, checkpoint, ds_config = start.checked, start.module, start.checkpoint, start.ds_config
     moe, plan, topology = checked.moe, checked.plan, checked.topology
     module.eval()
@@ -215,9 +227,17 @@ def init_inference(
             plan.content_hash[:16],
         )  # fmt: skip
 
+    if startup is not None:
+        startup.wait_ready()
     init_distributed(timeout_s=grace.communication.timeout_s)
     # the first collective: every rank's settings, plan, layout and versions must agree before any MoE one
-    check_ranks_agree(run_fingerprint(checked), rank_identity(checked))
+    try:
+        check_ranks_agree(
+            {**run_fingerprint(checked), **launch_fingerprint(agree_on)}, rank_identity(checked)
+        )
+    finally:
+        if startup is not None:
+            startup.close()
     log.info("start-up handshake passed: %d ranks agree on settings, plan, layout and versions", world_size)
     if plan is not None:
         engine = _serve_grace(
@@ -227,6 +247,7 @@ def init_inference(
         engine = _serve_vanilla(
             module, ds_config, grace=grace, moe=moe, topology=topology, rank=rank, checkpoint=checkpoint
         )
+    _generate_in_step(engine, world_size=topology.world_size)
     log_start(engine.grace, log)
     return engine
 
@@ -249,6 +270,22 @@ def log_path_summary(served: ServedMoE, log: logging.Logger) -> None:
         if counts:
             shown = ", ".join(f"{path} {count}" for path, count in sorted(counts.items()))
             log.info("layer %d all-to-all paths over %d forwards: %s", index, sum(counts.values()), shown)
+
+
+def _generate_in_step(engine: Any, *, world_size: int) -> None:
+    """``engine.generate`` keeps every rank stepping until every rank's batch is done (transformers'
+    ``synced_gpus``): each forward runs MoE collectives, so a rank whose sequences all ended, or whose
+    max_new_tokens came first, runs dummy steps until the last rank stops. Pass synced_gpus=False to
+    opt out (only safe when every rank stops at the same step)."""
+    generate = getattr(engine, "generate", None)
+    if generate is None or world_size == 1:
+        return
+
+    def generate_in_step(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("synced_gpus", True)
+        return generate(*args, **kwargs)
+
+    engine.generate = generate_in_step
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,6 +26,11 @@ its first end-of-sequence token. Rank 0 prints each prompt's continuation (text,
 checkpoint has no tokenizer and the byte-level fallback cannot decode) and the latency per phase, the
 slowest rank's: prefill ms and decode ms per token. --json prints one JSON object instead.
 
+Every rank must be launched with the same prompts and generation settings: they join the start-up
+fingerprint (launch.*), and a node launched otherwise stops every rank naming the field. Refused input is
+one `error:` line and exit code 2 (with the rank and host under a launcher of several ranks); a rank that
+fails before the start-up handshake publishes its error, and the other ranks stop naming it.
+
 --plan PLAN sets grace.plan.path (the shipped ds_configs/grace.json leaves it unset).
 Topology: grace.topology in the config, "auto" taking the launcher's nodes and ranks per node;
 --nodes/--gpus-per-node override it, and so do DS_GRACE_NUM_NODES / DS_GRACE_GPUS_PER_NODE, which
@@ -41,6 +46,7 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,10 +66,22 @@ from ds_grace.serving_comparison import Timing, comparison_line, speedup, timed_
 
 ENV_NUM_NODES = "DS_GRACE_NUM_NODES"
 ENV_GPUS_PER_NODE = "DS_GRACE_GPUS_PER_NODE"
+EXIT_INPUT_ERROR = 2
+
+
+class LaunchInputError(ValueError):
+    """A refused argument, environment variable or prompt of this script: one `error:` line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are raised (and so published to the other ranks), not printed here."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise LaunchInputError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors)")
     parser.add_argument("--ds-config", required=True, help="ds_config.json, with or without a grace block")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
@@ -100,11 +118,17 @@ def load_config(
     path: str, *, nodes: int | None, gpus_per_node: int | None, plan: str | None = None
 ) -> dict[str, Any]:
     """The ds_config with the plan and topology overrides applied to its grace block (if it has one)."""
+    from ds_grace.config import load_ds_config
+
+    load_ds_config(path)  # a missing, unreadable or malformed file, or a bad grace block: one clear error
     config = json.loads(Path(path).read_text())
     if plan is not None:
         grace = config.get("grace")
         if not isinstance(grace, dict) or grace.get("enabled") is False:
-            raise ValueError(f"--plan ({plan}) needs a ds_config with an enabled grace block ({path})")
+            raise LaunchInputError(
+                f"--plan ({plan}) needs a ds_config with an enabled grace block; {path} serves vanilla "
+                "DeepSpeed-MoE"
+            )
         config["grace"] = {**grace, "plan": {**grace.get("plan", {}), "path": plan}}
     nodes = nodes if nodes is not None else _env_int(ENV_NUM_NODES)
     gpus_per_node = gpus_per_node if gpus_per_node is not None else _env_int(ENV_GPUS_PER_NODE)
@@ -123,8 +147,8 @@ def _env_int(name: str) -> int | None:
     text = os.environ.get(name)
     if text is None:
         return None
-    if not text.isdigit():
-        raise ValueError(f"environment variable {name} ({text!r}) must be a positive integer")
+    if not text.isdigit() or int(text) < 1:
+        raise LaunchInputError(f"environment variable {name} ({text!r}) must be a positive integer")
     return int(text)
 
 
@@ -205,7 +229,7 @@ def serve_and_generate(
     import ds_grace
     from ds_grace.profiling import special_token_ids
 
-    engine = ds_grace.init_inference(args.model, config=config)
+    engine = ds_grace.init_inference(args.model, config=config, agree_on=getattr(args, "launch_fields", None))
     served = engine.grace
     world_size, rank = world()
     model_config = engine.module.config
@@ -312,23 +336,44 @@ def print_report(report: dict[str, Any]) -> None:
     print("MoE " + ", ".join(f"{name} {value}" for name, value in sorted(report["moe_stats"].items())))
 
 
+def launch_fields(
+    args: argparse.Namespace, prompt_ids: list[list[int]], *, world_size: int
+) -> dict[str, Any]:
+    """What every rank must be launched with the same of (joins the start-up fingerprint): each prompt
+    and its token count, the batch shape, new tokens, warm-up and sampling."""
+    fields: dict[str, Any] = {"num_prompts": len(args.prompt)}
+    for index, (prompt, ids) in enumerate(zip(args.prompt, prompt_ids)):
+        fields[f"prompt[{index}]"] = prompt
+        fields[f"prompt[{index}].tokens"] = len(ids)
+    fields["batch_shape"] = [math.ceil(len(prompt_ids) / world_size), max(len(ids) for ids in prompt_ids)]
+    fields["max_new_tokens"] = args.max_new_tokens
+    fields["warmup"] = args.warmup
+    fields["sampling"] = "greedy"
+    fields["compare_vanilla"] = args.compare_vanilla
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from ds_grace.models.describe import check_checkpoint_folder
+    from ds_grace.preflight import world_from_env
     from ds_grace.profiling import load_text_tokenizer
 
+    check_checkpoint_folder(args.model)  # a missing folder or a broken config.json is named first
     tokenizer = load_text_tokenizer(args.model)
     prompt_ids = [tokenizer.encode(prompt) for prompt in args.prompt]
     empty = [prompt for prompt, ids in zip(args.prompt, prompt_ids) if not ids]
     if empty:
-        raise ValueError(f"--prompt {empty[0]!r} encodes to no token")
+        raise LaunchInputError(f"--prompt ({empty[0]!r}) encodes to no token: give it some text")
     config = load_config(args.ds_config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, plan=args.plan)
+    args.launch_fields = launch_fields(args, prompt_ids, world_size=world_from_env()[0])
     report = serve_and_generate(args, config, prompt_ids, tokenizer)
     if report is not None and not args.json:
         print_report(report)  # GRACE's results stand whatever happens to the comparison
         sys.stdout.flush()
     if args.compare_vanilla:
         if report is not None and report["mode"] == "vanilla":
-            raise ValueError("--compare-vanilla needs a ds_config whose grace block is enabled")
+            raise LaunchInputError("--compare-vanilla needs a ds_config whose grace block is enabled")
         gc.collect()
         baseline, refused = unless_refused(
             lambda: serve_and_generate(args, vanilla_config(config), prompt_ids, tokenizer)
@@ -348,13 +393,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from ds_grace.cli import exit_code_for
-    from ds_grace.comm.collectives import shutdown_distributed
+def _error_prefix() -> str:
+    """ "rank R (host H): " under a launcher of several ranks (every rank prints its own line), else ""."""
+    import socket
 
+    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    if rank is None or world_size in ("", "1"):
+        return ""
+    return f"rank {rank} (host {socket.gethostname()}): "
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """main() with its failures reported: before the start-up handshake a failure is published to the
+    other ranks (ds_grace.comm.rendezvous), which stop within seconds naming this rank; an input error is
+    one `error:` line and exit code 2, a lost rank one line and exit code 1; a bug keeps its traceback."""
+    from ds_grace.cli import is_input_error
+    from ds_grace.comm.collectives import lost_rank_report, shutdown_distributed
+    from ds_grace.comm.rendezvous import join_startup
+
+    startup = None
     try:
-        code = main()
-    except Exception as exc:  # noqa: BLE001 - input errors and lost ranks are one line, bugs re-raise
-        sys.exit(exit_code_for(exc))
+        startup = join_startup()
+        code = main(argv)
+    except Exception as exc:  # noqa: BLE001 - reported below; bugs re-raise
+        input_error = is_input_error(exc) or isinstance(exc, LaunchInputError)
+        if startup is not None and not startup.closed:
+            startup.fail(exc, input_error=input_error)
+            startup.leave()
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if input_error:
+            if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+                text = f"{exc.filename}: {exc.strerror}"
+            print(f"error: {_error_prefix()}{text}", file=sys.stderr, flush=True)
+            return EXIT_INPUT_ERROR
+        report = lost_rank_report(exc)
+        if report is None:
+            raise
+        print(f"error: {_error_prefix()}{report}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # with a broken process group the interpreter's teardown would abort in gloo's threads
     shutdown_distributed()
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -40,11 +40,24 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed(*, timeout_s: float) -> None:
-    """Initialise DeepSpeed's communication backend (gloo on CPU) unless it is up: the launcher's env://
+    """Initialise DeepSpeed's communication backend (gloo on CPU) unless it is up: on the start-up
+    rendezvous's store when the ranks met there (ds_grace.comm.rendezvous), else the launcher's env://
     when its variables are set, else a world of this one process."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_grace.comm.rendezvous import StartupRendezvous
 
     timeout = timedelta(seconds=timeout_s)
+    startup = StartupRendezvous.current()
+    if not dist.is_initialized() and startup is not None:  # the ranks met in the launcher's store already
+        dist.init_process_group(
+            get_accelerator().communication_backend_name(),
+            store=startup.store,
+            rank=startup.rank,
+            world_size=startup.world_size,
+            timeout=timeout,
+        )
     if dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=False, verbose=False, timeout=timeout)
         return
@@ -207,6 +220,10 @@ def lost_rank_report(exc: BaseException, *, wait_s: float = 3.0) -> str | None:
     Peers on this host are looked up by process id: one that is gone or stopped, and that did not leave a
     report itself (a survivor that stopped after its own report), is the lost one. Peers on other hosts
     cannot be looked up. Waits up to `wait_s` for a dying peer to go; leaves this rank's own marker."""
+    from ds_grace.comm.rendezvous import PeerLostError
+
+    if isinstance(exc, PeerLostError):  # lost before the handshake: the rendezvous named the rank
+        return str(exc)
     text = str(exc)
     if not _PEERS or not isinstance(exc, RuntimeError) or not any(t in text for t in LOST_PEER_TEXT):
         return None

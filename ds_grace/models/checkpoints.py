@@ -93,6 +93,28 @@ class CheckpointError(ModelAdapterError):
     """A checkpoint folder is missing or unusable."""
 
 
+def open_safetensors(path: str | Path) -> Any:
+    """safetensors' handle on `path` (use it as a context manager, or keep it open); a file that is not a
+    whole safetensors file (truncated, empty, another format) is a CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        size = Path(path).stat().st_size
+        raise CheckpointError(
+            f"checkpoint file ({path}, {size} bytes) is not a whole safetensors file ({exc}): it is truncated "
+            "or damaged; copy it again"
+        ) from None
+
+
+def check_safetensors_files(folder: str | Path) -> None:
+    """Open every *.safetensors file of `folder` (headers only): a damaged one is named before loading."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open_safetensors(path):
+            pass
+
+
 def _check_family(family: str) -> None:
     if family not in HF_FAMILIES:
         raise ModelAdapterError(
@@ -143,5 +165,6 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None) -> nn
         raise CheckpointError(f"checkpoint folder ({path}) does not exist")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"checkpoint folder ({path}) has no config.json")
+    check_safetensors_files(path)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
     return model.eval()

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ds_grace.models.checkpoints import CheckpointError
+from ds_grace.models.checkpoints import CheckpointError, open_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -80,10 +80,8 @@ def _numel(shape: Sequence[int]) -> int:
 def list_tensors(folder: str | Path) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint folder by key, read from the safetensors headers only.
 
-    Raises CheckpointError for a folder without safetensors, a shard file the index names but the folder
-    lacks, and a tensor the index maps to a file that does not hold it."""
-    from safetensors import safe_open
-
+    Raises CheckpointError for a folder without safetensors, a truncated or damaged file, a shard file the
+    index names but the folder lacks, and a tensor the index maps to a file that does not hold it."""
     folder = Path(folder)
     index_path = folder / INDEX_FILE
     if index_path.is_file():
@@ -108,7 +106,7 @@ def list_tensors(folder: str | Path) -> dict[str, TensorInfo]:
                 f"checkpoint shard file ({path}) is missing: {INDEX_FILE} maps {len(keys)} tensors to it "
                 f"(first: {keys[0] if keys else '-'})"
             )
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
             in_file[name] = set(handle.keys())
             for key in handle.keys():
                 if weight_map is not None and weight_map.get(key) != name:
@@ -141,10 +139,9 @@ class TensorReader:
         self._since_open: dict[Path, int] = {}
 
     def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
 
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
+            self._handles[path] = open_safetensors(path)
             self._since_open[path] = 0
         return self._handles[path]
 

@@ -169,3 +169,24 @@ def test_generate_helpers(tmp_path, monkeypatch):
     config_path.write_text(json.dumps({"dtype": "fp32"}))
     with pytest.raises(ValueError, match=r"--plan \(p.json\) needs a ds_config with an enabled grace block"):
         generate.load_config(str(config_path), nodes=None, gpus_per_node=None, plan="p.json")
+
+
+def test_engine_generate_keeps_every_rank_stepping_until_all_are_done(checkpoint, tmp_path):
+    """README's engine.generate through the launcher (two nodes, one rank each), GRACE then vanilla: rank 0
+    reaches its end-of-sequence at the first new token, rank 1 generates 6; both equal the reference."""
+    root, path = checkpoint
+    script = [str(Path(__file__).with_name("uneven_generate_rank.py")), str(path), str(root / "trace.npz")]
+    run = run_node_launchers(
+        node_scripts=[script, script],
+        ranks_per_node=1,
+        workdir=tmp_path,
+        timeout_s=LAUNCH_TIMEOUT_S,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
+    assert run.exit_codes == [0, 0], run.shown(tail_chars=4000)
+    for rank, output in enumerate(run.outputs):
+        report = _report(output)
+        assert report["rank"] == rank and report["grace_world"] == report["vanilla_world"] == 2
+        assert len(report["reference"]) == (1 if rank == 0 else 6)  # rank 0 stops 5 steps before rank 1
+        assert report["grace"] == report["reference"], run.shown(tail_chars=4000)
+        assert report["vanilla"] == report["reference"], run.shown(tail_chars=4000)
