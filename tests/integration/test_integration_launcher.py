@@ -75,6 +75,17 @@ def _reference(path: Path) -> list[list[int]]:
     return continuations
 
 
+def _two_nodes(script: list[str], tmp_path: Path):
+    """`script` on two nodes of one rank each, one launcher per node (--no_ssh)."""
+    return run_node_launchers(
+        node_scripts=[script, script],
+        ranks_per_node=1,
+        workdir=tmp_path,
+        timeout_s=LAUNCH_TIMEOUT_S,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
+
+
 def _report(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     assert lines, f"no JSON report in:\n{stdout}"
@@ -94,13 +105,7 @@ def test_generate_through_deepspeed_launcher_two_nodes_no_ssh(checkpoint, tmp_pa
     )
     script = [str(GENERATE), "--model", str(path), "--ds-config", str(config), *_prompt_args()]
     script += ["--max-new-tokens", str(NEW_TOKENS), "--warmup", "0", "--compare-vanilla", "--json"]
-    run = run_node_launchers(
-        node_scripts=[script, script],
-        ranks_per_node=1,
-        workdir=tmp_path,
-        timeout_s=LAUNCH_TIMEOUT_S,
-        env={"PYTHONUNBUFFERED": "1"},
-    )
+    run = _two_nodes(script, tmp_path)
     outputs = run.outputs
     assert run.exit_codes == [0, 0], run.shown(tail_chars=4000)
     report = _report(outputs[0])
@@ -176,13 +181,7 @@ def test_engine_generate_keeps_every_rank_stepping_until_all_are_done(checkpoint
     reaches its end-of-sequence at the first new token, rank 1 generates 6; both equal the reference."""
     root, path = checkpoint
     script = [str(Path(__file__).with_name("uneven_generate_rank.py")), str(path), str(root / "trace.npz")]
-    run = run_node_launchers(
-        node_scripts=[script, script],
-        ranks_per_node=1,
-        workdir=tmp_path,
-        timeout_s=LAUNCH_TIMEOUT_S,
-        env={"PYTHONUNBUFFERED": "1"},
-    )
+    run = _two_nodes(script, tmp_path)
     assert run.exit_codes == [0, 0], run.shown(tail_chars=4000)
     for rank, output in enumerate(run.outputs):
         report = _report(output)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from node_launchers import NodeLaunch, run_node_launchers
 
+from ds_grace.cluster.node_launchers import NodeLaunch, run_node_launchers
 from ds_grace.models import tiny_checkpoint
 from ds_grace.trace import synthetic
 
@@ -171,8 +171,7 @@ def _join(port: int, rank: int, world_size: int):
 
 
 def test_rendezvous_names_the_failed_rank_with_its_host_and_error():
-    from node_launchers import free_port
-
+    from ds_grace.cluster.node_launchers import free_port
     from ds_grace.comm.rendezvous import PeerFailedError, PeerLostError
     from ds_grace.models import CheckpointError
 
@@ -207,8 +206,7 @@ def test_rendezvous_names_the_failed_rank_with_its_host_and_error():
 
 
 def test_rendezvous_names_a_rank_that_never_joined_or_stopped_beating():
-    from node_launchers import free_port
-
+    from ds_grace.cluster.node_launchers import free_port
     from ds_grace.comm.rendezvous import PeerLostError
 
     port = free_port()
