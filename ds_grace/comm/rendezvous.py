@@ -99,9 +99,8 @@ class StartupRendezvous:
         self._stop = threading.Event()
         store.add(self._key("beat", rank), 1)  # before "host": a rank seen joined has a counter to read
         store.set(self._key("host", rank), self.host)
-        self._watch_store = (
-            store.clone()
-        )  # the watcher's own connection: it never waits behind the main thread
+        # the watcher's own connection: it never waits behind the main thread
+        self._watch_store = store.clone()
         self._thread = threading.Thread(target=self._watch, name="ds_grace-startup-beat", daemon=True)
         self._thread.start()
 
@@ -297,6 +296,7 @@ class StartupRendezvous:
                 except Exception:  # noqa: BLE001 - the store is gone: nobody is left to tell
                     break
                 time.sleep(0.1)
+            self.close()  # this rank exits next
         return self.failures()
 
     @property
@@ -307,6 +307,9 @@ class StartupRendezvous:
     def close(self) -> None:
         """The handshake is done: stop beating (the store stays, the process group uses it)."""
         self._stop.set()
+        if threading.current_thread() is not self._thread:
+            # a watcher still inside a store call while the interpreter exits aborts the process
+            self._thread.join(timeout=max(5 * self.beat_s, 1.0))
         if StartupRendezvous._current is self:
             StartupRendezvous._current = None
 
