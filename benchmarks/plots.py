@@ -41,15 +41,19 @@ def plot_bench(document: dict[str, Any], out_dir: Path) -> list[Path]:
         left.set_ylabel("MoE layer latency, median (ms, log)")
         left.set_title(f"{workload}: latency")
         _grouped_bars(right, rows, "bytes_cross_node", scale=1e-6)
-        right.set_ylabel("bytes across nodes per forward (MB)")
         right.set_title(f"{workload}: cross-node traffic")
-        right.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"bench_{workload}.png"
-        save_figure(fig, path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, right, out_dir / f"bench_{workload}.png"))
     return paths
+
+
+def _save(fig: Any, right: Any, path: Path) -> Path:
+    """The right panel's bytes label and legend, then the PNG."""
+    right.set_ylabel("bytes across nodes per forward (MB)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_sweep(document: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -76,12 +80,6 @@ def plot_sweep(document: dict[str, Any], out_dir: Path) -> list[Path]:
         left.set_ylabel("MoE layer latency, median of runs (ms; bars: runs min-max)")
         left.set_title(f"{workload} at {setting}: latency vs S")
         right.set_xlabel("expert slots per GPU (S)")
-        right.set_ylabel("bytes across nodes per forward (MB)")
         right.set_title(f"{workload} at {setting}: cross-node traffic vs S")
-        right.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"sweep_{workload}_{setting}.png"
-        save_figure(fig, path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, right, out_dir / f"sweep_{workload}_{setting}.png"))
     return paths
