@@ -17,7 +17,9 @@ token j of sequence s replays recorded token (s x (prompt + steps) + j) mod N.
 
 Per system and repetition: a batch of B sequences per rank is prefilled (time to first token: the
 prefill forward, barrier to slowest rank) and then decoded for DECODE_STEPS steps with the KV cache
-(decode step: mean over the steps, each barrier to slowest rank). The tokens fed are the greedy
+(decode step: mean over the steps, each barrier to slowest rank; every sparse system is promised the
+decode batch, so its decode steps take the low-latency path, as DeepEP's low-latency mode serves decode
+in vLLM and SGLang). The tokens fed are the greedy
 tokens of a single-process reference run of the same model and routing, so a lossless system's
 greedy choice equals them: parity is max |logits - reference| over every step, and token parity.
 Systems run interleaved: one warm-up generation each, then repetitions in an order shuffled per
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,18 +161,19 @@ def prepare_e2e(
         num_experts = calibration.num_experts
         slots = default_slots_per_gpu(num_experts, topology)
         plans = build_plans(calibration, topology, chosen, slots_per_gpu=slots)
-        plan_paths = {}
-        for key, plan in plans.items():
-            plan_paths[key] = str(workdir / f"{model.workload}.{key}.plan.json")
-            plan.save(plan_paths[key])
         np.savez(workdir / f"{model.workload}.routing.npz", ids_NLK=ids_NLK, weights_NLK=weights_NLK)
-        blocks = {
-            name: system_block(
-                name, plan_path=Path(plan_paths[SYSTEM_BY_NAME[name].plan]) if SYSTEM_BY_NAME[name].plan else None,
-                topology=topology, timeout_s=timeout_s,
-            )
-            for name in systems
-        }  # fmt: skip
+        blocks = {}
+        for system in chosen:
+            plan_path = None
+            if system.plan is not None:
+                # the plan as the system serves it: its meta names the system's instance choice (the
+                # SGLang-like peer serves the EPLB plan with GPU/node-first choice)
+                plan = plans[system.plan]
+                plan = replace(plan, meta={**plan.meta, "routing_policy": system.policy})
+                plan_path = workdir / f"{model.workload}.{system.name}.plan.json"
+                plan.save(plan_path)
+            blocks[system.name] = system_block(system.name, plan_path=plan_path, topology=topology,
+                                               timeout_s=timeout_s)  # fmt: skip
         models.append({
             "workload": model.workload, "checkpoint": str(checkpoint), "routing": str(workdir / f"{model.workload}.routing.npz"),
             "layer_label": model.layer_label, "blocks": blocks, "slots_per_gpu": slots, "num_experts": num_experts,
@@ -240,8 +243,16 @@ def install_replay(blocks: Sequence[Any], schedule: ReplaySchedule) -> None:
         block.adapter = ReplayRouting(block.adapter, block.layer_index, schedule)
 
 
+def promise_decode(served: Any, tokens: int | None) -> None:
+    """Decode steps hold `tokens` tokens per rank: every sparse system takes its low-latency path on them
+    (as DeepEP's low-latency mode serves decode in vLLM and SGLang); None: back to the normal paths."""
+    for layer in served.layers:
+        if hasattr(layer, "set_low_latency_tokens"):
+            layer.set_low_latency_tokens(tokens)
+
+
 def _generate(model: Any, schedule: ReplaySchedule, prompt_BS: torch.Tensor, fed_BI: torch.Tensor | None,
-              *, steps: int, timed: bool) -> tuple[list[float], list[torch.Tensor]]:  # fmt: skip
+              *, steps: int, timed: bool, served: Any = None) -> tuple[list[float], list[torch.Tensor]]:  # fmt: skip
     """Prefill then `steps` decode steps with the KV cache; the decode inputs are fed_BI (the reference's
     greedy tokens), or the greedy tokens themselves when None. Returns per-forward seconds (barrier to
     this rank's finish) and each forward's last-position logits."""
@@ -252,6 +263,8 @@ def _generate(model: Any, schedule: ReplaySchedule, prompt_BS: torch.Tensor, fed
     inputs = prompt_BS
     for step in range(steps + 1):
         schedule.set_step(step)
+        if served is not None and step <= 1:
+            promise_decode(served, None if step == 0 else int(prompt_BS.shape[0]))
         if timed:
             dist.barrier()
         start = time.perf_counter()
@@ -310,7 +323,8 @@ def run_e2e_on_rank(spec: dict[str, Any], *, rank: int, topology: Topology) -> d
                     served = engines[name].grace
                     served.reset_counters()
                     times, logits = _generate(engines[name], schedule, prompt_BS, fed_BI, steps=model_spec["steps"],
-                                              timed=True)  # fmt: skip
+                                              timed=True, served=served)  # fmt: skip
+                    promise_decode(served, None)
                     if repetition == 0:  # warm-up
                         continue
                     record = records[name]

@@ -187,3 +187,21 @@ def test_e2e_rows_aggregate_over_runs_and_check_the_targets() -> None:
     assert "| e2e-mixtral | 50mbit | GRACE (full, default block) | 100.0 (90.0-105.0) |" in format_e2e_table(
         document
     )
+
+
+def test_e2e_plans_name_the_instance_choice_each_system_serves_them_with(tmp_path) -> None:
+    from benchmarks.e2e import prepare_e2e
+    from ds_grace.planning.plan import GracePlan
+
+    spec = prepare_e2e(tmp_path, topology=TOPOLOGY, systems=["vanilla_lossless", "peer_sglang", "peer_vllm", "grace"],
+                       quick=True, seed=0, order_seed=0, timeout_s=30.0, trace_models=("mixtral",))  # fmt: skip
+    (model,) = spec["models"]
+    assert model["workload"] == "e2e-mixtral" and model["slots_per_gpu"] == 3
+    assert model["blocks"]["vanilla_lossless"]["enabled"] is False
+    for name, policy in (("peer_sglang", "tar"), ("peer_vllm", "wrr"), ("grace", "tar")):
+        plan = GracePlan.load(model["blocks"][name]["plan"]["path"])
+        assert plan.meta["routing_policy"] == policy, name
+        assert {len(s) for layer in plan.layers for s in layer.slots} == {3}
+    sglang = GracePlan.load(model["blocks"]["peer_sglang"]["plan"]["path"])
+    vllm = GracePlan.load(model["blocks"]["peer_vllm"]["plan"]["path"])
+    assert sglang.layers == vllm.layers  # one global EPLB plan, two instance choices
