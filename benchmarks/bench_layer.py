@@ -139,7 +139,10 @@ def _bench_rank(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, nn.Module] = {"deepspeed_lossless": lossless, "deepspeed_lossy": lossy}
     for name, hierarchical in (("grace_hierarchical", True), ("grace_flat", False)):
         variants[name] = GraceMoE.from_deepspeed(
-            lossless, layer_plan=plan, topology=topology, options=RuntimeOptions(hierarchical=hierarchical)
+            lossless,
+            layer_plan=plan,
+            topology=topology,
+            options=RuntimeOptions(path="hierarchical" if hierarchical else "flat"),
         ).eval()
     out: dict[str, Any] = {"plan": plan.to_dict(), "loads": loads.tolist(), "runs": {}}
     for tokens in args.tokens:

@@ -47,10 +47,10 @@ def system_blocks(plan_path: str, topology: Topology) -> dict[str, dict[str, Any
             **off,
             "vanilla": {"drop_tokens": False, "eval_capacity_factor": 1.0, "min_capacity": 4},
         },
-        "grace_tar": {**grace, "communication": {"hierarchical": False, "dedup": True}},
+        "grace_tar": {**grace, "communication": {"path": "flat", "dedup": True}},
         "grace_hsc": {
             **grace,
-            "communication": {"hierarchical": True, "dedup": True, "adaptive_path": False},
+            "communication": {"path": "hierarchical", "dedup": True},
         },
         "grace": grace,  # the default communication block: path chosen per layer and forward
     }

@@ -30,7 +30,6 @@ from torch import nn
 from benchmarks.systems import SYSTEM_BY_NAME, SystemSpec
 from benchmarks.workloads import ModelShape, ReplayBatches, WorkloadSpec, spec_from_dict
 from ds_grace.comm.groups import create_grace_groups
-from ds_grace.comm.path_model import reset_path_feedback
 from ds_grace.moe.layer import GraceMoE
 from ds_grace.planning.plan import GracePlan
 from ds_grace.topology import Topology
@@ -113,8 +112,15 @@ class _RankSystem:
     def forward(
         self, layer_index: int, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
     ) -> torch.Tensor:
-        # GraceMoE and DeepSpeedRoutedExperts both take the replayed routing
-        return self.layers[layer_index].forward_routed(x_TD, ids_TK, w_TK)
+        # GraceMoE and DeepSpeedRoutedExperts both take the replayed routing; every rank holds the same
+        # token count, so a forward within the low-latency bound is promised to take that path
+        layer = self.layers[layer_index]
+        if (
+            isinstance(layer, GraceMoE)
+            and 0 < x_TD.shape[0] <= layer.deepspeed_moe.options.low_latency_max_tokens
+        ):
+            return layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=int(x_TD.shape[0]))
+        return layer.forward_routed(x_TD, ids_TK, w_TK)
 
     def reset(self, layer_index: int) -> None:
         self.stopwatches[layer_index].elapsed_s = 0.0
@@ -251,8 +257,7 @@ def run_workload(
                       timeout_s=timeout_s)
         for spec in systems
     ]  # fmt: skip
-    # every workload is another model: the adaptive path starts as a fresh server of it would
-    reset_path_feedback(create_grace_groups(topology, timeout_s=timeout_s))
+    # every workload builds its layers afresh: each layer's path policy starts as a fresh server's would
     dist.barrier()
     row_s = torch.tensor([expert_seconds_per_row(shape)], dtype=torch.float64)
     dist.all_reduce(row_s)

@@ -57,7 +57,7 @@ DispatchPath = Literal["flat", "hierarchical", "auto"]
 def communication_block(path: DispatchPath) -> dict[str, Any]:
     """The grace.communication settings of a dispatch path: fixed flat, fixed hierarchical, or chosen
     per forward ("auto", the default block's)."""
-    return {"hierarchical": path != "flat", "adaptive_path": path == "auto"}
+    return {"path": path}
 
 
 @dataclass(frozen=True)

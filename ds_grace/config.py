@@ -118,23 +118,41 @@ class RoutingConfig(_Section):
     )
 
 
+_REPLACED_COMMUNICATION_KEYS = {
+    "hierarchical": "grace.communication.path (flat | hierarchical | auto)",
+    "adaptive_path": "grace.communication.path: auto",
+}
+
+
 class CommunicationConfig(_Section):
-    hierarchical: bool = True
+    path: Literal["flat", "hierarchical", "auto"] = Field(
+        "auto",
+        description="flat: one all-to-all, a token once per GPU; hierarchical: across nodes once per node, "
+        "then inside the node; auto: flat or hierarchical per layer and forward, by a start-up cost model.",
+    )
     dedup: bool = True
     timeout_s: float = Field(
         300.0, gt=0.0, le=MAX_TIMEOUT_S, description="Collective timeout; a lost rank fails fast."
-    )
-    adaptive_path: bool = Field(
-        True,
-        description="With hierarchical: flat or hierarchical per layer and forward, by a start-up cost model.",
     )
     low_latency_max_tokens: int = Field(
         64,
         ge=0,
         le=4096,
-        description="Fixed-buffer dispatch (no count exchange) up to this many tokens per rank; 0: off. "
-        "Applies with dedup (the default becomes 0 when dedup is false).",
+        description="Bound of the low-latency path (static buffers, no host read): forwards whose caller "
+        "promises at most this many tokens per rank (a decode step) take it; 0: off. Applies with dedup "
+        "(the default becomes 0 when dedup is false).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key, replacement in _REPLACED_COMMUNICATION_KEYS.items():
+                if key in data:
+                    raise _Contradiction(
+                        f"grace.communication.{key} ({json.dumps(data[key])}) is no longer a field: use {replacement}"
+                    )
+        return data
 
 
 class PlanConfig(_Section):
@@ -162,10 +180,10 @@ class GraceConfig(_Section):
 
     @model_validator(mode="after")
     def _contradictions(self) -> GraceConfig:
-        if self.communication.hierarchical and not self.communication.dedup:
+        if self.communication.path != "flat" and not self.communication.dedup:
             raise _Contradiction(
-                "grace.communication.dedup (false) must be true when grace.communication.hierarchical "
-                "is true: the hierarchical path sends each token once per node by construction"
+                f"grace.communication.dedup (false) must be true when grace.communication.path is "
+                f"{self.communication.path}: the hierarchical path sends each token once per node by construction"
             )
         comm = self.communication
         if (

@@ -198,6 +198,13 @@ def _plan_for_model(
         )
     else:
         plan.check_compatible(topology=topology, plan_name=_plan_name(grace))
+    fitted_for = plan.meta.get("routing_policy")
+    if fitted_for is not None and fitted_for != grace.routing.policy:
+        raise PlanError(
+            f"grace.plan.path ({grace.plan.path}) was fitted for routing policy {fitted_for!r} "
+            f"(plan meta.routing_policy) but grace.routing.policy is {grace.routing.policy!r}: set "
+            f"grace.routing.policy to {fitted_for!r} or plan again for {grace.routing.policy!r}"
+        )
     cap = grace.grouping.max_experts_per_gpu
     if cap is not None:
         for index, layer in enumerate(plan.layers):

@@ -98,12 +98,23 @@ def check_topk_ids(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "
     if topk_ids_TK.dtype.is_floating_point or topk_ids_TK.dtype == torch.bool:
         raise ValueError(f"{name} (dtype {topk_ids_TK.dtype}) must be an integer tensor")
     if topk_ids_TK.numel():
-        low, high = (int(v) for v in torch.aminmax(topk_ids_TK))
+        low, high = torch.stack(torch.aminmax(topk_ids_TK)).tolist()  # one host read
         if low < -1 or high >= num_experts:
             bad = low if low < -1 else high
             raise ValueError(
                 f"{name} holds expert id {bad}; ids must be in [0, {num_experts}) or -1 (no route)"
             )
+
+
+def check_topk_ids_async(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids") -> None:
+    """check_topk_ids without a host read: the id range is asserted on the device (an error on the
+    CPU at once, a device-side assert on an accelerator). For the static low-latency path."""
+    if topk_ids_TK.dim() != 2:
+        raise ValueError(f"{name} (shape {tuple(topk_ids_TK.shape)}) must be 2-D [tokens, k]")
+    if topk_ids_TK.dtype.is_floating_point or topk_ids_TK.dtype == torch.bool:
+        raise ValueError(f"{name} (dtype {topk_ids_TK.dtype}) must be an integer tensor")
+    in_range = ((topk_ids_TK >= -1) & (topk_ids_TK < num_experts)).all()
+    torch._assert_async(in_range, f"{name} holds an expert id outside [0, {num_experts}) and -1 (no route)")
 
 
 def route_ordinals(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -134,16 +145,18 @@ def choose_instances(
         raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
     ids_TK = topk_ids_TK.long()
     valid_TK = ids_TK >= 0
-    experts_TK = ids_TK.clamp(min=0)
-    ordinal_TK = route_ordinals(ids_TK, table.num_experts) + route_offset
+    experts_Q1 = ids_TK.clamp(min=0).reshape(-1, 1)
+    # the ordinal of each route among this batch's routes to its expert (route_ordinals): its place in
+    # the stable sort by expert minus where its expert's run starts (O(routes) memory, no host read)
+    sorted_Q, order_Q = torch.sort(ids_TK.reshape(-1), stable=True)
+    ordinal_Q = torch.arange(sorted_Q.shape[0], device=ids_TK.device) - torch.searchsorted(sorted_Q, sorted_Q)
+    ordinal_Q1 = torch.empty_like(ordinal_Q).scatter_(0, order_Q, ordinal_Q).view(-1, 1).add_(route_offset)
+    experts_TK = experts_Q1.view(ids_TK.shape)
     offset_TK = table.stream_offset_RE[origin_rank][experts_TK]
-    u_TK = torch.frac(offset_TK + ordinal_TK.to(torch.float64) * PHI_INV)
+    u_TK = torch.frac(offset_TK.add(ordinal_Q1.view(ids_TK.shape), alpha=PHI_INV))
     cdf_TKI = table.cand_cdf_REI[origin_rank][experts_TK]
-    pick_TK = torch.searchsorted(cdf_TKI, u_TK.unsqueeze(-1), right=True).squeeze(-1)
-    pick_TK = pick_TK.clamp(max=cdf_TKI.shape[-1] - 1)
-    rank_TK = torch.gather(table.cand_rank_REI[origin_rank][experts_TK], -1, pick_TK.unsqueeze(-1)).squeeze(
-        -1
-    )
+    pick_TK = torch.searchsorted(cdf_TKI, u_TK.unsqueeze(-1), right=True).clamp_(max=cdf_TKI.shape[-1] - 1)
+    rank_TK = torch.gather(table.cand_rank_REI[origin_rank][experts_TK], -1, pick_TK).squeeze(-1)
     slot_TK = table.expert2slot_RE[rank_TK.clamp(min=0), experts_TK]
-    missing = torch.full_like(rank_TK, -1)
-    return torch.where(valid_TK, rank_TK, missing), torch.where(valid_TK, slot_TK, missing)
+    missing_TK = ~valid_TK
+    return rank_TK.masked_fill_(missing_TK, -1), slot_TK.masked_fill_(missing_TK, -1)

@@ -40,7 +40,7 @@ def test_defaults_are_the_recommended_setup():
     grace = GraceConfig()
     assert grace.enabled and grace.grouping.enabled and grace.replication.enabled
     assert grace.routing.policy == "tar"
-    assert grace.communication.hierarchical and grace.communication.dedup
+    assert grace.communication.path == "auto" and grace.communication.dedup
     assert grace.vanilla.drop_tokens is False
 
 
@@ -90,8 +90,8 @@ def test_bad_values_name_field_value_and_rule(block, message):
     ("block", "message"),
     [
         (
-            {"communication": {"hierarchical": True, "dedup": False}},
-            "grace.communication.dedup (false) must be true when grace.communication.hierarchical is true",
+            {"communication": {"path": "hierarchical", "dedup": False}},
+            "grace.communication.dedup (false) must be true when grace.communication.path is hierarchical",
         ),
         (
             {"replication": {"enabled": False, "online": {"enabled": True}}},

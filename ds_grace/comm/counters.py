@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ds_grace.topology import Topology
@@ -45,8 +46,18 @@ class TrafficCounters:
     """Accumulates over forwards until ``reset()``; ``snapshot()`` gives plain data."""
 
     stages: dict[str, StageTraffic] = field(default_factory=dict)
-    expert_rows: list[int] = field(default_factory=list)
     forwards: int = 0
+    _expert_rows: list[int] = field(default_factory=list)
+    # rows per slot still on the device (low-latency forwards): read when someone asks, not per forward
+    _pending_rows: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def expert_rows(self) -> list[int]:
+        """Routes computed per local slot since the last reset."""
+        pending, self._pending_rows = self._pending_rows, []
+        for rows_S in pending:
+            self.record_expert_rows(rows_S.tolist())
+        return self._expert_rows
 
     def record_exchange(
         self,
@@ -73,11 +84,15 @@ class TrafficCounters:
                     traffic, f"bytes_{name}", getattr(traffic, f"bytes_{name}") + int(rows) * bytes_per_row
                 )
 
-    def record_expert_rows(self, rows_per_slot: Sequence[int]) -> None:
-        if len(self.expert_rows) < len(rows_per_slot):
-            self.expert_rows.extend([0] * (len(rows_per_slot) - len(self.expert_rows)))
+    def record_expert_rows(self, rows_per_slot: Sequence[int] | torch.Tensor) -> None:
+        """Add routes computed per slot: host integers, or a device tensor read only when asked for."""
+        if isinstance(rows_per_slot, torch.Tensor):
+            self._pending_rows.append(rows_per_slot.detach())
+            return
+        if len(self._expert_rows) < len(rows_per_slot):
+            self._expert_rows.extend([0] * (len(rows_per_slot) - len(self._expert_rows)))
         for slot, rows in enumerate(rows_per_slot):
-            self.expert_rows[slot] += int(rows)
+            self._expert_rows[slot] += int(rows)
 
     def total(self, *, include_sizes: bool = False) -> StageTraffic:
         out = StageTraffic()
@@ -88,7 +103,8 @@ class TrafficCounters:
 
     def reset(self) -> None:
         self.stages.clear()
-        self.expert_rows.clear()
+        self._expert_rows.clear()
+        self._pending_rows.clear()
         self.forwards = 0
 
     def snapshot(self) -> dict[str, Any]:

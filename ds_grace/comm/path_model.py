@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from ds_grace.comm.groups import GraceGroups
 from ds_grace.topology import Topology
 
+PATH_MODES = ("flat", "hierarchical", "auto")
 CALIBRATION_REPEATS = 5
 # per remote-node peer: two sizes, both beyond a shaped link's burst allowance, so that the slope
 # between them is the link's per-byte cost (a burst shortens both transfers alike)
@@ -272,20 +274,79 @@ def corrected_costs(costs_s: tuple[float, float], residual_us_R2: np.ndarray) ->
     return costs_s[0] + float(mean_2[0]), costs_s[1] + float(mean_2[1])
 
 
+# calibration is a measurement of the EP group's links, taken once per group (collective)
 _CACHE: dict[GraceGroups, PathModel] = {}
-_FEEDBACK: dict[GraceGroups, PathFeedback] = {}
 
 
-def path_feedback(groups: GraceGroups) -> PathFeedback:
-    """This EP group's PathFeedback on this rank (shared by every layer served over the group)."""
-    return _FEEDBACK.setdefault(groups, PathFeedback())
+class PathPolicy:
+    """Which path a layer's forward takes: fixed ("flat", "hierarchical") or "auto".
 
+    With "auto" (and more than one node) every rank sends, in the header round, its traffic
+    summary, its measured residuals, whether it asks to explore and which paths it has measured
+    (``header_columns``); every rank then decides the same path from the same received columns
+    (``decide``) and folds the forward's measured seconds into its own feedback (``observe``). Owned
+    by one layer: nothing is shared between layers or workloads; ``reset`` forgets what was
+    measured (every rank of the group between the same two forwards).
+    """
 
-def reset_path_feedback(groups: GraceGroups) -> None:
-    """Forget what this EP group's forwards measured (a new model served over the same group: its
-    residuals and measured paths say nothing about the new one). Every rank of the group must call
-    it between the same two forwards, or their headers would ask for different explorations."""
-    _FEEDBACK.pop(groups, None)
+    def __init__(
+        self, mode: str, *, topology: Topology, model: Callable[[], PathModel] | None = None
+    ) -> None:
+        if mode not in PATH_MODES:
+            raise ValueError(f"grace.communication.path ({mode!r}) must be one of {', '.join(PATH_MODES)}")
+        if mode == "auto" and model is None and topology.num_nodes > 1:
+            raise ValueError("the auto path needs a path model (calibrated_model)")
+        self.mode = mode
+        self.topology = topology
+        self._model = model
+        self.feedback = PathFeedback()
+        self.last_costs_s: tuple[float, float] | None = None
+        self.last_corrected_s: tuple[float, float] | None = None
+        self.last_explored = False
+
+    @property
+    def adaptive(self) -> bool:
+        return self.mode == "auto" and self.topology.num_nodes > 1
+
+    def reset(self) -> None:
+        """Forget the measured residuals and paths (a new model served over the same group)."""
+        self.feedback = PathFeedback()
+
+    def header_columns(self, member_TR: torch.Tensor, ep_index: int) -> torch.Tensor:
+        """This rank's columns of the header (the same to every peer)."""
+        summary = rank_summary(member_TR, ep_index=ep_index, topology=self.topology)
+        flat_us, hier_us = self.feedback.as_micros()
+        measured = self.feedback.measured()
+        state = [flat_us, hier_us, int(self.feedback.explore_due()), int(measured[0]) | int(measured[1]) << 1]
+        return torch.cat([summary, torch.tensor(state, dtype=torch.int64, device=summary.device)])
+
+    def decide(self, columns_RC: np.ndarray, *, dispatch_row_bytes: int, combine_row_bytes: int) -> str:
+        """The path of this forward, from every rank's header columns (identical on every rank)."""
+        if not self.adaptive:
+            return "flat" if self.mode == "flat" or self.topology.num_nodes == 1 else "hierarchical"
+        assert self._model is not None  # adaptive implies a model
+        summary_width = 3 * self.topology.num_nodes
+        costs_s = path_costs(
+            columns_RC[:, :summary_width], topology=self.topology, model=self._model(),
+            dispatch_row_bytes=dispatch_row_bytes, combine_row_bytes=combine_row_bytes,
+        )  # fmt: skip
+        state_R4 = columns_RC[:, summary_width : summary_width + 4]
+        corrected_s = corrected_costs(costs_s, state_R4[:, :2])
+        measured = tuple(bool((state_R4[:, 3] >> path & 1).all()) for path in (0, 1))
+        hierarchical, explored = choose_path(
+            corrected_s, explore=bool(state_R4[:, 2].any()), measured=measured
+        )
+        self.last_costs_s, self.last_corrected_s, self.last_explored = costs_s, corrected_s, explored
+        return "hierarchical" if hierarchical else "flat"
+
+    def observe(self, path: str, *, measured_s: float) -> None:
+        """Fold one adaptive forward's payload seconds (experts excluded) into the feedback."""
+        if self.adaptive and self.last_costs_s is not None:
+            hierarchical = path == "hierarchical"
+            self.feedback.update(
+                hierarchical=hierarchical, measured_s=measured_s,
+                predicted_s=self.last_costs_s[int(hierarchical)], explored=self.last_explored,
+            )  # fmt: skip
 
 
 def calibrated_model(groups: GraceGroups, *, repeats: int = CALIBRATION_REPEATS) -> PathModel:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ds_grace.comm.all_to_all import dispatch_row_bytes
+from ds_grace.comm.all_to_all import dispatch_row_bytes, header_columns
 from ds_grace.comm.collectives import sum_over_ranks
 from ds_grace.comm.counters import StageTraffic
 from ds_grace.comm.local_ranks import RankContext, RankFailure, run_on_ranks
@@ -141,6 +141,7 @@ def expected_traffic(
     hidden: int,
     dtype: torch.dtype,
     num_local_slots: int,
+    slot_stride: int,
 ) -> dict[str, Any]:
     """The counters `ep_index` must show after one forward, derived from the routing alone.
 
@@ -153,6 +154,9 @@ def expected_traffic(
     k = int(rank_by_origin[0].shape[1]) if rank_by_origin else 0
     dispatch_bytes = dispatch_row_bytes(k, hidden, dtype)
     combine_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+    header_bytes = 8 * header_columns(
+        gpus_per_node=gpus, slot_stride=slot_stride, extra=0, hierarchical=hierarchical
+    )
 
     def move(stage: str, src: int, dst: int, nbytes: int) -> None:
         if src == dst or ep_index not in (src, dst):
@@ -167,8 +171,8 @@ def expected_traffic(
 
     if num_ranks > 1:
         for peer in range(num_ranks):
-            move("sizes", ep_index, peer, 16 if hierarchical else 8)
-            move("sizes", peer, ep_index, 16 if hierarchical else 8)
+            move("sizes", ep_index, peer, header_bytes)
+            move("sizes", peer, ep_index, header_bytes)
     expert_rows = [0] * num_local_slots
     for origin, (ranks_TK, slots_TK) in enumerate(zip(rank_by_origin, slot_by_origin)):
         for ranks, slots in zip(ranks_TK.tolist(), slots_TK.tolist()):
@@ -176,7 +180,7 @@ def expected_traffic(
             for r, slot in zip(ranks, slots):
                 if r == ep_index:
                     expert_rows[slot] += 1
-            if not hierarchical:
+            if not hierarchical or topology.num_nodes == 1:  # one node: the hierarchical path is the flat hop
                 for host in sorted(set(hosts)) if dedup else hosts:
                     move("dispatch", origin, host, dispatch_bytes)
                     move("combine", host, origin, combine_bytes)
@@ -223,8 +227,9 @@ def _selfcheck_rank(
             first_y: torch.Tensor | None = None
             for mode, (hierarchical, dedup) in MODES.items():
                 options = RuntimeOptions(
-                    policy=spec.policy, hierarchical=hierarchical, dedup=dedup, timeout_s=timeout_s
-                )
+                    policy=spec.policy, path="hierarchical" if hierarchical else "flat", dedup=dedup,
+                    timeout_s=timeout_s,
+                )  # fmt: skip
                 layer = GraceMoE.from_experts(
                     experts,
                     hidden_size=spec.hidden,
@@ -249,6 +254,7 @@ def _selfcheck_rank(
                     hidden=spec.hidden,
                     dtype=DTYPES[spec.dtype],
                     num_local_slots=len(spec.plan.slots[ctx.rank]),
+                    slot_stride=max(len(slots) for slots in spec.plan.slots),
                 )
                 counters_ok[mode] = traffic_equal(layer.comm_counters.snapshot(), expected)
         totals = sum_over_ranks([int((ids_TK >= 0).sum()), *computed.values()])

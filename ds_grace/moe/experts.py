@@ -48,6 +48,17 @@ class GraceExperts(Experts):
             start += rows
         return out_QD
 
+    def forward_every_slot(self, x_VD: torch.Tensor) -> torch.Tensor:
+        """out_SVD[s] = slot s's expert on every row (the low-latency path: static shapes, the gate
+        weights pick the outputs)."""
+        outputs = []
+        for expert in self.deepspeed_experts:
+            y = expert(x_VD)
+            outputs.append(y[0] if isinstance(y, tuple) else y)
+        if not outputs:
+            return x_VD.new_zeros(0, *x_VD.shape)
+        return torch.stack(outputs)
+
 
 def tag_expert_parameters(module: nn.Module, expert_group_name: str) -> None:
     """Mark parameters as DeepSpeed expert parameters (excluded from data-parallel allreduce)."""

@@ -30,15 +30,16 @@ from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from torch import nn
 from torch.nn import functional as F
 
-from ds_grace.comm.all_to_all import combine, dispatch, redistribute_expert_tensors
+from ds_grace.comm.all_to_all import DispatchExecutor, RowLayout, redistribute_expert_tensors, route_codes
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups, create_grace_groups
-from ds_grace.comm.path_model import PathFeedback, calibrated_model, path_feedback
+from ds_grace.comm.path_model import PATH_MODES, PathModel, PathPolicy, calibrated_model
+from ds_grace.comm.transport import Transport
 from ds_grace.config import GraceConfig
 from ds_grace.moe.experts import GraceExperts, copy_slot_modules
 from ds_grace.moe.gate import GraceGate
 from ds_grace.planning.plan import LayerPlan, RoutingPolicy
-from ds_grace.routing import RouteTable, check_topk_ids, choose_instances
+from ds_grace.routing import RouteTable, check_topk_ids, check_topk_ids_async, choose_instances
 from ds_grace.topology import Topology
 
 _POLICIES = ("tar", "wrr", "primary")
@@ -46,17 +47,17 @@ _POLICIES = ("tar", "wrr", "primary")
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """The runtime part of the grace config (routing policy, communication mode, timeout)."""
+    """The runtime part of the grace config (routing policy, communication path, timeout)."""
 
     policy: RoutingPolicy = "tar"
-    hierarchical: bool = True
+    # "flat", "hierarchical", or "auto": flat or hierarchical per forward by the start-up calibrated model
+    path: str = "hierarchical"
     dedup: bool = True
     timeout_s: float = 300.0
-    # with hierarchical: pick flat or hierarchical per forward by the start-up calibrated cost model
-    adaptive_path: bool = False
-    # low-latency buffer bound (tokens per rank); 0: every forward exchanges row counts first
+    # low-latency buffer bound (tokens per rank); 0: off. A forward takes the low-latency path when
+    # its caller promises every rank at most that many tokens (GraceMOELayer.forward_routed)
     low_latency_max_tokens: int = 0
-    # instance choice on forwards this rank sends by the low-latency buffer (None: `policy`)
+    # instance choice on low-latency forwards (None: `policy`)
     low_latency_policy: RoutingPolicy | None = None
 
     def __post_init__(self) -> None:
@@ -67,9 +68,13 @@ class RuntimeOptions:
                 f"grace.routing.low_latency_policy ({self.low_latency_policy!r}) must be null or one of "
                 f"{', '.join(_POLICIES)}"
             )
-        if self.hierarchical and not self.dedup:
+        if self.path not in PATH_MODES:
             raise ValueError(
-                "grace.communication.dedup (false) must be true when grace.communication.hierarchical is true"
+                f"grace.communication.path ({self.path!r}) must be one of {', '.join(PATH_MODES)}"
+            )
+        if self.path != "flat" and not self.dedup:
+            raise ValueError(
+                f"grace.communication.dedup (false) must be true when grace.communication.path is {self.path}"
             )
         if not self.timeout_s > 0:
             raise ValueError(f"grace.communication.timeout_s ({self.timeout_s}) must be > 0")
@@ -88,10 +93,9 @@ class RuntimeOptions:
         comm = config.communication
         return cls(
             policy=config.routing.policy,
-            hierarchical=comm.hierarchical,
+            path=comm.path,
             dedup=comm.dedup,
             timeout_s=comm.timeout_s,
-            adaptive_path=comm.adaptive_path and comm.hierarchical,
             low_latency_max_tokens=comm.low_latency_max_tokens if comm.dedup else 0,
             low_latency_policy=config.routing.low_latency_policy,
         )
@@ -125,13 +129,22 @@ class GraceMOELayer(MOELayer):
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
         self._tables = self._cpu_tables(layer_plan)
         self.route_observer: Callable[[torch.Tensor], None] | None = None
-        # low-latency rows per peer for the next forward: every rank derives it from the same
-        # exchanged token counts of the previous forward (the largest, if within the bound)
-        self._low_latency_rows = 0
-        # the corrected (flat, hierarchical) seconds the last forward's path was chosen on (adaptive path)
-        self.last_path_costs_s: tuple[float, float] | None = None
+        self.path_policy = PathPolicy(options.path, topology=topology, model=self._path_model)
+        self.transport: Transport | None = None  # None: the sparse all-to-all of torch.distributed
+        self._executor: DispatchExecutor | None = None
+        # forwards of DeepSpeed's forward() (a decode loop sets it): every rank holds at most this many
+        # tokens, so the low-latency path runs (set_low_latency_tokens); None: the normal paths
+        self.low_latency_tokens: int | None = None
         self.last_path: str | None = None  # "low-latency", "flat" or "hierarchical": the last forward's
         self.path_counts: collections.Counter[str] = collections.Counter()  # forwards per path, for the log
+
+    @property
+    def last_path_costs_s(self) -> tuple[float, float] | None:
+        """The corrected (flat, hierarchical) seconds the last adaptive choice was made on."""
+        return self.path_policy.last_corrected_s
+
+    def _path_model(self) -> PathModel:
+        return calibrated_model(self.groups())  # collective on first use, cached per EP group
 
     def swap_layer_plan(self, layer_plan: LayerPlan, experts: GraceExperts) -> None:
         """Serve `layer_plan` with `experts` (this rank's slots under it) from the next forward on.
@@ -143,6 +156,7 @@ class GraceMOELayer(MOELayer):
         self.layer_plan = layer_plan
         self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
         self._tables = self._cpu_tables(layer_plan)
+        self._executor = None
 
     def set_grace_groups(self, groups: GraceGroups) -> None:
         if groups.topology != self.topology or groups.ep_index != self.ep_index:
@@ -151,6 +165,12 @@ class GraceMOELayer(MOELayer):
                 f"(topology {self.topology}, ep_index {self.ep_index})"
             )
         self.grace_groups = groups
+        self._executor = None
+
+    def set_transport(self, transport: Transport | None) -> None:
+        """Carry the rounds by `transport` (None: torch.distributed's sparse all-to-all)."""
+        self.transport = transport
+        self._executor = None
 
     def _set_ep_group(self, ep_group: Any) -> None:
         # DeepSpeed's own wiring hook: kept for its bookkeeping; GRACE traffic uses grace_groups.
@@ -164,6 +184,15 @@ class GraceMOELayer(MOELayer):
             self.set_grace_groups(groups)
         return groups
 
+    def executor(self) -> DispatchExecutor:
+        """The dispatch executor of the current plan and groups (created on first use)."""
+        if self._executor is None:
+            self._executor = DispatchExecutor(
+                groups=self.groups(), slot_stride=self._slot_stride, num_local_slots=self.num_local_experts,
+                counters=self.comm_counters, transport=self.transport,
+            )  # fmt: skip
+        return self._executor
+
     def _cpu_tables(self, layer_plan: LayerPlan) -> dict[tuple[torch.device, str], RouteTable]:
         cpu = torch.device("cpu")
         policies = {self.options.policy, self.options.low_latency_policy or self.options.policy}
@@ -171,7 +200,7 @@ class GraceMOELayer(MOELayer):
 
     def route_table(self, device: torch.device, *, low_latency: bool = False) -> RouteTable:
         """The instance-choice table on `device`: the routing policy's, or (low_latency) the one for
-        forwards this rank sends by the low-latency buffer."""
+        low-latency forwards."""
         policy = (self.options.low_latency_policy if low_latency else None) or self.options.policy
         if (device, policy) not in self._tables:
             self._tables[(device, policy)] = self._tables[(torch.device("cpu"), policy)].to(device)
@@ -193,12 +222,88 @@ class GraceMOELayer(MOELayer):
         topk_weights_TK: torch.Tensor,
         *,
         route_offset: int = 0,
+        low_latency_tokens: int | None = None,
     ) -> torch.Tensor:
         """y_TD = sum_k topk_weights_TK[:, k] * expert[topk_ids_TK[:, k]](x_TD), over the plan's instances.
 
         Ids of -1 mark routes not taken. Collective: every rank of the EP group must call it
         (with its own tokens, possibly none). route_offset shifts the instance-choice sequence.
+
+        low_latency_tokens (default: the layer's ``low_latency_tokens``) is the caller's promise that
+        no rank of the EP group holds more tokens this forward: then the low-latency path runs
+        (static buffers of that many rows per peer, no host read), and every rank must pass the same
+        value. It must be in [1, grace.communication.low_latency_max_tokens]; a rank holding more
+        tokens raises before any collective. None: the normal paths (one header round).
         """
+        rows_per_peer = self.low_latency_tokens if low_latency_tokens is None else low_latency_tokens
+        self._check_inputs(x_TD, topk_ids_TK, topk_weights_TK, rows_per_peer=rows_per_peer)
+        if self.route_observer is not None:
+            self.route_observer(topk_ids_TK)
+        low_latency = rows_per_peer is not None
+        table = self.route_table(x_TD.device, low_latency=low_latency)
+        rank_TK, slot_TK = choose_instances(
+            table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
+        )
+        code_TK = route_codes(rank_TK, slot_TK, self._slot_stride)
+        layout = RowLayout(k=int(rank_TK.shape[1]), hidden=int(x_TD.shape[1]), dtype=x_TD.dtype)
+        rows_TW = layout.pack(x_TD, code_TK, topk_weights_TK.to(x_TD.device, torch.float32))
+        executor = self.executor()
+        if low_latency:
+            assert rows_per_peer is not None  # low_latency implies a row count
+            x_VD, meta = executor.dispatch_low_latency(
+                rows_TW, rank_TK, rows_per_peer=rows_per_peer, layout=layout
+            )
+            self.last_path = "low-latency"
+            self.path_counts[self.last_path] += 1
+            return executor.combine_low_latency(self.experts.forward_every_slot(x_VD), meta)
+        return self._forward_normal(executor, rows_TW, rank_TK, code_TK, layout=layout)
+
+    def _forward_normal(
+        self,
+        executor: DispatchExecutor,
+        rows_TW: torch.Tensor,
+        dest_TK: torch.Tensor,
+        code_TK: torch.Tensor,
+        *,
+        layout: RowLayout,
+    ) -> torch.Tensor:
+        """The header round, the path chosen from it, dispatch, the experts (once each), combine."""
+        policy = self.path_policy
+        start = time.perf_counter()
+        first_stages = ()
+        if not self.options.dedup:
+            rows_TW, dest_TK, code_TK, split = executor.split_routes(rows_TW, dest_TK, layout=layout)
+            first_stages = (split,)
+        columns = (
+            (lambda member_TR: policy.header_columns(member_TR, self.ep_index)) if policy.adaptive else None
+        )
+        header = executor.exchange_header(dest_TK, code_TK, columns, hierarchical=policy.mode != "flat")
+        path = policy.decide(
+            header.extra(),
+            dispatch_row_bytes=layout.width,
+            combine_row_bytes=layout.hidden * layout.dtype.itemsize,
+        )
+        x_QD, meta = executor.dispatch(
+            rows_TW, dest_TK, path=path, header=header, layout=layout, first_stages=first_stages
+        )
+        experts_start = time.perf_counter()
+        expert_out_QD = self.experts(x_QD, meta.slot_splits)
+        experts_s = time.perf_counter() - experts_start
+        y_TD = executor.combine(expert_out_QD, meta)
+        self.last_path = path
+        self.path_counts[path] += 1
+        policy.observe(path, measured_s=time.perf_counter() - start - experts_s)
+        return y_TD
+
+    def _check_inputs(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        *,
+        rows_per_peer: int | None,
+    ) -> None:
+        """Every check before the first collective: shapes, ids, the low-latency promise."""
         if x_TD.dim() != 2:
             raise ValueError(f"x_TD (shape {tuple(x_TD.shape)}) must be 2-D [tokens, hidden]")
         if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
@@ -210,64 +315,21 @@ class GraceMOELayer(MOELayer):
                 f"topk_weights_TK (shape {tuple(topk_weights_TK.shape)}) must match topk_ids_TK "
                 f"({tuple(topk_ids_TK.shape)})"
             )
-        check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
-        if self.route_observer is not None:
-            self.route_observer(topk_ids_TK)
-        # this rank's tokens go by the low-latency buffer (sized from the previous forward) when they fit
-        fits_buffer = 0 < x_TD.shape[0] <= self._low_latency_rows and self.options.low_latency_max_tokens > 0
-        table = self.route_table(x_TD.device, low_latency=fits_buffer)
-        rank_TK, slot_TK = choose_instances(
-            table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
-        )
-        groups = self.groups()
-        options = self.options
-        path_model = None
-        feedback: PathFeedback | None = None
-        if options.adaptive_path and options.hierarchical and self.topology.num_nodes > 1:
-            path_model = calibrated_model(groups)  # collective on first use, cached per EP group
-            feedback = path_feedback(groups)
-        low_latency = options.low_latency_max_tokens > 0
-        start = time.perf_counter()
-        x_QD, meta = dispatch(
-            x_TD,
-            rank_TK,
-            slot_TK,
-            topk_weights_TK.to(x_TD.device),
-            groups=groups,
-            slot_stride=self._slot_stride,
-            num_local_slots=self.num_local_experts,
-            hierarchical=options.hierarchical,
-            dedup=options.dedup,
-            counters=self.comm_counters,
-            path_model=path_model,
-            path_residual_us=feedback.as_micros() if feedback is not None else (0, 0),
-            explore_path=feedback.explore_due() if feedback is not None else False,
-            path_measured=feedback.measured() if feedback is not None else (False, False),
-            low_latency_rows=self._low_latency_rows if low_latency else None,
-            local_experts=self.experts if options.dedup else None,  # own routes overlap the first round
-        )
-        if meta.max_tokens is not None:
-            bound = options.low_latency_max_tokens
-            self._low_latency_rows = meta.max_tokens if meta.max_tokens <= bound else 0
-        self.last_path_costs_s = meta.path_corrected_s
-        self.last_path = (
-            "low-latency" if meta.hierarchical_used is None else
-            "hierarchical" if meta.hierarchical_used else "flat"
-        )  # fmt: skip
-        self.path_counts[self.last_path] += 1
-        experts_start = time.perf_counter()
-        expert_out_QD = self.experts(x_QD, meta.slot_splits)
-        experts_s = time.perf_counter() - experts_start
-        y_TD = combine(expert_out_QD, meta, groups=groups, counters=self.comm_counters)
-        if feedback is not None and meta.path_costs_s is not None and meta.hierarchical_used is not None:
-            # this forward's payload rounds (experts excluded) against the model's raw prediction
-            feedback.update(
-                hierarchical=meta.hierarchical_used,
-                measured_s=time.perf_counter() - start - experts_s,
-                predicted_s=meta.path_costs_s[int(meta.hierarchical_used)],
-                explored=meta.path_explored,
+        if rows_per_peer is None:
+            check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
+            return
+        bound = self.options.low_latency_max_tokens
+        if not 1 <= rows_per_peer <= bound:
+            raise ValueError(
+                f"low_latency_tokens ({rows_per_peer}) must be in [1, grace.communication.low_latency_max_tokens="
+                f"{bound}] (0 turns the low-latency path off)"
             )
-        return y_TD
+        if x_TD.shape[0] > rows_per_peer:
+            raise ValueError(
+                f"this rank holds {x_TD.shape[0]} tokens but the forward was promised low_latency_tokens="
+                f"{rows_per_peer} per rank: call it without the promise (normal path) or with a larger bound"
+            )
+        check_topk_ids_async(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
 
 
 class GraceMoE(MoE):
@@ -432,6 +494,16 @@ class GraceMoE(MoE):
     def set_grace_groups(self, groups: GraceGroups) -> None:
         self.deepspeed_moe.set_grace_groups(groups)
 
+    def set_low_latency_tokens(self, tokens: int | None) -> None:
+        """Promise that every rank holds at most `tokens` tokens on the following forwards (a decode
+        loop's batch bound): they take the low-latency path. None: back to the normal paths."""
+        if tokens is not None and not 1 <= tokens <= self.deepspeed_moe.options.low_latency_max_tokens:
+            raise ValueError(
+                f"low_latency_tokens ({tokens}) must be in [1, grace.communication.low_latency_max_tokens="
+                f"{self.deepspeed_moe.options.low_latency_max_tokens}]"
+            )
+        self.deepspeed_moe.low_latency_tokens = tokens
+
     def set_route_observer(self, observer: Callable[[torch.Tensor], None] | None) -> None:
         """Call observer(topk_ids_TK) on every forward's routing (the online load monitor's hook)."""
         self.deepspeed_moe.route_observer = observer
@@ -466,10 +538,15 @@ class GraceMoE(MoE):
         topk_weights_TK: torch.Tensor,
         *,
         route_offset: int = 0,
+        low_latency_tokens: int | None = None,
     ) -> torch.Tensor:
         """The layer's output for an already computed routing (see GraceMOELayer.forward_routed)."""
         y_TD = self.deepspeed_moe.forward_routed(
-            x_TD, topk_ids_TK, topk_weights_TK, route_offset=route_offset
+            x_TD,
+            topk_ids_TK,
+            topk_weights_TK,
+            route_offset=route_offset,
+            low_latency_tokens=low_latency_tokens,
         )
         if self.use_residual:
             y_TD = self._mix_residual(x_TD, y_TD)

@@ -154,7 +154,7 @@ def replay_rank(ctx: RankContext, spec: ReplaySpec) -> dict[str, Any]:
     loads = [np.stack([trace.loads()[layer] for layer in spec.trace_layers]) for trace in phases]
     plan = initial_plan(loads[0], topology, extra_slots_per_gpu=spec.extra_slots_per_gpu)
     experts = [_experts(spec.hidden, MIXTRAL_EXPERTS, seed=1000 + i) for i in range(len(spec.trace_layers))]
-    options = RuntimeOptions(hierarchical=spec.hierarchical, dedup=True)
+    options = RuntimeOptions(path="hierarchical" if spec.hierarchical else "flat", dedup=True)
     layers = [
         GraceMoE.from_experts(
             experts[i],

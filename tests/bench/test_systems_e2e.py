@@ -22,12 +22,12 @@ def test_peers_get_every_generic_rule_and_their_engines_instance_choice() -> Non
         assert option.low_latency_max_tokens == 64 and option.low_latency_policy == "primary", name
         assert option.dedup, name
     vllm, sglang, grace = options["peer_vllm"], options["peer_sglang"], options["grace"]
-    assert (vllm.policy, vllm.hierarchical, vllm.adaptive_path) == ("wrr", False, False)
-    assert (sglang.policy, sglang.hierarchical, sglang.adaptive_path) == ("tar", True, True)
-    assert (grace.policy, grace.hierarchical, grace.adaptive_path) == ("tar", True, True)
+    assert (vllm.policy, vllm.path) == ("wrr", "flat")
+    assert (sglang.policy, sglang.path) == ("tar", "auto")
+    assert (grace.policy, grace.path) == ("tar", "auto")
     # the per-forward path choice on every peer with a hierarchical path; the ladder's rungs stay fixed
-    assert options["peer_deepep"].adaptive_path and options["peer_eplb_deepep"].adaptive_path
-    assert not options["grace_hsc"].adaptive_path and options["grace_hsc"].hierarchical
+    assert options["peer_deepep"].path == options["peer_eplb_deepep"].path == "auto"
+    assert options["grace_hsc"].path == "hierarchical"
     assert SYSTEM_BY_NAME["peer_vllm"].plan == SYSTEM_BY_NAME["peer_sglang"].plan == "eplb_global"
 
 

@@ -45,8 +45,8 @@ TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2)
 ATOL, RTOL = 1e-5, 1e-4
 # Runtime variants spread over the families, so that each mode is served end to end at least once.
 RUNTIME_VARIANTS = {
-    "qwen2_moe": {"communication": {"hierarchical": False, "dedup": False}, "routing": {"policy": "wrr"}},
-    "qwen3_moe": {"communication": {"hierarchical": False, "dedup": True}},
+    "qwen2_moe": {"communication": {"path": "flat", "dedup": False}, "routing": {"policy": "wrr"}},
+    "qwen3_moe": {"communication": {"path": "flat", "dedup": True}},
     "deepseek_v2": {"routing": {"policy": "primary"}},
     # re-plans replicas during generation, reading the replicas from the checkpoint; the output must not change
     "mixtral": {

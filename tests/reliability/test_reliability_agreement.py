@@ -50,7 +50,7 @@ def _checked(tmp_path, *, rank: int = 0, name: str = "plan.json", **grace):
 def test_fingerprint_names_every_setting_that_must_agree(tmp_path):
     fields = run_fingerprint(_checked(tmp_path))
     for name in (
-        "grace.communication.hierarchical",
+        "grace.communication.path",
         "grace.communication.dedup",
         "grace.routing.policy",
         "grace.replication.online.interval",
@@ -80,8 +80,8 @@ def test_ranks_may_differ_in_paths_and_timeouts_only(tmp_path):
     a = run_fingerprint(_checked(tmp_path / "a"))
     b = run_fingerprint(_checked(tmp_path / "b", communication={"timeout_s": 30}))
     assert a == b  # another path to the same plan, another timeout
-    c = run_fingerprint(_checked(tmp_path / "a", communication={"hierarchical": False, "dedup": True}))
-    assert {k for k in a if a[k] != c.get(k)} == {"grace.communication.hierarchical"}
+    c = run_fingerprint(_checked(tmp_path / "a", communication={"path": "flat", "dedup": True}))
+    assert {k for k in a if a[k] != c.get(k)} == {"grace.communication.path"}
     d = run_fingerprint(_checked(tmp_path / "a", replication={"online": {"enabled": True, "interval": 8}}))
     e = run_fingerprint(_checked(tmp_path / "b", replication={"online": {"enabled": True, "interval": 64}}))
     identities = [{"rank": r, "node": r // 2, "host": "h"} for r in range(4)]
@@ -220,3 +220,12 @@ def test_the_hash_is_required_and_covers_meta(tmp_path):
     path.write_text(json.dumps(data).replace('"slot_weights": [[1.0', '"slot_weights": [[NaN', 1))
     with pytest.raises(PlanError, match=r"is not valid JSON: NaN is not a JSON number"):
         GracePlan.load(path)
+
+
+def test_a_plan_fitted_for_another_routing_policy_is_refused_before_any_collective(tmp_path):
+    assert _checked(tmp_path, routing={"policy": "tar"}).plan is not None
+    with pytest.raises(
+        PlanError,
+        match=r"fitted for routing policy 'tar' \(plan meta\.routing_policy\) but grace\.routing\.policy is 'wrr'",
+    ):
+        _checked(tmp_path, routing={"policy": "wrr"})

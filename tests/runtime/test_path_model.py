@@ -6,21 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from ds_grace.comm.groups import create_grace_groups
 from ds_grace.comm.path_model import (
     EXPLORE_BACKOFF_MAX,
     EXPLORE_UNMEASURED_WITHIN,
     PathFeedback,
     PathModel,
+    PathPolicy,
     choose_hierarchical,
     choose_path,
     corrected_costs,
     link_fit,
     path_costs,
-    path_feedback,
     prefers_hierarchical,
     rank_summary,
-    reset_path_feedback,
 )
 from ds_grace.config import GraceConfigError, parse_grace_block
 from ds_grace.moe.layer import RuntimeOptions
@@ -122,11 +120,9 @@ def test_feedback_residuals_correct_the_model_until_the_measured_faster_path_sti
 
 def test_config_fields_validated_and_mapped_to_the_runtime() -> None:
     options = RuntimeOptions.from_config(parse_grace_block({}))
-    assert options.adaptive_path and options.low_latency_max_tokens == 64
-    flat = RuntimeOptions.from_config(
-        parse_grace_block({"communication": {"hierarchical": False, "dedup": False}})
-    )
-    assert not flat.adaptive_path and flat.low_latency_max_tokens == 0
+    assert options.path == "auto" and options.low_latency_max_tokens == 64
+    flat = RuntimeOptions.from_config(parse_grace_block({"communication": {"path": "flat", "dedup": False}}))
+    assert flat.path == "flat" and flat.low_latency_max_tokens == 0
     with pytest.raises(
         GraceConfigError,
         match=r"grace\.communication\.low_latency_max_tokens \(-1\) .*greater than or equal to 0",
@@ -136,15 +132,26 @@ def test_config_fields_validated_and_mapped_to_the_runtime() -> None:
         GraceConfigError,
         match=r"low_latency_max_tokens \(8\) must be 0 when grace\.communication\.dedup is false",
     ):
-        parse_grace_block(
-            {"communication": {"hierarchical": False, "dedup": False, "low_latency_max_tokens": 8}}
-        )
-    with pytest.raises(GraceConfigError, match=r"grace\.communication\.adaptive_path \(\"yes\"\)"):
-        parse_grace_block({"communication": {"adaptive_path": "yes"}})
+        parse_grace_block({"communication": {"path": "flat", "dedup": False, "low_latency_max_tokens": 8}})
+    with pytest.raises(GraceConfigError, match=r"grace\.communication\.path \(\"yes\"\) must be 'flat'"):
+        parse_grace_block({"communication": {"path": "yes"}})
+    # the former keys name their replacement
+    with pytest.raises(
+        GraceConfigError,
+        match=r"^grace\.communication\.adaptive_path \(true\) is no longer a field: use grace\.communication\.path: auto$",
+    ):
+        parse_grace_block({"communication": {"adaptive_path": True}})
+    with pytest.raises(GraceConfigError, match=r"grace\.communication\.hierarchical \(false\) is no longer a field: use "
+                       r"grace\.communication\.path \(flat \| hierarchical \| auto\)"):  # fmt: skip
+        parse_grace_block({"communication": {"hierarchical": False}})
     with pytest.raises(
         ValueError, match=r"low_latency_max_tokens \(4\) must be 0 when grace\.communication\.dedup"
     ):
-        RuntimeOptions(hierarchical=False, dedup=False, low_latency_max_tokens=4)
+        RuntimeOptions(path="flat", dedup=False, low_latency_max_tokens=4)
+    with pytest.raises(
+        ValueError, match=r"grace\.communication\.path \('both'\) must be one of flat, hierarchical, auto"
+    ):
+        RuntimeOptions(path="both")
 
 
 def test_near_ties_go_to_the_hierarchical_path() -> None:
@@ -230,11 +237,25 @@ def test_a_path_never_measured_is_explored_only_within_the_models_own_error() ->
     assert feedback.measured() == (False, True)
 
 
-def test_reset_path_feedback_starts_the_group_afresh() -> None:
-    groups = create_grace_groups(Topology(num_nodes=1, gpus_per_node=1), timeout_s=5.0)
-    feedback = path_feedback(groups)
-    feedback.update(hierarchical=False, measured_s=0.02, predicted_s=0.01)
-    assert path_feedback(groups) is feedback and feedback.measured() == (True, False)
-    reset_path_feedback(groups)
-    fresh = path_feedback(groups)
-    assert fresh is not feedback and fresh.measured() == (False, False) and fresh.as_micros() == (0, 0)
+def test_path_policy_is_owned_by_its_layer_and_resets_explicitly() -> None:
+    """No state shared between policies (layers, workloads); reset() forgets what was measured."""
+    model = PathModel(alpha_ep_s=0.0, alpha_intra_s=0.0, inter_s_per_byte=1e-9, intra_s_per_byte=1e-9)
+    first = PathPolicy("auto", topology=TOPO, model=lambda: model)
+    second = PathPolicy("auto", topology=TOPO, model=lambda: model)
+    first.feedback.update(hierarchical=False, measured_s=0.02, predicted_s=0.01)
+    assert first.feedback.measured() == (True, False) and second.feedback.measured() == (False, False)
+    first.reset()
+    assert first.feedback.measured() == (False, False) and first.feedback.as_micros() == (0, 0)
+    # fixed modes decide without the header's policy columns; one node has only the flat path
+    empty = np.zeros((4, 0), dtype=np.int64)
+    assert (
+        PathPolicy("flat", topology=TOPO).decide(empty, dispatch_row_bytes=8, combine_row_bytes=8) == "flat"
+    )
+    hier = PathPolicy("hierarchical", topology=TOPO)
+    assert hier.decide(empty, dispatch_row_bytes=8, combine_row_bytes=8) == "hierarchical"
+    assert not PathPolicy("auto", topology=Topology(1, 4)).adaptive
+    # auto: every rank's columns (summary, residuals, explore, measured) give the same decision
+    member_TR = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    columns = torch.stack([first.header_columns(member_TR, rank) for rank in range(4)]).numpy()
+    path = first.decide(columns, dispatch_row_bytes=64, combine_row_bytes=32)
+    assert path in ("flat", "hierarchical") and first.last_costs_s is not None

@@ -50,7 +50,10 @@ def _deepspeed_moe(k: int, *, use_residual: bool = False) -> MoE:
 def test_single_rank_equals_deepspeed(k, hierarchical):
     ds_moe = _deepspeed_moe(k, use_residual=(k == 2))
     grace = GraceMoE.from_deepspeed(
-        ds_moe, layer_plan=ONE_RANK_PLAN, topology=ONE, options=RuntimeOptions(hierarchical=hierarchical)
+        ds_moe,
+        layer_plan=ONE_RANK_PLAN,
+        topology=ONE,
+        options=RuntimeOptions(path="hierarchical" if hierarchical else "flat"),
     ).eval()
     x = torch.randn(3, 11, HIDDEN)
     with torch.no_grad():
@@ -150,12 +153,12 @@ def test_runtime_options_from_config_and_errors():
         {
             "grace": {
                 "routing": {"policy": "wrr"},
-                "communication": {"hierarchical": False, "dedup": False, "timeout_s": 7},
+                "communication": {"path": "flat", "dedup": False, "timeout_s": 7},
             }
         }
     )
     assert RuntimeOptions.from_config(grace_config) == RuntimeOptions(
-        policy="wrr", hierarchical=False, dedup=False, timeout_s=7.0, low_latency_policy="primary"
+        policy="wrr", path="flat", dedup=False, timeout_s=7.0, low_latency_policy="primary"
     )
     with pytest.raises(
         ValueError, match=r"grace.routing.low_latency_policy \('nearest'\) must be null or one of tar, wrr"
@@ -168,7 +171,7 @@ def test_runtime_options_from_config_and_errors():
     ):
         RuntimeOptions(policy="nearest")
     with pytest.raises(ValueError, match=r"grace.communication.dedup \(false\) must be true when"):
-        RuntimeOptions(hierarchical=True, dedup=False)
+        RuntimeOptions(path="hierarchical", dedup=False)
     with pytest.raises(ValueError, match=r"grace.communication.timeout_s \(0.0\) must be > 0"):
         RuntimeOptions(timeout_s=0.0)
 
@@ -224,3 +227,37 @@ def test_forward_routed_input_errors():
         grace.forward_routed(x_TD, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
     with pytest.raises(ValueError, match=r"x_TD \(shape \(1, 3, 16\)\) must be 2-D"):
         grace.forward_routed(x_TD[None], torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+def test_low_latency_path_has_static_shapes_under_fake_tensors():
+    """The low-latency forward's tensor work runs under FakeTensorMode: no data-dependent op, no host read
+    (what CUDA-graph capture needs); a rank holding more tokens than promised fails before any collective."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    experts = [nn.Linear(8, 8) for _ in range(4)]
+    plan = LayerPlan.from_lists(slots=[[0, 1, 2, 3]], primary=[0, 0, 0, 0])
+    layer = GraceMoE.from_experts(
+        experts, hidden_size=8, k=2, layer_plan=plan, topology=ONE, ep_index=0,
+        options=RuntimeOptions(low_latency_max_tokens=16),
+    ).eval()  # fmt: skip
+    x_TD = torch.randn(5, 8)
+    ids_TK = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [2, 1]])
+    w_TK = torch.rand(5, 2)
+    with torch.no_grad():
+        real = layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=8)
+        normal = layer.forward_routed(x_TD, ids_TK, w_TK)
+        torch.testing.assert_close(real, normal)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = layer.forward_routed(
+                mode.from_tensor(x_TD), mode.from_tensor(ids_TK), mode.from_tensor(w_TK), low_latency_tokens=8
+            )
+        assert tuple(fake.shape) == (5, 8)
+        with pytest.raises(
+            ValueError, match=r"this rank holds 5 tokens but the forward was promised low_latency_tokens=4"
+        ):
+            layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=4)
+        with pytest.raises(
+            ValueError,
+            match=r"low_latency_tokens \(32\) must be in \[1, grace\.communication\.low_latency_max_tokens=16\]",
+        ):
+            layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=32)

@@ -170,7 +170,7 @@ def _drop_in_rank(ctx: RankContext) -> dict:
                     ds_moe,
                     layer_plan=plan,
                     topology=topology,
-                    options=RuntimeOptions(hierarchical=hierarchical),
+                    options=RuntimeOptions(path="hierarchical" if hierarchical else "flat"),
                 )
                 out["parity"][f"ep4_k{k}_{'hier' if hierarchical else 'flat'}"] = _compare(
                     reference, grace(x_k)
@@ -285,11 +285,12 @@ def test_deepspeed_drop_in_parity_memory_and_timeout():
     least_deepspeed = {e: min(p[f"deepspeed_skewed_E{e}"] for p in allocated) for e in (32, 64)}
     # same routed tokens, twice the experts: on every rank (the one holding the two hot experts
     # included), what GRACE allocates beyond its gate (whose logits are T x E) grows by E-sized
-    # bookkeeping only (under 1 KB here; one more E x D fp32 buffer, 8 KiB, is over 1% on the ranks
-    # without hot experts), and its whole layer by the gate's growth; DeepSpeed's doubles
+    # bookkeeping only (under 4 KiB here: the header's routes per slot of every peer, sent and received,
+    # and the slot lookup; one more E x D fp32 buffer would be 8 KiB), and its whole layer by the gate's
+    # growth; DeepSpeed's doubles
     for rank, p in enumerate(allocated):
         beyond_gate = {e: p[f"grace_skewed_E{e}"] - p[f"grace_gate_E{e}"] for e in (32, 64)}
-        assert 1.0 <= beyond_gate[64] / beyond_gate[32] <= 1.01, (rank, beyond_gate, p)
+        assert 0 <= beyond_gate[64] - beyond_gate[32] <= 4096, (rank, beyond_gate, p)
     assert 1.0 <= worst_grace[64] / worst_grace[32] <= 1.25, allocated
     assert least_deepspeed[64] / least_deepspeed[32] >= 1.6, allocated
     # DeepSpeed's dispatch buffer alone is E x capacity x D fp32 (capacity: the 256 tokens of expert 0)

@@ -17,6 +17,9 @@ SLOTS = [torch.tensor([[0, 1], [0, 0], [1, -1], [0, 1]]), *[torch.zeros(0, 2, dt
 HIDDEN = 4
 ROW = dispatch_row_bytes(2, HIDDEN, torch.float32)  # 8 * k + 4 * hidden = 32
 BACK = HIDDEN * 4
+# one header row per peer: flat rows, relay rows, rows via the relay per GPU (2), routes per slot (2)
+HEADER = 8 * (2 + 2 + 2)
+FLAT_HEADER = 8 * (1 + 2)  # flat rows, routes per slot
 
 
 def _expect(ep_index: int, *, hierarchical: bool, dedup: bool = True) -> dict:
@@ -30,6 +33,7 @@ def _expect(ep_index: int, *, hierarchical: bool, dedup: bool = True) -> dict:
         hidden=HIDDEN,
         dtype=torch.float32,
         num_local_slots=2,
+        slot_stride=2,
     )
 
 
@@ -64,7 +68,7 @@ def test_row_bytes_are_8_aligned():
 def test_hierarchical_expectation_by_hand():
     # rank 0: t0, t1, t3 cross to node 1 once each via peer rank 2; t0 also goes to rank 1 in-node.
     assert _expect(0, hierarchical=True)["stages"] == {
-        "sizes": _sizes(16),
+        "sizes": _sizes(HEADER),
         "dispatch.stage1": _t(rows_sent_inter=3, bytes_sent_inter=3 * ROW),
         "combine.stage1": _t(rows_recv_inter=3, bytes_recv_inter=3 * BACK),
         "dispatch.stage2": _t(rows_sent_intra=1, bytes_sent_intra=ROW),
@@ -87,7 +91,7 @@ def test_flat_expectation_by_hand_with_and_without_dedup():
     assert dedup["combine"] == _t(
         rows_recv_intra=1, rows_recv_inter=4, bytes_recv_intra=BACK, bytes_recv_inter=4 * BACK
     )
-    assert dedup["sizes"] == _sizes(8)
+    assert dedup["sizes"] == _sizes(FLAT_HEADER)
     no_dedup = _expect(0, hierarchical=False, dedup=False)["stages"]
     assert no_dedup["dispatch"]["rows_sent_inter"] == 5
     assert _expect(3, hierarchical=False, dedup=False)["stages"]["dispatch"]["rows_recv_inter"] == 4

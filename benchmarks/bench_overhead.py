@@ -1,0 +1,146 @@
+"""The runtime's own overhead per MoE layer forward, in one process (a world of 1).
+
+    python benchmarks/bench_overhead.py [--output benchmarks/results/bench_overhead.json] [--repeats 20]
+
+For 4, 16, 64, 512 and 4096 tokens: the time of GraceMoE.forward_routed on each path (flat; the
+low-latency path where the tokens fit its bound) against a minimal reference on the same routing
+(sort the routes by expert, run each expert once on its rows, unsort and add with the gate weights)
+and against DeepSpeed's MOELayer (lossless, its own gate included), with the runtime's host reads
+and non-view aten ops (the experts' own excluded; ``benchmarks/counting.py``). Rows: path, tokens,
+host_reads, aten_ops, ms, reference_ms, deepspeed_ms (medians). On one rank every path's rounds are
+local copies, so this is the index work and bookkeeping a forward adds around the experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.counting import count_hot_path
+from ds_grace.moe.layer import GraceMoE, RuntimeOptions
+from ds_grace.planning.plan import LayerPlan
+from ds_grace.topology import Topology
+
+TOKENS = (4, 16, 64, 512, 4096)
+NUM_EXPERTS, TOP_K, HIDDEN, FFN = 8, 2, 256, 512
+LOW_LATENCY_MAX_TOKENS = 64
+
+
+def make_experts() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [
+        nn.Sequential(nn.Linear(HIDDEN, FFN), nn.GELU(), nn.Linear(FFN, HIDDEN)).eval()
+        for _ in range(NUM_EXPERTS)
+    ]
+
+
+def reference_forward(
+    experts: list[nn.Module], x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor
+) -> torch.Tensor:
+    """Gate output -> sort by expert -> experts -> unsort and weighted sum."""
+    order_Q = torch.argsort(ids_TK.reshape(-1), stable=True)
+    token_Q = order_Q // ids_TK.shape[1]
+    rows_E = torch.bincount(ids_TK.reshape(-1), minlength=len(experts)).tolist()
+    x_QD = x_TD.index_select(0, token_Q)
+    out_QD = torch.cat([expert(x) for expert, x in zip(experts, x_QD.split(rows_E))])
+    weighted_QD = out_QD * w_TK.reshape(-1)[order_Q].unsqueeze(1)
+    return torch.zeros_like(x_TD).index_add_(0, token_Q, weighted_QD)
+
+
+def deepspeed_layer(experts: list[nn.Module]) -> nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(
+        hidden_size=HIDDEN, expert=experts[0], num_experts=NUM_EXPERTS, ep_size=1, k=TOP_K, drop_tokens=False
+    )
+    with torch.no_grad():
+        for mine, theirs in zip(layer.deepspeed_moe.experts.deepspeed_experts, experts):
+            mine.load_state_dict(theirs.state_dict())
+    return layer.eval()
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(*, repeats: int) -> list[dict]:
+    experts = make_experts()
+    plan = LayerPlan.from_lists(slots=[list(range(NUM_EXPERTS))], primary=[0] * NUM_EXPERTS)
+    options = RuntimeOptions(path="flat", low_latency_max_tokens=LOW_LATENCY_MAX_TOKENS)
+    runtime = GraceMoE.from_experts(
+        experts,
+        hidden_size=HIDDEN,
+        k=TOP_K,
+        layer_plan=plan,
+        topology=Topology(1, 1),
+        ep_index=0,
+        options=options,
+    ).eval()
+    slot_modules = list(runtime.deepspeed_moe.experts.deepspeed_experts)
+    deepspeed = deepspeed_layer(experts)
+    rows = []
+    with torch.no_grad():
+        for tokens in TOKENS:
+            generator = torch.Generator().manual_seed(tokens)
+            x_TD = torch.randn(tokens, HIDDEN, generator=generator)
+            w_TK, ids_TK = torch.rand(tokens, NUM_EXPERTS, generator=generator).softmax(1).topk(TOP_K, dim=1)
+            reps = max(3, repeats * 64 // max(tokens, 64))
+            inputs = (x_TD, ids_TK, w_TK)
+            reference_ms = median_ms(lambda inputs=inputs: reference_forward(experts, *inputs), reps)
+            deepspeed_ms = median_ms(lambda x_TD=x_TD: deepspeed(x_TD.unsqueeze(0)), reps)
+            paths = (
+                {"flat": None, "low-latency": tokens} if tokens <= LOW_LATENCY_MAX_TOKENS else {"flat": None}
+            )
+            for path, bound in paths.items():
+
+                def run(inputs: tuple = inputs, bound: int | None = bound) -> torch.Tensor:
+                    return runtime.forward_routed(*inputs, low_latency_tokens=bound)
+
+                torch.testing.assert_close(run(), reference_forward(experts, *inputs), rtol=1e-4, atol=1e-4)
+                with count_hot_path(slot_modules) as counts:
+                    run()
+                rows.append({
+                    "path": path, "tokens": tokens, "host_reads": counts.num_host_reads,
+                    "aten_ops": counts.num_aten_ops, "ms": median_ms(run, reps),
+                    "reference_ms": reference_ms, "deepspeed_ms": deepspeed_ms,
+                })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="benchmarks/results/bench_overhead.json")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = measure(repeats=args.repeats)
+    print(
+        "| path | tokens | host reads | aten ops | runtime ms | reference ms | DeepSpeed ms | runtime / reference |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['path']} | {row['tokens']} | {row['host_reads']} | {row['aten_ops']} | {row['ms']:.3f} | "
+              f"{row['reference_ms']:.3f} | {row['deepspeed_ms']:.3f} | {row['ms'] / row['reference_ms']:.2f} |")  # fmt: skip
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

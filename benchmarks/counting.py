@@ -1,0 +1,135 @@
+"""Count what one MoE layer forward costs the host: host reads, non-view aten ops, collectives.
+
+A host read is anything that makes the host wait for the device on an accelerator: ``.tolist()``,
+scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), and ops whose output shape
+depends on the data (``nonzero``, ``unique``, ``masked_select``, ``bincount`` without a fixed
+``minlength``). Aten ops are counted below every Python call by a TorchDispatchMode; view ops (no
+kernel launch) are left out, and so are the experts' own ops (their GEMMs and activations): a
+forward hook on each expert module marks its span. Collectives are the torch.distributed calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_DATA_DEPENDENT = {"nonzero", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                   "masked_select", "nonzero_static_no"}  # fmt: skip
+_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",
+                "broadcast", "reduce_scatter_tensor", "barrier")  # fmt: skip
+
+
+@dataclass
+class HotPathCounts:
+    """What one span of work cost: host reads (by kind), non-view aten ops (by name), collectives."""
+
+    host_reads: Counter[str] = field(default_factory=Counter)
+    aten_ops: Counter[str] = field(default_factory=Counter)
+    collectives: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def num_host_reads(self) -> int:
+        return sum(self.host_reads.values())
+
+    @property
+    def num_aten_ops(self) -> int:
+        return sum(self.aten_ops.values())
+
+    @property
+    def num_collectives(self) -> int:
+        return sum(self.collectives.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "host_reads": self.num_host_reads,
+            "aten_ops": self.num_aten_ops,
+            "collectives": self.num_collectives,
+            "host_reads_by_kind": dict(self.host_reads),
+            "collectives_by_name": dict(self.collectives),
+            "aten_ops_by_name": dict(self.aten_ops),
+        }
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self, counts: HotPathCounts) -> None:
+        super().__init__()
+        self.counts = counts
+        self.expert_depth = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.counts.host_reads["scalar read"] += 1
+        elif name in _DATA_DEPENDENT:
+            self.counts.host_reads[name] += 1
+        elif name == "bincount" and not (len(args) > 2 and args[2]) and not kwargs.get("minlength"):
+            self.counts.host_reads["bincount without minlength"] += 1
+        elif name in ("_to_copy", "copy_") and _to_host(args, kwargs):
+            self.counts.host_reads["copy to host"] += 1
+        if not func.is_view and self.expert_depth == 0:
+            self.counts.aten_ops[name] += 1
+        return func(*args, **kwargs)
+
+
+def _to_host(args: tuple, kwargs: dict) -> bool:
+    source = args[-1] if args else None
+    device = kwargs.get("device")
+    return (
+        isinstance(source, torch.Tensor)
+        and source.device.type not in ("cpu", "meta")
+        and (device is not None and torch.device(device).type == "cpu")
+    )
+
+
+@contextmanager
+def count_hot_path(experts: Iterable[nn.Module] = ()) -> Iterator[HotPathCounts]:
+    """Count host reads, non-view aten ops (outside `experts`' forwards) and collectives."""
+    counts = HotPathCounts()
+    mode = _OpCounter(counts)
+    handles = []
+    for module in experts:
+        handles.append(module.register_forward_pre_hook(lambda *_: _enter(mode)))
+        handles.append(module.register_forward_hook(lambda *_: _leave(mode)))
+    original_tolist = torch.Tensor.tolist
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def tolist(self: torch.Tensor) -> Any:
+        counts.host_reads["tolist"] += 1
+        return original_tolist(self)
+
+    def wrap(name: str) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts.collectives[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+    for name in originals:
+        setattr(dist, name, wrap(name))
+    try:
+        with mode:
+            yield counts
+    finally:
+        torch.Tensor.tolist = original_tolist  # type: ignore[method-assign]
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        for handle in handles:
+            handle.remove()
+
+
+def _enter(mode: _OpCounter) -> None:
+    mode.expert_depth += 1
+
+
+def _leave(mode: _OpCounter) -> None:
+    mode.expert_depth -= 1

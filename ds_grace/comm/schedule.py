@@ -1,0 +1,106 @@
+"""Dispatch as data: the hops of each path and the rows each hop sends (pure: no torch.distributed, so
+a traffic model may import it as well as the executor in ds_grace.comm.all_to_all).
+
+Shape legend: T tokens, K top-k, V rows a rank holds before a hop, P peers of the hop's group,
+S rows it sends, R expert-parallel (EP) ranks, N nodes, G GPUs per node.
+
+A route's destination is the EP rank computing it. A path is a tuple of hops; each hop maps every
+destination to the peer (index in the hop's group) a row travels to on the way there:
+
+- flat: one hop over the EP group, a row once per destination GPU (its routes there ride along);
+- hierarchical (N > 1): hop 1 over the EP group to the relay of each destination node (the GPU
+  there with this rank's local rank; its own node's relay is itself), a row once per node; hop 2
+  inside the node, a row once per destination GPU;
+- low-latency: the flat hop with a fixed buffer of rows per peer (ds_grace.comm.all_to_all).
+
+Combine runs the hops in reverse, adding a token's weighted outputs at every hop, so a token
+crosses each node boundary at most once per direction. ``path_rows`` counts one origin's rows per hop
+of the same hops in numpy, for a traffic model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ds_grace.topology import Topology
+
+PathName = Literal["flat", "hierarchical"]
+PATHS: tuple[PathName, ...] = ("flat", "hierarchical")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One all-to-all of a path: over `group` ("ep" or "intra"), peer_of_dest[d] is the peer (index
+    into peer_ep_ranks) a row for destination EP rank d goes to, or -1 (not reached by this hop)."""
+
+    group: Literal["ep", "intra"]
+    peer_of_dest: tuple[int, ...]
+    peer_ep_ranks: tuple[int, ...]
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.peer_ep_ranks)
+
+
+def path_hops(path: PathName, topology: Topology, ep_index: int) -> tuple[Hop, ...]:
+    """The hops of `path` from EP rank `ep_index` (hierarchical on one node is the flat hop)."""
+    world, gpus = topology.world_size, topology.gpus_per_node
+    everyone = tuple(range(world))
+    if path == "flat" or topology.num_nodes == 1:
+        return (Hop("ep", everyone, everyone),)
+    if path != "hierarchical":
+        raise ValueError(f"path ({path!r}) must be one of {', '.join(PATHS)}")
+    local, node = topology.local_rank_of(ep_index), topology.node_of(ep_index)
+    relay = tuple(topology.node_of(d) * gpus + local for d in everyone)
+    inside = tuple(topology.local_rank_of(d) if topology.node_of(d) == node else -1 for d in everyone)
+    return Hop("ep", relay, everyone), Hop("intra", inside, tuple(topology.ranks_of_node(node)))
+
+
+def membership(dest_VK: torch.Tensor, peer_lookup_D: torch.Tensor, num_peers: int) -> torch.Tensor:
+    """member_VP[v, p]: does a route of row v travel through peer p (dest -1: no route).
+
+    peer_lookup_D[d + 1] is the peer of destination d, num_peers where d is not reached by the hop
+    (``peer_lookup``; entry 0 stands for dest -1)."""
+    peer_VK = peer_lookup_D[dest_VK + 1]
+    member_VP = torch.zeros(dest_VK.shape[0], num_peers + 1, dtype=torch.bool, device=dest_VK.device)
+    return member_VP.scatter_(1, peer_VK, True)[:, :num_peers]
+
+
+def peer_lookup(hop: Hop, device: torch.device) -> torch.Tensor:
+    """hop.peer_of_dest as a tensor on `device`, shifted by one (entry 0: dest -1), with num_peers for
+    destinations the hop does not reach."""
+    lookup = [hop.num_peers, *(peer if peer >= 0 else hop.num_peers for peer in hop.peer_of_dest)]
+    return torch.tensor(lookup, dtype=torch.long, device=device)
+
+
+def rows_by_peer(member_VP: torch.Tensor, num_sent: int) -> torch.Tensor:
+    """src_row_S: the row of every (row, peer) of member_VP, grouped by peer, rows in order.
+
+    num_sent (member_VP.sum(), known on the host from the header round) sizes the output: a
+    static-shape op, no host read."""
+    return torch.nonzero_static(member_VP.t(), size=num_sent)[:, 1]
+
+
+def path_rows(member_TR: np.ndarray, *, path: PathName, topology: Topology, origin: int) -> list[np.ndarray]:
+    """Rows one origin's tokens send per hop: [hop][sender EP rank, receiver EP rank] (self included).
+
+    member_TR[t, r]: token t has a route computed on EP rank r. Hop 1 is sent by the origin; hop 2
+    (hierarchical) by the relays. Pure numpy: the traffic model of the planner, the replayed
+    metrics, the simulator and the benchmark."""
+    member_TR = np.asarray(member_TR, dtype=bool)
+    world, gpus, nodes = topology.world_size, topology.gpus_per_node, topology.num_nodes
+    first = np.zeros((world, world), dtype=np.int64)
+    if path == "flat" or nodes == 1:
+        first[origin] = member_TR.sum(0)
+        return [first]
+    local = topology.local_rank_of(origin)
+    reached_TN = member_TR.reshape(-1, nodes, gpus).any(axis=2)
+    first[origin, np.arange(nodes) * gpus + local] = reached_TN.sum(0)
+    second = np.zeros((world, world), dtype=np.int64)
+    relays = np.arange(nodes) * gpus + local
+    second[np.repeat(relays, gpus), np.arange(world)] = member_TR.sum(0)
+    return [first, second]
