@@ -77,12 +77,16 @@ def calibration_batches(seed: int, *, batches: int, rows: int, length: int) -> l
     return out
 
 
-def plan_for(model: torch.nn.Module, topology: Topology, *, seed: int, path: Path) -> Path:
-    """Profile `model` on random calibration text, plan for `topology` with GRACE's defaults, save."""
+def plan_for(
+    model: torch.nn.Module, topology: Topology, *, seed: int, path: Path, routing_policy: str = "tar"
+) -> Path:
+    """Profile `model` on random calibration text, plan for `topology` with GRACE's defaults fitted for
+    `routing_policy` (the policy that serves it), save."""
     trace = profile_routing(
         model, calibration_batches(seed, batches=4, rows=4, length=32), tokens=512, progress=False
     )
-    build_plan(trace, topology=topology, config=GraceConfig()).save(path)
+    config = GraceConfig.model_validate({"routing": {"policy": routing_policy}})
+    build_plan(trace, topology=topology, config=config).save(path)
     return path
 
 

@@ -96,7 +96,10 @@ def served(tmp_path_factory):
             block = _merge(block, {"profile": {"trace": str(root / f"{family}.npz")}})
             expected["plan"][family] = build_plan(trace, topology=TOPOLOGY, config=parse_grace_block(block))
         else:
-            plan_path = plan_for(model, TOPOLOGY, seed=index, path=root / f"{family}.plan.json")
+            policy = RUNTIME_VARIANTS.get(family, {}).get("routing", {}).get("policy", "tar")
+            plan_path = plan_for(
+                model, TOPOLOGY, seed=index, path=root / f"{family}.plan.json", routing_policy=policy
+            )
             block = _merge(block, {"plan": {"path": str(plan_path)}})
             expected["plan"][family] = GracePlan.load(plan_path)
         profile_batches = None
