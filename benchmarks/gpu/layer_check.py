@@ -253,8 +253,8 @@ def runtime_options(path: str) -> Any:
     from ds_grace.moe.layer import RuntimeOptions
 
     if path == "low-latency":
-        return RuntimeOptions(hierarchical=False, low_latency_max_tokens=LOW_LATENCY_MAX_TOKENS)
-    return RuntimeOptions(hierarchical=path in ("hierarchical", "auto"), adaptive_path=path == "auto")
+        return RuntimeOptions(path="flat", low_latency_max_tokens=LOW_LATENCY_MAX_TOKENS)
+    return RuntimeOptions(path=path)
 
 
 def seeded_(module: nn.Module, *, seed: int, device: torch.device) -> None:
@@ -334,6 +334,8 @@ def variants_at(layers: Layers, tokens: int) -> dict[str, nn.Module]:
         for path, layer in layers.grace.items()
         if path != "low-latency" or tokens <= LOW_LATENCY_MAX_TOKENS
     }
+    if "grace:low-latency" in grace:  # every rank holds `tokens`: the promise the low-latency path needs
+        grace["grace:low-latency"].set_low_latency_tokens(tokens)
     return {**grace, "deepspeed": layers.deepspeed, "reference": layers.reference}
 
 
