@@ -57,6 +57,7 @@ def _python_example() -> str:
 
 @pytest.mark.slow
 @pytest.mark.multirank
+@pytest.mark.timeout(1500)  # two launches (the journey's and the Python example's): above the 600 s default
 def test_user_journey_block_runs_as_written_from_any_directory(tmp_path):
     """The journey from a directory outside the repository, REPO naming the clone: its files land in the
     folder it names; then the README's Python example runs as written on them under the launcher."""
