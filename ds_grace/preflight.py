@@ -199,7 +199,8 @@ def _plan_for_model(
     else:
         plan.check_compatible(topology=topology, plan_name=_plan_name(grace))
     fitted_for = plan.meta.get("routing_policy")
-    if fitted_for is not None and fitted_for != grace.routing.policy:
+    # "primary" uses no replica weight, so it serves any plan; tar and wrr need the weights fitted for them
+    if fitted_for is not None and grace.routing.policy != "primary" and fitted_for != grace.routing.policy:
         raise PlanError(
             f"grace.plan.path ({grace.plan.path}) was fitted for routing policy {fitted_for!r} "
             f"(plan meta.routing_policy) but grace.routing.policy is {grace.routing.policy!r}: set "

@@ -85,7 +85,8 @@ def plan_for(
     trace = profile_routing(
         model, calibration_batches(seed, batches=4, rows=4, length=32), tokens=512, progress=False
     )
-    config = GraceConfig.model_validate({"routing": {"policy": routing_policy}})
+    fitted_for = "tar" if routing_policy == "primary" else routing_policy  # primary serves any plan
+    config = GraceConfig.model_validate({"routing": {"policy": fitted_for}})
     build_plan(trace, topology=topology, config=config).save(path)
     return path
 
