@@ -7,7 +7,7 @@ K 2), SwiGLU experts, and each token count (4, 64, 512, 4096, 16384 per rank):
 - parity: every GraceMoE path and DeepSpeed's MOELayer (lossless: drop_tokens False, no noise, no RTS)
   against a single-process reference, max |y - y_ref| <= 3e-2 x max(1, max |y_ref|) (bf16, as
   `ds-grace selfcheck`); GraceMoE against DeepSpeed is recorded too;
-- time per layer forward (median) of GraceMoE on each path it can take (flat, hierarchical, low-latency,
+- time per layer forward (median) of GraceMoE on each path it can take (flat and low-latency; hierarchical
   and auto on several nodes), DeepSpeed's MOELayer and the reference (gate -> routes sorted by expert
   -> each expert once on its rows -> weighted sum in token order);
 - per forward: top-level aten ops; on CUDA also host syncs (torch.cuda.set_sync_debug_mode, counted),
@@ -245,8 +245,9 @@ def spread_plan(num_experts: int, world_size: int) -> Any:
 
 
 def grace_paths(topology: Any) -> list[str]:
-    """The paths GraceMoE can take on `topology` (auto chooses between flat and hierarchical per forward)."""
-    return ["flat", "hierarchical", "low-latency"] + (["auto"] if topology.num_nodes > 1 else [])
+    """The paths GraceMoE can take on `topology`: on one node hierarchical is the flat hop itself, so it
+    and auto (which chooses between the two per forward) are variants only across nodes."""
+    return ["flat", "low-latency"] + (["hierarchical", "auto"] if topology.num_nodes > 1 else [])
 
 
 def runtime_options(path: str) -> Any:
