@@ -104,9 +104,7 @@ def test_replayed_routing_reaches_the_experts_of_a_real_model(tmp_path) -> None:
 def test_system_blocks_serve_each_system_as_the_layer_benchmark_does(tmp_path) -> None:
     block = system_block("peer_vllm", plan_path=tmp_path / "p.json", topology=TOPOLOGY, timeout_s=30.0)
     assert block["enabled"] and block["routing"] == {"policy": "wrr"}
-    assert block["communication"]["path"] == "flat" and block["plan"] == {
-        "path": str(tmp_path / "p.json")
-    }
+    assert block["communication"]["path"] == "flat" and block["plan"] == {"path": str(tmp_path / "p.json")}
     grace = system_block("grace", plan_path=tmp_path / "g.json", topology=TOPOLOGY, timeout_s=30.0)
     assert "routing" not in grace and grace["communication"] == {"timeout_s": 30.0}  # the default block
     vanilla = system_block("vanilla_lossless", plan_path=None, topology=TOPOLOGY, timeout_s=30.0)
