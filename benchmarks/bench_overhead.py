@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.counting import count_hot_path
+from ds_grace.files import write_text_atomic
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.topology import Topology
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {row['path']} | {row['tokens']} | {row['host_reads']} | {row['aten_ops']} | {row['ms']:.3f} | "
               f"{row['reference_ms']:.3f} | {row['deepspeed_ms']:.3f} | {row['ms'] / row['reference_ms']:.2f} |")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
+    write_text_atomic(args.output, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 from benchmarks.counting import count_hot_path
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
 from ds_grace.commands.selfcheck import random_layer_plan
+from ds_grace.files import write_text_atomic
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
 from ds_grace.topology import Topology
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{path:13s} {phase:8s} host reads {row['host_reads']:3d} aten ops {row['aten_ops']:4d} "
                   f"collectives {row['collectives']:2d} {row['host_reads_by_kind']}")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(counts, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(args.output, json.dumps(counts, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from ds_grace.cluster.cluster_network import (
     netns_unavailable_reason,
 )
 from ds_grace.cluster.node_launchers import free_port
+from ds_grace.files import write_text_atomic
 
 if TYPE_CHECKING:
     from ds_grace.topology import Topology
@@ -613,7 +614,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"{exc}; every process and namespace of the run was removed", file=sys.stderr)
         return 128 + exc.signum
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        write_text_atomic(args.json_out, json.dumps(result.to_dict(), indent=2, default=str))
     for line in result.summary_lines():
         print(line)
     if not result.ok:
