@@ -84,6 +84,7 @@ def test_grace_results_are_printed_when_vanilla_is_refused(monkeypatch, capsys, 
 
     monkeypatch.setattr(generate, "serve_and_generate", serve)
     monkeypatch.setattr("ds_grace.profiling.load_text_tokenizer", lambda model: Tokenizer())
+    monkeypatch.setattr("ds_grace.models.describe.check_checkpoint_folder", lambda path: "mixtral")
     config = tmp_path / "grace.json"
     config.write_text('{"dtype": "fp32", "grace": {"plan": {"path": "plan.json"}}}')
     args = ["--model", "m", "--ds-config", str(config), "--prompt", "a", "--compare-vanilla"]
