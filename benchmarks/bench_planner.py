@@ -11,7 +11,7 @@ and eplb only: contiguous and occult need a primary on every GPU). grace and epl
 evaluate's: expectations over origin GPUs and the replayed ones (ds_grace/replayed.py). Targets:
 grace balancedness >= eplb's - 0.005 and grace cross-node copies <= 0.9 x contiguous (per-node dedup).
 
-Ablation (``ds_grace.planning.robust.VARIANTS``): the same real traces at fractions 0.3-0.7. Noise floor:
+Ablation (``benchmarks/planner_variants.py``, ``VARIANTS``): the same real traces at fractions 0.3-0.7. Noise floor:
 the same for the default and the previous default with their planning loads perturbed by 0.1 %.
 Speed: 48 MoE layers x 128 experts, top-8, 8 x 8 GPUs, 100k tokens per layer (synthetic), default
 config, one core (BLAS threads 1). Target: < 5 s.
@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,6 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.planning.build import build_plan  # noqa: E402
 from ds_grace.planning.metrics import METRIC_KEYS, evaluate_plan  # noqa: E402
-from ds_grace.planning.robust import NOISE_FLOOR_JITTER, NOISE_FLOOR_SEEDS, VARIANTS, Variant  # noqa: E402
 from ds_grace.replayed import REPLAYED_KEYS, replayed_metrics  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 from ds_grace.trace import (  # noqa: E402
@@ -50,6 +50,17 @@ from ds_grace.trace import (  # noqa: E402
     packaged_traces_dir,
     split_trace,
     synthetic,
+)
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.planner_variants import (  # noqa: E402
+    NOISE_FLOOR_JITTER,
+    NOISE_FLOOR_SEEDS,
+    VARIANTS,
+    ExperimentVariant,
+    plan_variant,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,7 +133,7 @@ def bench_held_out() -> dict:
     return results
 
 
-def bench_ablation(variants: dict[str, Variant] | None = None) -> dict:
+def bench_ablation(variants: dict[str, ExperimentVariant] | None = None) -> dict:
     """Held-out balancedness minus EPLB's and copies / contiguous per variant, over split fractions."""
     variants = VARIANTS if variants is None else variants
     root = packaged_traces_dir()
@@ -141,7 +152,7 @@ def bench_ablation(variants: dict[str, Variant] | None = None) -> dict:
                 eplb = evaluate_plan(check, build_plan(fit, topology=topology, policy="eplb"))
                 contiguous = evaluate_plan(check, build_plan(fit, topology=topology, policy="contiguous"))
                 for name, variant in variants.items():
-                    held = evaluate_plan(check, build_plan(fit, topology=topology, variant=variant))
+                    held = evaluate_plan(check, plan_variant(fit, topology=topology, variant=variant))
                     cases[name].append(
                         (
                             held["balancedness"] - eplb["balancedness"],
@@ -193,7 +204,7 @@ def bench_noise_floor(bases: tuple[str, ...] = ("recency", "robust")) -> dict:
                         continue
                     topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
                     slots = -(-fit.num_experts // topology.world_size) + 1
-                    plan = build_plan(
+                    plan = plan_variant(
                         fit, topology=topology, replication={"slots_per_gpu": slots}, variant=variant
                     )
                     held = evaluate_plan(check, plan)

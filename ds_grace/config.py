@@ -101,8 +101,9 @@ class ReplicationConfig(_Section):
     )
     robust: bool = Field(
         True,
-        description="Budget mode, per-token traces: plan for traffic the trace did not record (shrunk loads, "
-        "variant chosen by validation on the sample's second half; see ds_grace/planning/robust.py).",
+        description="Budget mode, per-token traces: plan for traffic the trace did not record (recent loads and "
+        "locality swaps where the sample drifts, shrunk loads, replica room, experts spread inside nodes; "
+        "see ds_grace/planning/robust.py).",
     )
     online: OnlineReplicationConfig = OnlineReplicationConfig()
 

@@ -151,29 +151,6 @@ def eplb_layer(
     return layer_from_slots(slots, num_experts)
 
 
-def node_packed_layer(
-    loads_E: np.ndarray, node_E: np.ndarray, topology: Topology, *, slots_per_gpu: int
-) -> LayerPlan:
-    """Experts kept on the nodes ``node_E`` gives; inside each node, EPLB's intra-node step: replicas
-    to the expert with the largest load per copy until the node's G x slots_per_gpu slots are full,
-    then the copies packed onto the node's GPUs by load per copy (every GPU exactly slots_per_gpu
-    slots, no GPU with two copies of an expert). WRR weights 1 (even split)."""
-    loads = np.asarray(loads_E, dtype=np.float64)
-    gpus, world = topology.gpus_per_node, topology.world_size
-    slots: list[list[int]] = [[] for _ in range(world)]
-    for node in range(topology.num_nodes):
-        experts = np.flatnonzero(np.asarray(node_E) == node)
-        if not gpus <= len(experts) <= gpus * slots_per_gpu or slots_per_gpu > len(experts):
-            raise PlanError(
-                f"node {node} holds {len(experts)} experts: must be in [{max(gpus, slots_per_gpu)}, "
-                f"{gpus * slots_per_gpu}] for {gpus} GPUs of {slots_per_gpu} slots"
-            )
-        fill_node(
-            slots, experts, loads[experts], first_rank=node * gpus, gpus=gpus, slots_per_gpu=slots_per_gpu
-        )
-    return layer_from_slots(slots, len(loads))
-
-
 def fill_node(
     slots: list[list[int]],
     experts_X: np.ndarray,

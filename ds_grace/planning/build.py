@@ -22,26 +22,20 @@ Pure and deterministic: no torch, no torch.distributed, no global state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
 
 from ds_grace.config import GraceConfig, parse_grace_block
-from ds_grace.planning.baselines import (
-    contiguous_primary,
-    eplb_layer,
-    node_packed_layer,
-    single_instance_layer,
-)
+from ds_grace.planning.baselines import contiguous_primary, eplb_layer, single_instance_layer
 from ds_grace.planning.grouping import (
     check_fits,
     hierarchical_grouping,
     rebalance_primaries,
     spread_within_nodes,
 )
-from ds_grace.planning.metrics import expected_gpu_loads
 from ds_grace.planning.per_node import per_node_layer
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
 from ds_grace.planning.replication import (
@@ -50,16 +44,13 @@ from ds_grace.planning.replication import (
     layer_plan_from,
     locality_swaps,
     replicate,
-    robust_gpu_loads,
     seed_replicas,
-    split_seed_replicas,
 )
 from ds_grace.planning.robust import (
     ROBUST_VARIANT,
+    SAMPLE_FITTED,
     Variant,
-    block_loads,
     drift_ratio,
-    load_spread,
     recent_loads,
     shrinkage,
     shrunk_loads,
@@ -286,13 +277,158 @@ def _grace_variant(
 ) -> Variant:
     """The planning variant: `variant` if given; else, with grace.replication.robust (default), equal
     slots and a per-token trace, ``ROBUST_VARIANT`` (planning/robust.py says why; the numbers:
-    benchmarks/README.md); else the sample-fitted planner (``Variant()``)."""
+    benchmarks/README.md); else the sample-fitted planner (``SAMPLE_FITTED``)."""
     if variant is not None:
         return variant
     slots = resolve_slots_per_gpu(cfg, num_experts=loads_LE.shape[1], topology=topology)
     if cfg.replication.robust and slots is not None and isinstance(source, RoutingTrace):
         return ROBUST_VARIANT
-    return Variant()
+    return SAMPLE_FITTED
+
+
+def planning_loads(source: LoadSource, loads_LE: np.ndarray, variant: Variant) -> np.ndarray:
+    """loads_LE the grace planner plans on: recent loads on the layers the recency gate picks, then
+    shrunk toward their mean (planning/robust.py); the loads as given without per-token data."""
+    if not isinstance(source, RoutingTrace):
+        return loads_LE
+    if variant.recency is not None:
+        recent_LE = recent_loads(source, variant.recency)
+        loads_LE = np.where(recency_gate(source, variant)[:, None], recent_LE, loads_LE)
+    if variant.shrunk_loads:
+        loads_LE = shrunk_loads(loads_LE, shrinkage(source))
+    return loads_LE
+
+
+def recency_gate(source: RoutingTrace, variant: Variant) -> np.ndarray:
+    """gate_L: the layers whose sample drifts (drift_ratio > variant.recency_gate; every layer if None)."""
+    if variant.recency_gate is None:
+        return np.ones(source.num_layers, dtype=bool)
+    return drift_ratio(source) > variant.recency_gate
+
+
+def slot_caps(
+    cfg: GraceConfig, *, slots: int | None, num_experts: int, world: int, variant: Variant
+) -> tuple[int | None, int | None]:
+    """(cap, group_cap): slots per GPU (S; without equal slots grace.grouping.max_experts_per_gpu) and
+    primaries per GPU (up to cap, or ceil(E / GPUs) with variant.replica_room so that every GPU keeps
+    room for replicas)."""
+    cap = cfg.grouping.max_experts_per_gpu if slots is None else slots
+    return cap, cap if slots is None or not variant.replica_room else -(-num_experts // world)
+
+
+def group_primaries(
+    source: LoadSource,
+    loads_LE: np.ndarray,
+    topology: Topology,
+    cfg: GraceConfig,
+    meta: dict[str, Any],
+    *,
+    load_slack: float | None,
+    caps: tuple[int | None, int | None],
+    spread: bool,
+) -> tuple[np.ndarray, list[np.ndarray] | None, list[np.ndarray] | None]:
+    """(primaries_LE, grouping affinities, intra-layer affinities): hierarchical grouping by affinity
+    with at most caps[1] primaries per GPU (then ``spread_within_nodes`` if `spread`), or contiguous
+    primaries within caps[0] slots per GPU without grouping (``slot_caps``)."""
+    num_layers, num_experts = loads_LE.shape
+    cap, group_cap = caps
+    if not cfg.grouping.enabled:
+        check_fits(num_experts, topology, cap)
+        primaries = np.tile(contiguous_primary(num_experts, topology.world_size), (num_layers, 1))
+        intra = affinity_matrices(source) if isinstance(source, RoutingTrace) else None
+        return primaries, None, intra
+    trace = _needs_tokens(source, "grace")
+    affinities = grouping_affinities(trace, cfg.grouping.affinity)
+    intra = affinities if cfg.grouping.affinity == "intra" else affinity_matrices(trace)
+    result = hierarchical_grouping(
+        affinities,
+        topology,
+        ratio=cfg.grouping.ratio,
+        max_experts_per_gpu=group_cap,
+        loads_LE=loads_LE,
+        load_slack=load_slack,
+    )
+    primaries = result.expert2rank_LE
+    if spread:
+        primaries = np.stack(
+            [spread_within_nodes(primaries[i], loads_LE[i], intra[i], topology) for i in range(num_layers)]
+        )
+    meta["grouping"] = {
+        "affinity": cfg.grouping.affinity,
+        "ratio": result.ratio,
+        "ratio_curve": [list(point) for point in result.ratio_curve],
+        "kept_node_affinity": result.kept_node_affinity,
+        "kept_gpu_affinity": result.kept_gpu_affinity,
+        "load_slack": load_slack,
+    }
+    return primaries, affinities, intra
+
+
+def replica_options(
+    cfg: GraceConfig, *, cap: int | None, slots: int | None, affinity_EE: np.ndarray | None
+) -> dict:
+    """The keyword arguments of ``replicate`` for one layer under `cfg`."""
+    rep = cfg.replication
+    return dict(
+        mode=rep.mode,
+        extra_slots_per_gpu=rep.extra_slots_per_gpu,
+        max_experts_per_gpu=cap,
+        routing_policy=cfg.routing.policy,
+        affinity_EE=affinity_EE,
+        slots_per_gpu=slots,
+    )
+
+
+def swap_for_locality(
+    loads_E: np.ndarray,
+    primary: np.ndarray,
+    placement: ReplicaPlacement,
+    ids_TK: np.ndarray,
+    topology: Topology,
+    *,
+    tolerance: float,
+    options: dict[str, Any],
+) -> ReplicaPlacement:
+    """``locality_swaps`` on `placement`; if any replica moved, WRR weights refitted (same slots)."""
+    swapped = locality_swaps(
+        loads_E,
+        primary,
+        placement.pairs(),
+        ids_TK,
+        topology,
+        tolerance=tolerance,
+        policy=options["routing_policy"],
+        weight_R=np.asarray(placement.rank_weights),
+    )
+    if set(swapped) == set(placement.pairs()):
+        return placement
+    return replicate(loads_E, primary, topology, initial=swapped, greedy=False, **options)
+
+
+def predicted_balancedness(gpu_R: np.ndarray) -> float:
+    gpu = np.asarray(gpu_R)
+    return float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0
+
+
+def replication_meta(
+    cfg: GraceConfig,
+    layers: list[LayerPlan],
+    *,
+    num_experts: int,
+    world: int,
+    slots: int | None,
+    balance: list[float],
+) -> dict[str, Any]:
+    """meta["replication"] of a grace plan."""
+    rep = cfg.replication
+    return {
+        "enabled": rep.enabled,
+        "mode": rep.mode,
+        "extra_slots_per_gpu": rep.extra_slots_per_gpu if slots is None else slots - -(-num_experts // world),
+        "slots_per_gpu": slots,
+        "replicas": sum(layer.replica_count() for layer in layers),
+        "predicted_balancedness": float(np.mean(balance)) if balance else None,
+    }
 
 
 def _grace_layers(
@@ -307,175 +443,53 @@ def _grace_layers(
     world = topology.world_size
     num_layers, num_experts = loads_LE.shape
     slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology)
-    sampled = isinstance(source, RoutingTrace)
-    lam_L = shrinkage(source) if sampled else np.zeros(num_layers)
-    if variant.recency is not None and sampled:
-        recent_LE = recent_loads(source, variant.recency)
-        if variant.recency_gate is None:
-            loads_LE = recent_LE
-        else:  # only layers whose halves differ beyond sampling noise
-            loads_LE = np.where((drift_ratio(source) > variant.recency_gate)[:, None], recent_LE, loads_LE)
-    blocks_LBE = block_loads(source, variant.blocks) if variant.blocks > 1 and sampled else None
-    if variant.shrunk_loads and sampled:
-        loads_LE = shrunk_loads(loads_LE, lam_L)
-        if blocks_LBE is not None:
-            blocks_LBE = np.stack(
-                [shrunk_loads(blocks_LBE[:, b], lam_L) for b in range(variant.blocks)], axis=1
-            )
-    if variant.jitter > 0:  # the planner's sensitivity to its inputs (noise floor: benchmarks/README.md)
-        noise_LE = np.random.default_rng(variant.jitter_seed).standard_normal(loads_LE.shape)
-        loads_LE = loads_LE * (1.0 + variant.jitter * noise_LE)
-    # drifting layers (shrinkage >= variant.drift_shrinkage) get variant.replicas on loads raised by
-    # their spread; the others the budget greedy (measured: benchmarks/README.md)
-    drifting_L = np.ones(num_layers, dtype=bool)
-    if variant.drift_shrinkage is not None:
-        drifting_L = lam_L >= variant.drift_shrinkage
-    if variant.uncertainty > 0 and sampled:
-        loads_LE = loads_LE + variant.uncertainty * load_spread(source) * drifting_L[:, None]
-    # on drifting layers (the recency gate): replicas split inside nodes (variant.split_z) and swapped
-    # for locality (variant.swap_tolerance); measured: benchmarks/README.md
-    spread_LE = np.zeros_like(loads_LE)
-    split_L = swap_L = np.zeros(num_layers, dtype=bool)
-    if (variant.split_z > 0 or variant.swap_tolerance is not None) and sampled and slots is not None:
-        spread_LE = load_spread(source)
-        gate_L = np.ones(num_layers, dtype=bool)
-        if variant.recency_gate is not None:
-            gate_L = drift_ratio(source) > variant.recency_gate
-        split_L = gate_L & (variant.split_z > 0)
-        swap_L = gate_L & (variant.swap_tolerance is not None)
-    cap = cfg.grouping.max_experts_per_gpu if slots is None else slots
-    # primaries per GPU: up to S, or ceil(E / GPUs) so that every GPU keeps room for replicas
-    group_cap = cap if slots is None or not variant.replica_room else -(-num_experts // world)
-    routing: RoutingPolicy = cfg.routing.policy
-    intra: list[np.ndarray] | None = None
-    if cfg.grouping.enabled:
-        trace = _needs_tokens(source, "grace")
-        affinities = grouping_affinities(trace, cfg.grouping.affinity)
-        intra = affinities if cfg.grouping.affinity == "intra" else affinity_matrices(trace)
-        result = hierarchical_grouping(
-            affinities,
-            topology,
-            ratio=cfg.grouping.ratio,
-            max_experts_per_gpu=group_cap,
-            loads_LE=loads_LE,
-            load_slack=load_slack,
-        )
-        primaries = result.expert2rank_LE
-        if variant.spread:
-            primaries = np.stack(
-                [
-                    spread_within_nodes(
-                        primaries[i],
-                        loads_LE[i],
-                        intra[i],
-                        topology,
-                        block_loads_BE=None if blocks_LBE is None else blocks_LBE[i],
-                    )
-                    for i in range(num_layers)
-                ]
-            )
-        meta["grouping"] = {
-            "affinity": cfg.grouping.affinity,
-            "ratio": result.ratio,
-            "ratio_curve": [list(point) for point in result.ratio_curve],
-            "kept_node_affinity": result.kept_node_affinity,
-            "kept_gpu_affinity": result.kept_gpu_affinity,
-            "load_slack": load_slack,
-        }
-    else:
-        check_fits(num_experts, topology, cap)
-        primaries = np.tile(contiguous_primary(num_experts, world), (num_layers, 1))
-        if isinstance(source, RoutingTrace):
-            intra = affinity_matrices(source)
-    rep = cfg.replication
+    loads_LE = planning_loads(source, loads_LE, variant)
+    swap_L = np.zeros(num_layers, dtype=bool)
+    if variant.swap_tolerance is not None and isinstance(source, RoutingTrace) and slots is not None:
+        swap_L = recency_gate(source, variant)  # drifting layers: replicas swapped for locality
+    cap, group_cap = slot_caps(cfg, slots=slots, num_experts=num_experts, world=world, variant=variant)
+    primaries, affinities, intra = group_primaries(
+        source,
+        loads_LE,
+        topology,
+        cfg,
+        meta,
+        load_slack=load_slack,
+        caps=(cap, group_cap),
+        spread=variant.spread,
+    )
     layers, predicted_balance = [], []
     for index in range(num_layers):
-        if not rep.enabled:
+        if not cfg.replication.enabled:
             layers.append(single_instance_layer(primaries[index], world))
             continue
-        options = dict(
-            mode=rep.mode,
-            extra_slots_per_gpu=rep.extra_slots_per_gpu,
-            max_experts_per_gpu=cap,
-            routing_policy=routing,
-            affinity_EE=None if intra is None else intra[index],
-            slots_per_gpu=slots,
-            weight_bound=variant.weight_bound,
+        options = replica_options(
+            cfg, cap=cap, slots=slots, affinity_EE=None if intra is None else intra[index]
         )
         primary = primaries[index]
-        replicas = variant.replicas if drifting_L[index] else "greedy"
-        if replicas == "node_packed" and slots is not None:
-            layer = node_packed_layer(
-                loads_LE[index], primary // topology.gpus_per_node, topology, slots_per_gpu=slots
-            )
-            layers.append(layer)
-            gpu = expected_gpu_loads(loads_LE[index], layer, topology, routing)
-            predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
-            continue
-        if replicas == "per_copy" and slots is not None:
-            seeds = seed_replicas(loads_LE[index], primary, topology, rep.extra_slots_per_gpu, cap, slots)
-            placement = replicate(
-                loads_LE[index],
-                primary,
-                topology,
-                initial=seeds,
-                greedy=False,
-                fit_weights=variant.fitted_weights,
-                **options,
-            )
-        elif cfg.grouping.enabled and load_slack is not None:
+        if affinities is not None and load_slack is not None:
             primary, placement = _rebalance(
-                loads_LE[index],
-                primary,
-                affinities[index],
-                topology,
-                cfg,
-                load_slack,
-                meta["grouping"]["ratio"],
-                options,
-                group_cap,
-                slots,
-                split=(spread_LE[index], variant) if split_L[index] else None,
-            )
+                loads_LE[index], primary, affinities[index], topology, cfg, load_slack,
+                meta["grouping"]["ratio"], options, group_cap, slots,
+            )  # fmt: skip
         else:
             placement = replicate(loads_LE[index], primary, topology, **options)
         if swap_L[index]:
-            swapped = locality_swaps(
-                loads_LE[index],
-                spread_LE[index],
-                primary,
-                placement.pairs(),
-                source.topk_ids[index],
-                topology,
-                z=variant.split_z,
-                tolerance=float(variant.swap_tolerance),
-                policy=routing,
-                weight_R=np.asarray(placement.rank_weights),
-            )
-            if set(swapped) != set(placement.pairs()):  # same replicas per GPU; WRR weights refitted
-                placement = replicate(
-                    loads_LE[index], primary, topology, initial=swapped, greedy=False, **options
-                )
+            placement = swap_for_locality(
+                loads_LE[index], primary, placement, source.topk_ids[index], topology,
+                tolerance=float(variant.swap_tolerance), options=options,
+            )  # fmt: skip
         layers.append(layer_plan_from(primary, placement, num_ranks=world))
-        gpu = np.asarray(placement.predicted_gpu_loads)
-        predicted_balance.append(float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0)
-    meta["routing_policy"] = routing
-    meta["replication"] = {
-        "enabled": rep.enabled,
-        "mode": rep.mode,
-        "extra_slots_per_gpu": rep.extra_slots_per_gpu if slots is None else slots - -(-num_experts // world),
-        "slots_per_gpu": slots,
-        "replicas": sum(layer.replica_count() for layer in layers),
-        "predicted_balancedness": float(np.mean(predicted_balance)) if predicted_balance else None,
-        "drifting_layers": [int(i) for i in np.flatnonzero(drifting_L)]
-        if variant.replicas != "greedy"
-        else [],
-    }
+        predicted_balance.append(predicted_balancedness(placement.predicted_gpu_loads))
+    meta["routing_policy"] = cfg.routing.policy
+    meta["replication"] = replication_meta(
+        cfg, layers, num_experts=num_experts, world=world, slots=slots, balance=predicted_balance
+    )
     return layers
 
 
-def _max_load(placement: ReplicaPlacement) -> float:
-    return max(placement.predicted_gpu_loads)
+def _max_load(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
+    return max(round_[1].predicted_gpu_loads)
 
 
 def _rebalance(
@@ -489,49 +503,20 @@ def _rebalance(
     options: dict[str, Any],
     cap: int | None,
     slots: int | None,
-    split: tuple[np.ndarray, Variant] | None = None,
+    *,
+    seeds: list[tuple[int, int]] | None = None,
+    score: Callable[[tuple[np.ndarray, ReplicaPlacement]], float] = _max_load,
 ) -> tuple[np.ndarray, ReplicaPlacement]:
     """Primaries and replicas, jointly (beyond the paper): start from a load-only replica guess
-    (budget mode) or the paper's replicas, move primaries away from where replicas are, replicate
-    again starting from the replicas that still fit; keep the round with the lowest max GPU load.
-    ``split`` (spread_E, variant; measured, not the default): the guess is ``split_seed_replicas``
-    and rounds are scored by the max of ``robust_gpu_loads``."""
+    (budget mode; `seeds` if given, else ``seed_replicas``) or the paper's replicas, move primaries
+    away from where replicas are, replicate again starting from the replicas that still fit; keep the
+    round that `score` ranks lowest (default: the lowest max GPU load)."""
     budget = cfg.replication.mode == "budget"
     rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
-    split_seeds = budget and split is not None and slots is not None
-
-    def score(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
-        moved_E, placement = round_
-        if not split_seeds or split is None:
-            return _max_load(placement)
-        hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
-        hosts[np.arange(len(loads_E)), moved_E] = True
-        for e, r in placement.pairs():
-            hosts[e, r] = True
-        robust_R = robust_gpu_loads(
-            loads_E,
-            split[0],
-            hosts,
-            topology,
-            z=split[1].split_z,
-            policy=cfg.routing.policy,
-            weight_R=np.asarray(placement.rank_weights),
-        )
-        return float(robust_R.max())
-
-    if split_seeds and split is not None and slots is not None:
-        pairs = split_seed_replicas(
-            loads_E,
-            split[0],
-            primary,
-            topology,
-            slots,
-            z=split[1].split_z,
-            policy=cfg.routing.policy,
-            tolerance=split[1].split_tolerance,
-        )
-    elif budget:
-        pairs = seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
+    if budget:
+        pairs = seeds
+        if pairs is None:
+            pairs = seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
     else:
         rounds.append((primary, replicate(loads_E, primary, topology, **options)))
         pairs = rounds[0][1].pairs()

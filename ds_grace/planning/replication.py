@@ -661,69 +661,19 @@ def replan_layer(
     return plan, placement
 
 
-def robust_gpu_loads(
+def share_gpu_loads(
     loads_E: np.ndarray,
-    spread_E: np.ndarray,
     hosts_ER: np.ndarray,
     topology: Topology,
     *,
-    z: float,
     policy: RoutingPolicy = "tar",
     weight_R: np.ndarray | None = None,
-) -> np.ndarray:
-    """robust_R: expected GPU loads plus z standard deviations when every expert's load moves
-    independently by spread_E: mu_R + z * sqrt(sum_e (share_eR * spread_e) ** 2), share_eR the
-    fraction of expert e's tokens instance (e, r) receives. A GPU whose load hangs on one uncertain
-    expert scores worse than one that holds the same expected load in many small shares."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gpu_R, share_ER): expected GPU loads when instance (e, r) receives the fraction share_ER of
+    expert e's tokens (the instance choice of `policy` with weights weight_R, default 1)."""
     weight = np.ones(topology.world_size) if weight_R is None else weight_R
     share_ER = instance_loads(np.ones(len(loads_E)), hosts_ER, weight, topology, policy)
-    mu_R = (loads_E[:, None] * share_ER).sum(axis=0)
-    return mu_R + z * np.sqrt(((spread_E[:, None] * share_ER) ** 2).sum(axis=0))
-
-
-def split_seed_replicas(
-    loads_E: np.ndarray,
-    spread_E: np.ndarray,
-    primary: np.ndarray,
-    topology: Topology,
-    slots: int,
-    *,
-    z: float,
-    policy: RoutingPolicy = "tar",
-    tolerance: float = 0.0,
-) -> list[tuple[int, int]]:
-    """``seed_replicas``' order (copies to the expert with the largest load per copy), but each copy
-    chooses between the least-loaded GPU of a node without the expert (a cross-node copy: it takes
-    that node's share) and the least-loaded other GPU of a node that holds it (TAR splits that node's
-    share inside it): the split where it lowers the max of ``robust_gpu_loads`` by more than tolerance x
-    the mean GPU load, else the cross-node copy (measured, not the default: planning/robust.py)."""
-    num_experts, world, gpus = len(loads_E), topology.world_size, topology.gpus_per_node
-    copies = np.ones(num_experts)
-    hosts = np.zeros((num_experts, world), dtype=bool)
-    hosts[np.arange(num_experts), primary] = True
-    free_R = slots - np.bincount(primary, minlength=world)
-    gpu = np.bincount(primary, weights=loads_E, minlength=world)
-    pairs: list[tuple[int, int]] = []
-    while free_R.sum() > 0:
-        e = int(np.argmax(np.where(hosts.sum(axis=1) < world, loads_E / copies, -1.0)))
-        node_has = np.repeat(hosts[e].reshape(topology.num_nodes, gpus).any(axis=1), gpus)
-        open_R = (free_R > 0) & ~hosts[e]
-        if loads_E[e] <= 0 or not open_R.any():
-            break
-        options = [np.flatnonzero(open_R & mask) for mask in (~node_has, node_has)]
-        targets = [int(ranks[np.argmin(gpu[ranks])]) for ranks in options if len(ranks)]
-        worst = []
-        for t in targets:
-            hosts[e, t] = True
-            worst.append(
-                float(robust_gpu_loads(loads_E, spread_E, hosts, topology, z=z, policy=policy).max())
-            )
-            hosts[e, t] = False
-        t = targets[0]  # a cross-node copy (if any node lacks e) unless the split is clearly better
-        if len(targets) == 2 and worst[1] < worst[0] - tolerance * float(loads_E.sum()) / world:
-            t = targets[1]
-        _add_copy(e, t, loads_E=loads_E, copies=copies, hosts=hosts, free_R=free_R, gpu=gpu, pairs=pairs)
-    return pairs
+    return (loads_E[:, None] * share_ER).sum(axis=0), share_ER
 
 
 def _add_copy(
@@ -752,21 +702,19 @@ def _nodes_missing(ids_TK: np.ndarray, hosted_EN: np.ndarray) -> np.ndarray:
 
 def locality_swaps(
     loads_E: np.ndarray,
-    spread_E: np.ndarray,
     primary: np.ndarray,
     pairs: Sequence[tuple[int, int]],
     ids_TK: np.ndarray,
     topology: Topology,
     *,
-    z: float,
     tolerance: float,
     policy: RoutingPolicy = "tar",
     weight_R: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """Replicas swapped, one slot at a time, to the expert whose copy on that slot's node lets the most
     sample tokens stay inside the node (tokens from that node whose experts are then all there: the
-    cross-node copies it saves, per-node dedup), as long as the max of ``robust_gpu_loads`` stays
-    within tolerance x the mean GPU load of where it started. Slot counts are unchanged."""
+    cross-node copies it saves, per-node dedup), as long as the max expected GPU load stays within
+    tolerance x the mean GPU load of where it started. Slot counts are unchanged."""
     num_experts, world = len(loads_E), topology.world_size
     num_nodes, gpus = topology.num_nodes, topology.gpus_per_node
     node_of_R = np.arange(world) // gpus
@@ -777,11 +725,7 @@ def locality_swaps(
         hosts[e, r] = True
 
     def worst(hosts_ER: np.ndarray) -> float:
-        return float(
-            robust_gpu_loads(
-                loads_E, spread_E, hosts_ER, topology, z=z, policy=policy, weight_R=weight_R
-            ).max()
-        )
+        return float(share_gpu_loads(loads_E, hosts_ER, topology, policy=policy, weight_R=weight_R)[0].max())
 
     def copies(hosts_ER: np.ndarray) -> int:
         missing_NT = _nodes_missing(ids_TK, hosts_ER.reshape(num_experts, num_nodes, gpus).any(axis=2))
