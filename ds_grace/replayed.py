@@ -12,8 +12,9 @@ does, with ``ds_grace.routing.RouteTable`` and ``choose_instances`` (TAR / WRR /
 - balancedness_replayed: mean / max of the (token, expert) routes each rank computes, per layer,
   averaged over layers;
 - cross_node_copies_replayed: per token, the distinct nodes other than its origin's that its routes
-  reach (one copy per node, as the hierarchical all-to-all sends it), averaged over tokens, then over
-  layers; cross_gpu_copies_replayed likewise with distinct GPUs other than the origin.
+  reach (one copy per node: the rows the hierarchical path's first hop sends to other nodes,
+  ``ds_grace.comm.schedule.path_rows``), averaged over tokens, then over layers;
+  cross_gpu_copies_replayed likewise with distinct GPUs other than the origin (the flat hop's rows).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ds_grace.comm.schedule import cross_node_mask, path_rows
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy
 from ds_grace.routing import RouteTable, choose_instances
 from ds_grace.topology import Topology
@@ -36,20 +38,29 @@ def origin_ranks(num_tokens: int, num_ranks: int) -> np.ndarray:
     return (np.arange(num_tokens, dtype=np.int64) * num_ranks) // max(num_tokens, 1)
 
 
-def _distinct_remote(dest_TK: np.ndarray, own_T: np.ndarray, count: int) -> np.ndarray:
-    """Per token, how many distinct destinations in [0, count) other than its own it reaches."""
-    reached_TX = np.zeros((len(dest_TK), count), dtype=bool)
-    rows = np.repeat(np.arange(len(dest_TK)), dest_TK.shape[1])
-    reached_TX[rows, dest_TK.ravel()] = True
-    reached_TX[np.arange(len(dest_TK)), own_T] = False
-    return reached_TX.sum(axis=1)
+def _copies(dest_TK: np.ndarray, origin_T: np.ndarray, topology: Topology) -> tuple[float, float]:
+    """(cross-node, cross-GPU) copies per token: the rows each origin's block sends to other nodes on
+    the hierarchical path's first hop, and to other GPUs on the flat hop (``schedule.path_rows``)."""
+    world = topology.world_size
+    crosses_RR = cross_node_mask(topology)
+    member_TR = np.zeros((len(dest_TK), world), dtype=bool)
+    member_TR[np.repeat(np.arange(len(dest_TK)), dest_TK.shape[1]), dest_TK.ravel()] = True
+    cross_node = cross_gpu = 0
+    for origin in range(world):
+        block_TR = member_TR[origin_T == origin]
+        flat = path_rows(block_TR, path="flat", topology=topology, origin=origin)[0]
+        first = path_rows(block_TR, path="hierarchical", topology=topology, origin=origin)[0]
+        cross_gpu += int(flat[origin].sum() - flat[origin, origin])
+        cross_node += int(first[origin, crosses_RR[origin]].sum())
+    tokens = max(1, len(dest_TK))
+    return cross_node / tokens, cross_gpu / tokens
 
 
 def _replayed_layer(
     layer_plan: LayerPlan, ids_TK: np.ndarray, *, topology: Topology, policy: RoutingPolicy
 ) -> dict[str, float]:
     """One layer's REPLAYED_KEYS: each origin rank's block routed by the runtime's choose_instances."""
-    num_ranks, gpus = topology.world_size, topology.gpus_per_node
+    num_ranks = topology.world_size
     table = RouteTable.build(layer_plan, topology, policy)
     origin_T = origin_ranks(len(ids_TK), num_ranks)
     dest_TK = np.empty(ids_TK.shape, dtype=np.int64)
@@ -61,12 +72,11 @@ def _replayed_layer(
         chosen_TK, _ = choose_instances(table, ids[block], origin_rank=rank)
         dest_TK[block] = chosen_TK.numpy()
     load_R = np.bincount(dest_TK.ravel(), minlength=num_ranks).astype(np.float64)
+    cross_node, cross_gpu = _copies(dest_TK, origin_T, topology)
     return {
         "balancedness_replayed": float(load_R.mean() / load_R.max()) if load_R.max() > 0 else 1.0,
-        "cross_node_copies_replayed": float(
-            _distinct_remote(dest_TK // gpus, origin_T // gpus, topology.num_nodes).mean()
-        ),
-        "cross_gpu_copies_replayed": float(_distinct_remote(dest_TK, origin_T, num_ranks).mean()),
+        "cross_node_copies_replayed": cross_node,
+        "cross_gpu_copies_replayed": cross_gpu,
     }
 
 

@@ -14,8 +14,12 @@ destination to the peer (index in the hop's group) a row travels to on the way t
 - low-latency: the flat hop with a fixed buffer of rows per peer (ds_grace.comm.all_to_all).
 
 Combine runs the hops in reverse, adding a token's weighted outputs at every hop, so a token
-crosses each node boundary at most once per direction. ``path_rows`` counts one origin's rows per hop
-of the same hops in numpy, for a traffic model.
+crosses each node boundary at most once per direction.
+
+The traffic model: ``hop_rows`` counts one origin's rows per hop of these same hops in numpy, from
+its rows per destination rank and node (integers: one forward, ``path_rows``; floats: expectations
+over instance choices, the planner's metrics); ``low_latency_rows`` the low-latency path's fixed
+buffers. The planner and replayed metrics, the simulator and the benchmark count traffic with them.
 """
 
 from __future__ import annotations
@@ -85,22 +89,47 @@ def rows_by_peer(member_VP: torch.Tensor, num_sent: int) -> torch.Tensor:
     return torch.nonzero_static(member_VP.t(), size=num_sent)[:, 1]
 
 
-def path_rows(member_TR: np.ndarray, *, path: PathName, topology: Topology, origin: int) -> list[np.ndarray]:
-    """Rows one origin's tokens send per hop: [hop][sender EP rank, receiver EP rank] (self included).
+def hop_rows(
+    rows_R: np.ndarray, rows_N: np.ndarray, *, path: PathName, topology: Topology, origin: int
+) -> list[np.ndarray]:
+    """Rows one origin sends per hop, [hop][sender EP rank, receiver EP rank] (self included), from
+    its row counts: rows_R[r] rows with a route on EP rank r, rows_N[n] rows with a route on node n.
 
-    member_TR[t, r]: token t has a route computed on EP rank r. Hop 1 is sent by the origin; hop 2
-    (hierarchical) by the relays. Pure numpy: the traffic model of the planner, the replayed
-    metrics, the simulator and the benchmark."""
-    member_TR = np.asarray(member_TR, dtype=bool)
+    Integer counts give the rows of one forward; expected counts (floats, over instance choices) give
+    expected rows. Hop 1 is sent by the origin; hop 2 (hierarchical) by the relays, one per node."""
+    rows_R, rows_N = np.asarray(rows_R), np.asarray(rows_N)
     world, gpus, nodes = topology.world_size, topology.gpus_per_node, topology.num_nodes
-    first = np.zeros((world, world), dtype=np.int64)
+    dtype = np.result_type(rows_R, rows_N, np.int64)
+    first = np.zeros((world, world), dtype=dtype)
     if path == "flat" or nodes == 1:
-        first[origin] = member_TR.sum(0)
+        first[origin] = rows_R
         return [first]
-    local = topology.local_rank_of(origin)
-    reached_TN = member_TR.reshape(-1, nodes, gpus).any(axis=2)
-    first[origin, np.arange(nodes) * gpus + local] = reached_TN.sum(0)
-    second = np.zeros((world, world), dtype=np.int64)
-    relays = np.arange(nodes) * gpus + local
-    second[np.repeat(relays, gpus), np.arange(world)] = member_TR.sum(0)
+    relays = np.arange(nodes) * gpus + topology.local_rank_of(origin)
+    first[origin, relays] = rows_N
+    second = np.zeros((world, world), dtype=dtype)
+    second[np.repeat(relays, gpus), np.arange(world)] = rows_R
     return [first, second]
+
+
+def path_rows(member_TR: np.ndarray, *, path: PathName, topology: Topology, origin: int) -> list[np.ndarray]:
+    """Rows one origin's tokens send per hop (``hop_rows``); member_TR[t, r]: token t has a route
+    computed on EP rank r. Pure numpy: the traffic model of the planner, the replayed metrics, the
+    simulator and the benchmark."""
+    member_TR = np.asarray(member_TR, dtype=bool)
+    reached_TN = member_TR.reshape(-1, topology.num_nodes, topology.gpus_per_node).any(axis=2)
+    return hop_rows(member_TR.sum(0), reached_TN.sum(0), path=path, topology=topology, origin=origin)
+
+
+def low_latency_rows(rows_per_peer: int, *, topology: Topology, origin: int) -> list[np.ndarray]:
+    """The low-latency path's one hop from `origin`: a fixed buffer of rows_per_peer rows to every
+    EP rank (itself included), whatever the routes (``DispatchExecutor.dispatch_low_latency``)."""
+    world = topology.world_size
+    first = np.zeros((world, world), dtype=np.int64)
+    first[origin] = rows_per_peer
+    return [first]
+
+
+def cross_node_mask(topology: Topology) -> np.ndarray:
+    """crosses_RR[s, r]: EP ranks s and r sit on different nodes (a row between them uses a link)."""
+    node_R = np.arange(topology.world_size) // topology.gpus_per_node
+    return node_R[:, None] != node_R[None, :]

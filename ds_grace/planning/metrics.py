@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from ds_grace.comm.schedule import cross_node_mask, hop_rows
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError, RoutingPolicy, route_table
 from ds_grace.planning.stats import expert_loads
 from ds_grace.topology import Topology
@@ -62,21 +63,19 @@ def expected_gpu_loads(
     return np.asarray(loads_E, dtype=np.float64) @ prob.mean(axis=0)
 
 
-def _copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -> float:
-    """Average over origins g of the mean over tokens of the expected distinct destinations x != own_G[g]
-    reached by >= 1 of the token's experts (instance choices independent across its experts).
+def expected_reach(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray) -> np.ndarray:
+    """reached_GX[g, x]: expected tokens of origin g with >= 1 route on destination x, summed over
+    tokens (instance choices independent across a token's experts; reach_GEX[g, e, x]: probability
+    that expert e of a token on g is computed on x).
 
     P(x missed) = prod over the token's experts of (1 - reach[e, x]), taken as exp of a sum of logs:
     one sparse (tokens x experts) product for all origins at once. Origins with equal rows share work.
     """
     num_origins, num_experts, num_dest = reach_GEX.shape
-    reach_GEX = reach_GEX.copy()
-    reach_GEX[np.arange(num_origins), :, own_G] = 0.0
     origins_by_row: dict[bytes, list[int]] = {}
     for origin in range(num_origins):
         origins_by_row.setdefault(reach_GEX[origin].tobytes(), []).append(origin)
     rows_U = reach_GEX[[origins[0] for origins in origins_by_row.values()]]
-    count_U = np.array([len(origins) for origins in origins_by_row.values()], dtype=np.float64)
     # log(1 - reach), a certain reach (factor 0) as -1000: exp of any sum holding it is exactly 0
     log_missed_EX = np.where(rows_U >= 1.0, -1000.0, np.log(np.clip(1.0 - rows_U, 1e-300, None)))
     log_missed_EX = log_missed_EX.transpose(1, 0, 2).reshape(num_experts, -1)
@@ -85,20 +84,51 @@ def _copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -
         (np.ones(topk_ids_TK.size), topk_ids_TK.ravel(), np.arange(0, topk_ids_TK.size + 1, top_k)),
         shape=(num_tokens, num_experts),
     )
-    reached_U = np.zeros(len(rows_U))
+    reached_UX = np.zeros((len(rows_U), num_dest))
     for start in range(0, num_tokens, TOKEN_CHUNK):
         log_missed_TX = choice_TE[start : start + TOKEN_CHUNK] @ log_missed_EX
-        reached_U += (1.0 - np.exp(log_missed_TX)).reshape(-1, len(rows_U), num_dest).sum(axis=(0, 2))
-    return float(count_U @ reached_U) / (num_origins * max(1, num_tokens))
+        reached_UX += (1.0 - np.exp(log_missed_TX)).reshape(-1, len(rows_U), num_dest).sum(axis=0)
+    reached_GX = np.empty((num_origins, num_dest))
+    for unique, origins in enumerate(origins_by_row.values()):
+        reached_GX[origins] = reached_UX[unique]
+    return reached_GX
 
 
-def _pair_copies(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray, own_G: np.ndarray) -> float:
-    """Without dedup (DeepSpeed's all-to-all): the expected (token, expert) pairs whose instance lies on a
-    destination other than the origin's, per token, averaged over origins."""
-    num_origins = reach_GEX.shape[0]
-    remote_GE = reach_GEX.sum(axis=2) - reach_GEX[np.arange(num_origins), :, own_G]
-    count_E = np.bincount(topk_ids_TK.ravel(), minlength=reach_GEX.shape[1])
-    return float((remote_GE @ count_E).mean()) / max(1, len(topk_ids_TK))
+def copies_per_token(
+    rows_GR: np.ndarray, rows_GN: np.ndarray, *, topology: Topology, num_tokens: int
+) -> tuple[float, float]:
+    """(cross-node, cross-GPU) copies per token, averaged over origins, from each origin g's (expected)
+    rows per destination rank rows_GR[g] and node rows_GN[g]: the rows the hierarchical path's first
+    hop sends to other nodes, and the rows the flat hop sends to other GPUs (ds_grace.comm.schedule)."""
+    world = topology.world_size
+    crosses_RR = cross_node_mask(topology)
+    cross_node = cross_gpu = 0.0
+    for origin in range(world):
+        flat = hop_rows(rows_GR[origin], rows_GN[origin], path="flat", topology=topology, origin=origin)[0]
+        first = hop_rows(
+            rows_GR[origin], rows_GN[origin], path="hierarchical", topology=topology, origin=origin
+        )[0]
+        cross_gpu += float(flat[origin].sum() - flat[origin, origin])
+        cross_node += float(first[origin, crosses_RR[origin]].sum())
+    per_token = world * max(1, num_tokens)
+    return cross_node / per_token, cross_gpu / per_token
+
+
+def vanilla_copies_per_token(loads_E: np.ndarray, topology: Topology, top_k: int) -> float:
+    """DeepSpeed-MoE's cross-node copies per token: contiguous placement (expert e on rank
+    floor(e * R / E)), no dedup (one row per route), the flat hop, origins uniform."""
+    loads_E = np.asarray(loads_E, dtype=np.float64)
+    num_experts = len(loads_E)
+    rank_E = np.arange(num_experts) * topology.world_size // max(1, num_experts)
+    rows_R = np.bincount(rank_E, weights=loads_E, minlength=topology.world_size)
+    rows_N = rows_R.reshape(topology.num_nodes, topology.gpus_per_node).sum(axis=1)
+    rows_GR, rows_GN = np.tile(rows_R, (topology.world_size, 1)), np.tile(rows_N, (topology.world_size, 1))
+    num_tokens = loads_E.sum() / top_k
+    if num_tokens == 0:
+        return 0.0
+    # copies_per_token divides by max(1, tokens): scale back for fractional token counts
+    cross_node, _ = copies_per_token(rows_GR / num_tokens, rows_GN / num_tokens, topology=topology, num_tokens=1)
+    return cross_node
 
 
 def evaluate_plan(
@@ -125,7 +155,6 @@ def evaluate_plan(
             f"trace has {loads_LE.shape[1]} experts per layer but the plan has {plan.num_experts}"
         )
     topo = plan.topology
-    node_of_R = np.arange(topo.world_size) // topo.gpus_per_node
     layers: list[dict[str, float | None]] = []
     for index, layer in enumerate(plan.layers):
         prob_GER = routing_probabilities(layer, topo, policy)
@@ -141,14 +170,21 @@ def evaluate_plan(
             node_prob_GEN = prob_GER.reshape(*prob_GER.shape[:2], topo.num_nodes, topo.gpus_per_node).sum(
                 axis=3
             )
-            copies = _copies if dedup else _pair_copies
-            row["cross_node_copies_per_token"] = copies(ids, node_prob_GEN, node_of_R)
-            row["cross_gpu_copies_per_token"] = copies(ids, prob_GER, np.arange(topo.world_size))
+            if dedup:  # one row per token and destination
+                rows_GR, rows_GN = expected_reach(ids, prob_GER), expected_reach(ids, node_prob_GEN)
+            else:  # DeepSpeed-MoE's all-to-all: one row per route
+                count_E = np.bincount(ids.ravel(), minlength=plan.num_experts).astype(np.float64)
+                rows_GR, rows_GN = count_E @ prob_GER, count_E @ node_prob_GEN
+            row["cross_node_copies_per_token"], row["cross_gpu_copies_per_token"] = copies_per_token(
+                rows_GR, rows_GN, topology=topo, num_tokens=len(ids)
+            )
         layers.append(row)
     top_k = trace.top_k if isinstance(trace, (RoutingTrace, ExpertLoads)) else None
-    # Without replicas each expert is local to exactly 1/N of the uniformly drawn origins, so the
-    # contiguous, undeduplicated reference is K * (N - 1) / N whatever the expert ids.
-    vanilla = None if top_k is None else top_k * (topo.num_nodes - 1) / topo.num_nodes
+    vanilla = (
+        None
+        if top_k is None
+        else float(np.mean([vanilla_copies_per_token(loads_E, topo, top_k) for loads_E in loads_LE]))
+    )
 
     def mean_of(key: str) -> float | None:
         values = [row[key] for row in layers]

@@ -126,17 +126,60 @@ def test_route_table_equals_the_rule_and_builds_without_a_loop_per_expert(policy
     assert calls == []
 
 
-def test_copies_equal_the_per_token_product_with_fractional_reach():
-    from ds_grace.planning.metrics import _copies
+def test_expected_reach_equals_the_per_token_product_with_fractional_reach():
+    from ds_grace.planning.metrics import expected_reach
 
     rng = np.random.default_rng(0)
     reach_GEX = rng.random((4, 6, 4))
     reach_GEX[:, :, 0] = np.where(reach_GEX[:, :, 0] > 0.5, 1.0, 0.0)  # certain and impossible reaches too
+    reach_GEX[3] = reach_GEX[1]  # origins with equal rows share work
     ids_TK = np.stack([rng.choice(6, size=3, replace=False) for _ in range(50)])
-    own_G = np.array([0, 1, 2, 3])
-    expected = 0.0
-    for g in range(4):
-        reach = reach_GEX[g].copy()
-        reach[:, own_G[g]] = 0.0
-        expected += np.mean([(1.0 - np.prod(1.0 - reach[ids], axis=0)).sum() for ids in ids_TK])
-    assert _copies(ids_TK, reach_GEX, own_G) == pytest.approx(expected / 4, rel=1e-12)
+    expected_GX = np.stack(
+        [np.sum([1.0 - np.prod(1.0 - reach_GEX[g][ids], axis=0) for ids in ids_TK], axis=0) for g in range(4)]
+    )
+    assert np.allclose(expected_reach(ids_TK, reach_GEX), expected_GX, rtol=1e-12, atol=0)
+
+
+def _distinct_copies(topk_ids_TK, reach_GEX, own_G):
+    """The copies as counted before the schedule's hops: distinct destinations other than the origin's,
+    per token, averaged over origins (the reference the hop-based count must equal)."""
+    total = 0.0
+    for g in range(len(own_G)):
+        reach_EX = reach_GEX[g].copy()
+        reach_EX[:, own_G[g]] = 0.0
+        log_missed_TX = np.log(np.clip(1.0 - reach_EX, 1e-300, None))[topk_ids_TK].sum(axis=1)
+        total += (1.0 - np.exp(log_missed_TX)).sum() / len(topk_ids_TK)
+    return total / len(own_G)
+
+
+def _pair_copies(topk_ids_TK, reach_GEX, own_G):
+    remote_GE = reach_GEX.sum(axis=2) - reach_GEX[np.arange(len(own_G)), :, own_G]
+    count_E = np.bincount(topk_ids_TK.ravel(), minlength=reach_GEX.shape[1])
+    return float((remote_GE @ count_E).mean()) / len(topk_ids_TK)
+
+
+@pytest.mark.parametrize("topology", [Topology(2, 2), Topology(2, 4)])
+def test_copies_from_the_schedule_equal_the_distinct_destination_count_on_a_real_trace(topology):
+    """Cross-node / cross-GPU copies counted as hop rows (ds_grace.comm.schedule) equal the distinct
+    remote nodes / GPUs per token, with and without dedup, and vanilla equals K (N - 1) / N."""
+    from ds_grace.planning.build import build_plan
+    from ds_grace.trace import load_mixtral_jsonl, packaged_traces_dir
+
+    full = load_mixtral_jsonl(packaged_traces_dir() / "mixtral" / "gsm8k_2_routing.jsonl", num_experts=8)
+    trace = RoutingTrace(topk_ids=tuple(ids[:1500] for ids in full.topk_ids[:3]), num_experts=8)
+    nodes, gpus = topology.num_nodes, topology.gpus_per_node
+    for planner, policy in (("grace", "tar"), ("eplb", "wrr"), ("contiguous", "primary")):
+        plan = build_plan(trace, topology=topology, policy=planner)
+        for dedup, reference in ((True, _distinct_copies), (False, _pair_copies)):
+            metrics = evaluate_plan(trace, plan, routing_policy=policy, per_layer=True, dedup=dedup)
+            for ids_TK, layer, row in zip(trace.topk_ids, plan.layers, metrics["per_layer"]):
+                prob_GER = routing_probabilities(layer, topology, policy)
+                prob_GEN = prob_GER.reshape(*prob_GER.shape[:2], nodes, gpus).sum(axis=3)
+                own_node_G = np.arange(topology.world_size) // gpus
+                assert row["cross_node_copies_per_token"] == pytest.approx(
+                    reference(ids_TK, prob_GEN, own_node_G), rel=1e-9
+                )
+                assert row["cross_gpu_copies_per_token"] == pytest.approx(
+                    reference(ids_TK, prob_GER, np.arange(topology.world_size)), rel=1e-9
+                )
+            assert metrics["vanilla_cross_node_copies_per_token"] == pytest.approx(2 * (nodes - 1) / nodes, rel=1e-12)

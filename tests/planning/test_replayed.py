@@ -54,3 +54,34 @@ def test_replay_needs_a_matching_per_token_trace():
     other = RoutingTrace(topk_ids=(np.zeros((4, 1), dtype=np.int64),), num_experts=3)
     with pytest.raises(PlanError, match="does not match the plan"):
         replayed_metrics(other, plan)
+
+
+def test_replayed_copies_from_the_schedule_equal_the_distinct_remote_count_on_a_real_trace():
+    """The hop rows of ds_grace.comm.schedule.path_rows count what the distinct remote nodes / GPUs
+    per token counted before (recomputed here from the same instance choices)."""
+    import torch
+
+    from ds_grace.routing import RouteTable, choose_instances
+    from ds_grace.trace import load_mixtral_jsonl, packaged_traces_dir
+
+    full = load_mixtral_jsonl(packaged_traces_dir() / "mixtral" / "humaneval_2_routing.jsonl", num_experts=8)
+    trace = RoutingTrace(topk_ids=(full.topk_ids[0][:1001],), num_experts=8)
+    topology = Topology(num_nodes=2, gpus_per_node=2)
+    plan = build_plan(trace, topology=topology)
+    ids_TK = trace.topk_ids[0]
+    origin_T = origin_ranks(len(ids_TK), topology.world_size)
+    table = RouteTable.build(plan.layers[0], topology, "tar")
+    dest_TK = np.empty_like(ids_TK)
+    for rank in range(topology.world_size):
+        block = origin_T == rank
+        dest_TK[block] = choose_instances(table, torch.from_numpy(ids_TK[block]), origin_rank=rank)[0].numpy()
+
+    def distinct_remote(dest, own):
+        return np.mean([len(set(row) - {o}) for row, o in zip(dest.tolist(), own.tolist())])
+
+    replayed = replayed_metrics(trace, plan, routing_policy="tar")
+    assert replayed["cross_gpu_copies_replayed"] == pytest.approx(distinct_remote(dest_TK, origin_T), rel=1e-12)
+    assert replayed["cross_node_copies_replayed"] == pytest.approx(
+        distinct_remote(dest_TK // 2, origin_T // 2), rel=1e-12
+    )
+    assert 0 < replayed["cross_node_copies_replayed"] < replayed["cross_gpu_copies_replayed"]
