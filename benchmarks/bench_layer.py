@@ -34,6 +34,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
+from ds_grace.comm.schedule import cross_node_mask, fixed_rows
 from ds_grace.files import write_text_atomic
 from ds_grace.moe.layer import GraceMoE, RuntimeOptions
 from ds_grace.planning.plan import LayerPlan
@@ -118,11 +119,13 @@ def _time_forwards(
 
 
 def _deepspeed_cross_node_bytes(moe: MoE, x_TD: torch.Tensor, topology: Topology, rank: int) -> int:
-    """Bytes one rank sends across nodes in DeepSpeed's two all-to-alls (E x capacity x D buffers)."""
+    """Bytes one rank sends across nodes in DeepSpeed's two all-to-alls (E x capacity x D buffers: the
+    padded all-to-all's fixed rows per peer, ``schedule.fixed_rows``)."""
     gate_out = moe.deepspeed_moe.gate(x_TD, None, True)
     capacity = int(gate_out[1])
-    remote_ranks = topology.world_size - topology.gpus_per_node
-    return 2 * remote_ranks * moe.num_local_experts * capacity * x_TD.shape[1] * x_TD.element_size()
+    (rows_RR,) = fixed_rows(moe.num_local_experts * capacity, topology=topology, origin=rank)
+    cross_rows = int(rows_RR[rank, cross_node_mask(topology)[rank]].sum())
+    return 2 * cross_rows * x_TD.shape[1] * x_TD.element_size()
 
 
 def _bench_rank(ctx: RankContext, args: argparse.Namespace) -> dict[str, Any]:

@@ -35,13 +35,10 @@ PATHS = ("flat", "hierarchical", "low-latency")
 
 
 def runtime_options(path: str) -> RuntimeOptions:
-    fields = RuntimeOptions.__dataclass_fields__
     low_latency = LOW_LATENCY_MAX_TOKENS if path == "low-latency" else 0
-    if "path" in fields:
-        return RuntimeOptions(
-            path="flat" if path == "flat" else "hierarchical", low_latency_max_tokens=low_latency
-        )
-    return RuntimeOptions(hierarchical=path != "flat", low_latency_max_tokens=low_latency)  # type: ignore[call-arg]
+    return RuntimeOptions(
+        path="flat" if path == "flat" else "hierarchical", low_latency_max_tokens=low_latency
+    )
 
 
 def make_layer(path: str, rank: int) -> tuple[GraceMoE, list[torch.nn.Module]]:

@@ -30,6 +30,7 @@ from torch import nn
 from benchmarks.systems import SYSTEM_BY_NAME, SystemSpec
 from benchmarks.workloads import ModelShape, ReplayBatches, WorkloadSpec, spec_from_dict
 from ds_grace.comm.groups import create_grace_groups
+from ds_grace.comm.schedule import cross_node_mask, fixed_rows
 from ds_grace.moe.layer import GraceMoE
 from ds_grace.planning.plan import GracePlan
 from ds_grace.topology import Topology
@@ -64,12 +65,17 @@ def reference_output(
 def vanilla_bytes(
     *, capacity: int, num_experts: int, hidden: int, itemsize: int, topology: Topology
 ) -> tuple[int, int]:
-    """(intra, inter) bytes one rank sends in DeepSpeed's two all-to-alls: an [E, C, D] buffer split
-    evenly over the R ranks of the EP group, E/R experts' capacity rows to every peer."""
-    per_peer = num_experts // topology.world_size * capacity * hidden * itemsize
-    return 2 * (topology.gpus_per_node - 1) * per_peer, 2 * (
-        topology.world_size - topology.gpus_per_node
-    ) * per_peer
+    """(intra, inter) bytes one rank sends in DeepSpeed's two all-to-alls (every rank the same): an
+    [E, C, D] buffer split evenly over the R ranks of the EP group, E/R experts' capacity rows to every
+    peer (``schedule.fixed_rows``, the padded all-to-all's one hop), there and back."""
+    rank = 0
+    (rows_RR,) = fixed_rows(num_experts // topology.world_size * capacity, topology=topology, origin=rank)
+    crosses_R = cross_node_mask(topology)[rank]
+    others_R = np.arange(topology.world_size) != rank
+    row_bytes = hidden * itemsize
+    intra = int(rows_RR[rank, others_R & ~crosses_R].sum()) * row_bytes
+    inter = int(rows_RR[rank, crosses_R].sum()) * row_bytes
+    return 2 * intra, 2 * inter
 
 
 class _Stopwatch:

@@ -2,12 +2,16 @@
 
 Shape legend: T tokens (of one rank), K top-k, E experts, R ranks, N nodes, G GPUs per node.
 
-Traffic is exact, not estimated: for each forward of a replayed batch, the instance of every route
-is chosen with the runtime's own tables (ds_grace.routing.choose_instances), and the rows each
-rank sends to each other rank are counted stage by stage as ds_grace.comm.all_to_all sends them
-(flat: a token once per remote GPU hosting its chosen instances; hierarchical: once per remote node
-to the peer GPU, then once per GPU inside the node; combine: the same rows back). Vanilla
-DeepSpeed-MoE sends its capacity-padded [E, C, D] buffer, E/R experts' C rows to every peer, and its
+Traffic is exact, not estimated, and counted with the runtime's own traffic model
+(ds_grace.comm.schedule): for each forward of a replayed batch, the instance of every route is chosen
+with the runtime's own tables (ds_grace.routing.choose_instances), and the rows each rank sends to
+each other rank are the rows of each hop of the path (``path_rows``: flat, a token once per GPU
+hosting its chosen instances; hierarchical, once per remote node to the relay GPU, then once per GPU
+inside the node; combine: the same rows back), after the header round (one row of the runtime's
+``header_row_bytes`` to every peer). The low-latency path (``fixed_rows``) sends every peer a fixed
+buffer of as many rows as the rank's tokens and gets one back (two collectives, no header round);
+every local expert slot computes every received row. Vanilla DeepSpeed-MoE sends its
+capacity-padded [E, C, D] buffer, E/R experts' C rows to every peer (``fixed_rows`` too), and its
 experts compute every padded row.
 
 Cost of one all-to-all stage (synchronous: everyone waits for the slowest):
@@ -16,12 +20,11 @@ Cost of one all-to-all stage (synchronous: everyone waits for the slowest):
                     + max over ranks of max(intra-node bytes out, in) / B_intra
 
 where an inter-node link is shared by `gpus_per_link` GPUs of a node. Compute: max over ranks of
-rows x t_row. A forward: every stage (the sparse runtime: a header round of row counts before the
-payload stages; in low-latency mode, when every rank holds at most its buffer's rows, that round
-carries the padded rows themselves and no other dispatch round follows) plus compute plus a fixed
-per-forward overhead. The sparse peers and every GRACE rung are costed the same way, with their own
-plan, instance choice and path; full GRACE (adaptive) takes whichever of flat and hierarchical the
-model predicts faster for each forward, as the runtime does with its calibrated model.
+rows x t_row. A forward: every stage (flat: header, dispatch, combine; hierarchical: header, two
+dispatch hops, two combine hops; low-latency: dispatch and combine buffers) plus compute plus a
+fixed per-forward overhead. The sparse peers and every GRACE rung are costed the same way, with
+their own plan, instance choice and path; full GRACE (auto) takes whichever of flat and hierarchical
+the model predicts faster for each forward, as the runtime does with its calibrated model.
 
 Calibration (``calibrate``): the model is linear in (1/B_inter_eff, 1/B_intra, t_row, alpha, overhead)
 given the traffic; those are fitted by non-negative least squares to the emulated runs' measured
@@ -35,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,13 +67,13 @@ from benchmarks.workloads import (  # noqa: E402
     replay_batches,
     spec_from_dict,
 )
+from ds_grace.comm.schedule import PathName, fixed_rows, path_rows  # noqa: E402
 from ds_grace.files import save_figure, write_text_atomic  # noqa: E402
 from ds_grace.planning.plan import GracePlan, LayerPlan  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 from ds_grace.vanilla import DEEPSPEED_DEFAULT  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-SIZES_BYTES_PER_PEER = 8
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def vanilla_traffic(
     topology: Topology,
     drop_tokens: bool,
 ) -> Traffic:
-    """DeepSpeed-MoE: capacity-padded buffers; lossless capacity = the group's largest expert count."""
+    """DeepSpeed-MoE: capacity-padded buffers (``schedule.fixed_rows``: E/R experts' capacity rows to
+    every peer); lossless capacity = the group's largest expert count."""
     world = topology.world_size
     tokens, k = topk_ids_RTK.shape[1], topk_ids_RTK.shape[2]
     counts_RE = np.stack([np.bincount(ids.ravel(), minlength=num_experts) for ids in topk_ids_RTK])
@@ -147,11 +151,37 @@ def vanilla_traffic(
                        DEEPSPEED_DEFAULT.min_capacity)  # fmt: skip
     else:
         capacity = int(counts_RE.max())
-    per_peer = num_experts // world * capacity * hidden * itemsize
-    bytes_RR = np.full((world, world), float(per_peer))
-    np.fill_diagonal(bytes_RR, 0.0)
+    rows_RR = _summed_hops(lambda origin: fixed_rows(num_experts // world * capacity, topology=topology,
+                                                     origin=origin), world)[0]  # fmt: skip
+    bytes_RR = rows_RR * float(hidden * itemsize)
     rows_R = np.full(world, float(num_experts * capacity))
-    return Traffic(stages=(bytes_RR, bytes_RR.copy()), rows_R=rows_R, row_stages=2)
+    return Traffic(stages=(bytes_RR, bytes_RR.T.copy()), rows_R=rows_R, row_stages=2)
+
+
+def _summed_hops(rows_of_origin: Callable[[int], list[np.ndarray]], world: int) -> list[np.ndarray]:
+    """Every origin's hop rows added up: [hop][sender, receiver], as floats."""
+    per_origin = [rows_of_origin(origin) for origin in range(world)]
+    return [
+        np.sum([hops[index] for hops in per_origin], axis=0).astype(float)
+        for index in range(len(per_origin[0]))
+    ]
+
+
+def header_bytes(mode: str, *, topology: Topology, slot_stride: int) -> int:
+    """Bytes of the runtime's header row for a system whose grace.communication.path is `mode`: the
+    hierarchical columns unless fixed flat, the path policy's columns when chosen per forward."""
+    import torch
+
+    from ds_grace.comm.all_to_all import header_row_bytes
+    from ds_grace.comm.path_model import PathPolicy
+
+    extra = 0
+    policy = PathPolicy(mode, topology=topology, model=lambda: None)  # type: ignore[arg-type, return-value]
+    if policy.adaptive:
+        member_TR = torch.zeros(1, topology.world_size, dtype=torch.bool)
+        extra = int(policy.header_columns(member_TR, 0).numel())
+    return header_row_bytes(gpus_per_node=topology.gpus_per_node, slot_stride=slot_stride, extra=extra,
+                            hierarchical=mode != "flat")  # fmt: skip
 
 
 def grace_traffic(
@@ -160,81 +190,56 @@ def grace_traffic(
     layer: LayerPlan,
     topology: Topology,
     policy: str,
-    hierarchical: bool,
+    path: PathName,
+    mode: str | None = None,
     hidden: int,
     itemsize: int,
     low_latency_rows: int | None = None,
     low_latency_policy: str | None = None,
 ) -> Traffic:
-    """GRACE: rows as ds_grace.comm.all_to_all sends them, for the instances the runtime chooses.
+    """GRACE: the rows of each hop of `path` (``schedule.path_rows``) for the instances the runtime
+    chooses, after the header round of a system configured with path `mode` (None: `path`).
 
     low_latency_rows: the low-latency bound (tokens per rank); when every rank holds at most that many
-    tokens the forward is the buffer round (sized, as in steady state, to the token count, padded for
-    every peer) plus the combine of the real rows, and its instances are chosen by
-    `low_latency_policy` (None: `policy`), as grace.routing.low_latency_policy does."""
+    tokens the forward takes the low-latency path instead (``schedule.fixed_rows``: a buffer of as
+    many rows as tokens to every peer and back, no header round; every local slot computes every
+    received row), and its instances are chosen by `low_latency_policy` (None: `policy`), as
+    grace.routing.low_latency_policy does."""
     import torch
 
     from ds_grace.comm.all_to_all import dispatch_row_bytes
     from ds_grace.routing import RouteTable, choose_instances
 
-    world, gpus = topology.world_size, topology.gpus_per_node
+    world = topology.world_size
     k = topk_ids_RTK.shape[2]
     dtype = {4: torch.float32, 2: torch.bfloat16}[itemsize]
     dispatch_bytes, combine_bytes = dispatch_row_bytes(k, hidden, dtype), hidden * itemsize
     tokens = topk_ids_RTK.shape[1]
-    low_latency = low_latency_rows is not None and tokens <= low_latency_rows
-    if low_latency and low_latency_policy is not None:
-        policy = low_latency_policy
+    if low_latency_rows is not None and tokens <= low_latency_rows:
+        rows_RR = _summed_hops(lambda origin: fixed_rows(tokens, topology=topology, origin=origin), world)[0]
+        slots_R = np.array([len(slots) for slots in layer.slots], dtype=float)
+        stages = (rows_RR * dispatch_bytes, rows_RR.T * combine_bytes)
+        return Traffic(stages=stages, rows_R=slots_R * world * tokens, row_stages=2)
     table = RouteTable.build(layer, topology, policy)  # type: ignore[arg-type]
+    members: list[np.ndarray] = []  # per origin: member_TR, True where the token has a route on rank r
     rows_R = np.zeros(world)
-    hosts_per_rank: list[np.ndarray] = []  # per origin: dest_TR, True where the token needs rank r
     for origin in range(world):
         rank_TK, _ = choose_instances(table, torch.tensor(topk_ids_RTK[origin]), origin_rank=origin)
         rank_TK = rank_TK.numpy()
-        dest_TR = np.zeros((rank_TK.shape[0], world), dtype=bool)
-        np.put_along_axis(dest_TR, rank_TK, True, axis=1)
-        hosts_per_rank.append(dest_TR)
+        member_TR = np.zeros((rank_TK.shape[0], world), dtype=bool)
+        np.put_along_axis(member_TR, rank_TK, True, axis=1)
+        members.append(member_TR)
         rows_R += np.bincount(rank_TK.ravel(), minlength=world)
-    stages: list[np.ndarray] = []
-    if low_latency:
-        rows_RR = np.stack([dest_TR.sum(axis=0) for dest_TR in hosts_per_rank]).astype(float)
-        np.fill_diagonal(rows_RR, 0.0)
-        header_rows = -(-(3 + 3 * topology.num_nodes) * SIZES_BYTES_PER_PEER // dispatch_bytes)
-        buffer = _sizes_stage(world, np.ones((world, world), dtype=bool)) / SIZES_BYTES_PER_PEER
-        buffer *= (header_rows + tokens) * dispatch_bytes  # rows: the previous forward's largest count
-        return Traffic(stages=(buffer, rows_RR.T * combine_bytes), rows_R=rows_R, row_stages=2)
-    if not hierarchical or topology.num_nodes == 1:
-        rows_RR = np.stack([dest_TR.sum(axis=0) for dest_TR in hosts_per_rank]).astype(float)
-        np.fill_diagonal(rows_RR, 0.0)
-        sizes = _sizes_stage(world, np.ones((world, world), dtype=bool))
-        stages = [sizes, rows_RR * dispatch_bytes, sizes, rows_RR.T * combine_bytes]
-        return Traffic(stages=tuple(stages), rows_R=rows_R, row_stages=2)
-    node_R = np.arange(world) // gpus
-    stage1_RR = np.zeros((world, world))
-    stage2_RR = np.zeros((world, world))
-    for origin, dest_TR in enumerate(hosts_per_rank):
-        node_TN = dest_TR.reshape(dest_TR.shape[0], topology.num_nodes, gpus).any(axis=2)
-        for node in range(topology.num_nodes):
-            reached_T = node_TN[:, node]
-            peer = topology.peer_rank(origin, node)
-            if peer != origin:
-                stage1_RR[origin, peer] += reached_T.sum()
-            # inside `node`, the row sits on `peer` and goes once to each other hosting GPU there
-            for target in topology.ranks_of_node(node):
-                if target != peer:
-                    stage2_RR[peer, target] += (reached_T & dest_TR[:, target]).sum()
-    same_node = node_R[:, None] == node_R[None, :]
-    peers = (np.arange(world)[:, None] % gpus) == (np.arange(world)[None, :] % gpus)
-    sizes1, sizes2 = _sizes_stage(world, peers), _sizes_stage(world, same_node)
-    stages = [sizes1, stage1_RR * dispatch_bytes, sizes2, stage2_RR * dispatch_bytes,
-              stage2_RR.T * combine_bytes, stage1_RR.T * combine_bytes]  # fmt: skip
-    return Traffic(stages=tuple(stages), rows_R=rows_R, row_stages=4)
-
-
-def _sizes_stage(world: int, peers_RR: np.ndarray) -> np.ndarray:
-    sizes = peers_RR.astype(float) * SIZES_BYTES_PER_PEER
-    np.fill_diagonal(sizes, 0.0)
-    return sizes
+    hops = _summed_hops(
+        lambda origin: path_rows(members[origin], path=path, topology=topology, origin=origin), world
+    )
+    slot_stride = max(1, max(len(slots) for slots in layer.slots))
+    header_RR = np.full(
+        (world, world), float(header_bytes(mode or path, topology=topology, slot_stride=slot_stride))
+    )
+    stages = [header_RR, *(rows_RR * dispatch_bytes for rows_RR in hops),
+              *(rows_RR.T * combine_bytes for rows_RR in reversed(hops))]  # fmt: skip
+    return Traffic(stages=tuple(stages), rows_R=rows_R, row_stages=2 * len(hops))
 
 
 def system_traffic(
@@ -260,7 +265,8 @@ def system_traffic(
         layer=plans[system.plan].layers[layer_index],
         topology=topology,
         policy=system.policy,
-        hierarchical=hierarchical,
+        path="hierarchical" if hierarchical else "flat",
+        mode=system.path,
         hidden=hidden,
         itemsize=itemsize,
         low_latency_rows=DEFAULT_COMMUNICATION.low_latency_max_tokens or None,

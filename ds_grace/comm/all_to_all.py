@@ -55,6 +55,15 @@ def header_columns(*, gpus_per_node: int, slot_stride: int, extra: int, hierarch
     return 1 + (1 + gpus_per_node if hierarchical else 0) + slot_stride + extra
 
 
+def header_row_bytes(*, gpus_per_node: int, slot_stride: int, extra: int, hierarchical: bool = True) -> int:
+    """Bytes of one header row (``header_columns`` int64 counts): what every rank sends every peer in
+    the header round."""
+    columns = header_columns(
+        gpus_per_node=gpus_per_node, slot_stride=slot_stride, extra=extra, hierarchical=hierarchical
+    )
+    return _COUNT_BYTES * columns
+
+
 @dataclass(frozen=True)
 class Header:
     """The header round as host integers: sent_RC[p] went to peer p, received_RC[p] came from it."""

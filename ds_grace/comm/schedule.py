@@ -18,8 +18,9 @@ crosses each node boundary at most once per direction.
 
 The traffic model: ``hop_rows`` counts one origin's rows per hop of these same hops in numpy, from
 its rows per destination rank and node (integers: one forward, ``path_rows``; floats: expectations
-over instance choices, the planner's metrics); ``low_latency_rows`` the low-latency path's fixed
-buffers. The planner and replayed metrics, the simulator and the benchmark count traffic with them.
+over instance choices, the planner's metrics); ``fixed_rows`` the fixed buffers of the low-latency
+path and of DeepSpeed's padded all-to-all. The planner and replayed metrics, the simulator and the
+benchmark's byte counts all count traffic with these functions.
 """
 
 from __future__ import annotations
@@ -120,9 +121,11 @@ def path_rows(member_TR: np.ndarray, *, path: PathName, topology: Topology, orig
     return hop_rows(member_TR.sum(0), reached_TN.sum(0), path=path, topology=topology, origin=origin)
 
 
-def low_latency_rows(rows_per_peer: int, *, topology: Topology, origin: int) -> list[np.ndarray]:
-    """The low-latency path's one hop from `origin`: a fixed buffer of rows_per_peer rows to every
-    EP rank (itself included), whatever the routes (``DispatchExecutor.dispatch_low_latency``)."""
+def fixed_rows(rows_per_peer: int, *, topology: Topology, origin: int) -> list[np.ndarray]:
+    """The one hop of a fixed-buffer all-to-all from `origin`: rows_per_peer rows to every EP rank
+    (itself included), whatever the routes: the low-latency path
+    (``DispatchExecutor.dispatch_low_latency``) and DeepSpeed's padded all-to-all
+    (``ds_grace.comm.transport.DeepSpeedTransport``: E/R experts' capacity rows per peer)."""
     world = topology.world_size
     first = np.zeros((world, world), dtype=np.int64)
     first[origin] = rows_per_peer

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ds_grace.comm.all_to_all import dispatch_row_bytes, header_columns
+from ds_grace.comm.all_to_all import dispatch_row_bytes, header_row_bytes
 from ds_grace.comm.collectives import sum_over_ranks
 from ds_grace.comm.counters import StageTraffic
 from ds_grace.comm.local_ranks import RankContext, RankFailure, run_on_ranks
@@ -154,7 +154,7 @@ def expected_traffic(
     k = int(rank_by_origin[0].shape[1]) if rank_by_origin else 0
     dispatch_bytes = dispatch_row_bytes(k, hidden, dtype)
     combine_bytes = hidden * torch.empty((), dtype=dtype).element_size()
-    header_bytes = 8 * header_columns(
+    header_bytes = header_row_bytes(
         gpus_per_node=gpus, slot_stride=slot_stride, extra=0, hierarchical=hierarchical
     )
 

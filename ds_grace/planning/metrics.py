@@ -6,12 +6,16 @@ For a token on origin rank g that chose expert e, the instance on rank r compute
 probability given by ``route_table`` (plan.py, the tables the runtime applies). Instance choices of
 a token's experts are independent. Per MoE layer and token, averaged over tokens, then over layers:
 
-- cross_node_copies_per_token: distinct remote nodes the token must reach (one copy per node: HSC);
-- cross_gpu_copies_per_token: distinct GPUs other than its origin it must reach (one copy per GPU);
+- cross_node_copies_per_token: distinct remote nodes the token must reach (one copy per node: HSC),
+  counted as the rows the hierarchical path's first hop sends to other nodes;
+- cross_gpu_copies_per_token: distinct GPUs other than its origin it must reach (one copy per GPU),
+  counted as the rows the flat hop sends to other GPUs;
 - balancedness: mean / max of the expected GPU loads (1.0 = perfect), averaged over layers;
 - max_gpu_load_ratio: max / mean of the expected GPU loads, of the worst layer;
 - vanilla_cross_node_copies_per_token: DeepSpeed's reference, contiguous placement and no dedup:
   every (token, expert) pair whose expert sits on another node.
+Rows per hop come from the runtime's own traffic model (``ds_grace.comm.schedule.hop_rows``), fed
+with each origin's expected rows per destination rank and node.
 Copies need per-token routing; from aggregate loads they are None. Loads-only sources still give
 the balance metrics and, when top_k is known, the vanilla reference.
 """
@@ -95,7 +99,7 @@ def expected_reach(topk_ids_TK: np.ndarray, reach_GEX: np.ndarray) -> np.ndarray
 
 
 def copies_per_token(
-    rows_GR: np.ndarray, rows_GN: np.ndarray, *, topology: Topology, num_tokens: int
+    rows_GR: np.ndarray, rows_GN: np.ndarray, *, topology: Topology, num_tokens: float
 ) -> tuple[float, float]:
     """(cross-node, cross-GPU) copies per token, averaged over origins, from each origin g's (expected)
     rows per destination rank rows_GR[g] and node rows_GN[g]: the rows the hierarchical path's first
@@ -110,24 +114,22 @@ def copies_per_token(
         )[0]
         cross_gpu += float(flat[origin].sum() - flat[origin, origin])
         cross_node += float(first[origin, crosses_RR[origin]].sum())
-    per_token = world * max(1, num_tokens)
-    return cross_node / per_token, cross_gpu / per_token
+    if num_tokens == 0:
+        return 0.0, 0.0
+    return cross_node / (world * num_tokens), cross_gpu / (world * num_tokens)
 
 
 def vanilla_copies_per_token(loads_E: np.ndarray, topology: Topology, top_k: int) -> float:
     """DeepSpeed-MoE's cross-node copies per token: contiguous placement (expert e on rank
-    floor(e * R / E)), no dedup (one row per route), the flat hop, origins uniform."""
+    floor(e * R / E)), no dedup (one row per route: either path's hops then send the same rows across
+    nodes), origins uniform: K (N - 1) / N per token, whatever the loads."""
     loads_E = np.asarray(loads_E, dtype=np.float64)
     num_experts = len(loads_E)
     rank_E = np.arange(num_experts) * topology.world_size // max(1, num_experts)
     rows_R = np.bincount(rank_E, weights=loads_E, minlength=topology.world_size)
     rows_N = rows_R.reshape(topology.num_nodes, topology.gpus_per_node).sum(axis=1)
     rows_GR, rows_GN = np.tile(rows_R, (topology.world_size, 1)), np.tile(rows_N, (topology.world_size, 1))
-    num_tokens = loads_E.sum() / top_k
-    if num_tokens == 0:
-        return 0.0
-    # copies_per_token divides by max(1, tokens): scale back for fractional token counts
-    cross_node, _ = copies_per_token(rows_GR / num_tokens, rows_GN / num_tokens, topology=topology, num_tokens=1)
+    cross_node, _ = copies_per_token(rows_GR, rows_GN, topology=topology, num_tokens=loads_E.sum() / top_k)
     return cross_node
 
 

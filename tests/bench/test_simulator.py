@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.simulator import LinkModel, Traffic, forward_time, grace_traffic, stage_terms, vanilla_traffic
+from ds_grace.comm.all_to_all import header_row_bytes
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.topology import Topology
 from ds_grace.trace import synthetic
@@ -54,7 +55,8 @@ def test_vanilla_traffic_is_the_padded_buffer() -> None:
     )
     capacity = 2  # expert 0 is chosen twice on rank 0: the group's largest count
     per_peer = 2 * capacity * 4 * 4  # 2 experts per rank
-    assert traffic.stages[0][0, 1] == per_peer and traffic.stages[0][0, 0] == 0
+    assert traffic.stages[0][0, 1] == per_peer == traffic.stages[0][0, 0]  # its own block too
+    assert stage_terms(traffic.stages[0], topology, 1) == (2 * per_peer, per_peer)  # own block: no link
     assert traffic.rows_R.tolist() == [8 * capacity] * 4
 
 
@@ -64,17 +66,36 @@ def test_grace_hierarchical_sends_a_token_once_per_remote_node() -> None:
     layer = LayerPlan.from_lists(slots=[[0], [1], [2], [3]], primary=[0, 1, 2, 3])
     ids_RTK = np.array([[[2, 3]], [[0, 1]], [[0, 1]], [[2, 3]]])
     flat = grace_traffic(
-        ids_RTK, layer=layer, topology=topology, policy="tar", hierarchical=False, hidden=8, itemsize=4
+        ids_RTK, layer=layer, topology=topology, policy="tar", path="flat", hidden=8, itemsize=4
     )
     hier = grace_traffic(
-        ids_RTK, layer=layer, topology=topology, policy="tar", hierarchical=True, hidden=8, itemsize=4
+        ids_RTK, layer=layer, topology=topology, policy="tar", path="hierarchical", hidden=8, itemsize=4
     )
     row = 8 * 2 + 8 * 4  # K codes + K weights + hidden
     assert flat.stages[1][0, 2] == row and flat.stages[1][0, 3] == row  # flat: once per remote GPU
     stage1 = hier.stages[1]
     assert stage1[0, 2] == row and stage1[0, 3] == 0  # hierarchical: once to the peer GPU of node 1
-    assert hier.stages[3][2, 3] == row  # then inside node 1 to the GPU hosting expert 3
+    assert hier.stages[2][2, 3] == row  # then inside node 1 to the GPU hosting expert 3
+    assert hier.stages[3][3, 2] == 8 * 4  # combine replays hop 2 back with the hidden vector only
     assert hier.rows_R.tolist() == flat.rows_R.tolist() == [2.0, 2.0, 2.0, 2.0]
+    # one header round (the runtime's header row to every peer), then the payload hops there and back
+    assert len(flat.stages) == 3 and len(hier.stages) == 5
+    flat_header = header_row_bytes(gpus_per_node=2, slot_stride=1, extra=0, hierarchical=False)
+    hier_header = header_row_bytes(gpus_per_node=2, slot_stride=1, extra=0, hierarchical=True)
+    assert flat.stages[0][0, 3] == flat_header and hier.stages[0][1, 2] == hier_header > flat_header
+
+
+def test_low_latency_sends_a_fixed_buffer_to_every_peer_without_a_header() -> None:
+    topology = Topology(2, 2)
+    layer = LayerPlan.from_lists(slots=[[0, 4], [1, 5], [2, 6], [3, 7]], primary=[0, 1, 2, 3, 0, 1, 2, 3])
+    ids_RTK = np.array([[[2, 3], [0, 1]], [[0, 1], [4, 5]], [[0, 1], [6, 7]], [[2, 3], [2, 4]]])
+    traffic = grace_traffic(ids_RTK, layer=layer, topology=topology, policy="tar", path="hierarchical",
+                            hidden=8, itemsize=4, low_latency_rows=2)  # fmt: skip
+    row = 8 * 2 + 8 * 4
+    assert len(traffic.stages) == 2  # dispatch and combine buffers, no header round
+    assert (traffic.stages[0] == 2 * row).all()  # 2 rows (every token) to every peer
+    assert (traffic.stages[1] == 2 * 8 * 4).all()
+    assert traffic.rows_R.tolist() == [2 * 4 * 2.0] * 4  # each of 2 slots computes all 4 x 2 rows
 
 
 def test_predictions_monotone_in_bandwidth() -> None:
@@ -85,7 +106,7 @@ def test_predictions_monotone_in_bandwidth() -> None:
     traffics = [
         vanilla_traffic(ids_RTK, num_experts=8, hidden=64, itemsize=4, topology=topology, drop_tokens=False),
         grace_traffic(
-            ids_RTK, layer=layer, topology=topology, policy="tar", hierarchical=True, hidden=64, itemsize=4
+            ids_RTK, layer=layer, topology=topology, policy="tar", path="hierarchical", hidden=64, itemsize=4
         ),
     ]
     base = LinkModel(inter_bytes_per_s=1e6, gpus_per_link=2, intra_bytes_per_s=1e8, alpha_s=1e-4, row_s=1e-5)

@@ -182,4 +182,6 @@ def test_copies_from_the_schedule_equal_the_distinct_destination_count_on_a_real
                 assert row["cross_gpu_copies_per_token"] == pytest.approx(
                     reference(ids_TK, prob_GER, np.arange(topology.world_size)), rel=1e-9
                 )
-            assert metrics["vanilla_cross_node_copies_per_token"] == pytest.approx(2 * (nodes - 1) / nodes, rel=1e-12)
+            assert metrics["vanilla_cross_node_copies_per_token"] == pytest.approx(
+                2 * (nodes - 1) / nodes, rel=1e-12
+            )

@@ -80,7 +80,9 @@ def test_replayed_copies_from_the_schedule_equal_the_distinct_remote_count_on_a_
         return np.mean([len(set(row) - {o}) for row, o in zip(dest.tolist(), own.tolist())])
 
     replayed = replayed_metrics(trace, plan, routing_policy="tar")
-    assert replayed["cross_gpu_copies_replayed"] == pytest.approx(distinct_remote(dest_TK, origin_T), rel=1e-12)
+    assert replayed["cross_gpu_copies_replayed"] == pytest.approx(
+        distinct_remote(dest_TK, origin_T), rel=1e-12
+    )
     assert replayed["cross_node_copies_replayed"] == pytest.approx(
         distinct_remote(dest_TK // 2, origin_T // 2), rel=1e-12
     )
