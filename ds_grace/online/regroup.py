@@ -14,7 +14,8 @@ one origin GPU, routed by ``choose_instances``). Its gain is the drop of that co
 the instances it adds on ranks that do not hold them (x the expert's bytes). Moves with a gain of
 at least MIN_GAIN that add no more than LOCALITY_SLACK of the live layer's cross-node copies are
 taken by gain per byte, best first, while the bytes of the interval stay
-within the budget (``grace.replication.online.max_bytes_per_interval``); at most one per layer.
+within the budget (``grace.replication.online.max_bytes_per_interval``); at most one per layer. A node
+that holds every expert keeps holding every expert: the window may not use them all, the next tokens may.
 Every rank that calls ``regroup`` with the same inputs gets the same plan.
 """
 
@@ -94,6 +95,14 @@ def relabel_onto(live: LayerPlan, fresh: LayerPlan, topology: Topology) -> Layer
     return LayerPlan.from_lists(slots=slots, primary=primary, slot_weights=weights)
 
 
+def full_nodes(layer: LayerPlan, topology: Topology) -> np.ndarray:
+    """full_N: the nodes whose GPUs hold an instance of every expert (no token leaves them)."""
+    held_NE = np.zeros((topology.num_nodes, layer.num_experts), dtype=bool)
+    for rank, experts in enumerate(layer.slots):
+        held_NE[rank // topology.gpus_per_node, list(experts)] = True
+    return held_NE.all(axis=1)
+
+
 def layer_scores(
     window: RoutingTrace, layer_index: int, layer: LayerPlan, topology: Topology, policy: RoutingPolicy
 ) -> tuple[float, float]:
@@ -129,6 +138,7 @@ def candidate_moves(
         if loads_LE[index].sum() == 0:
             continue
         now_copies, now_balance = layer_scores(window, index, layer, topology, policy)
+        full_N = full_nodes(layer, topology)
         now = now_copies / window.top_k + 1.0 - now_balance
         options = [("replicas", _replicas_replanned(layer, loads_LE[index], topology, policy))]
         if fresh is not None:
@@ -137,7 +147,7 @@ def candidate_moves(
             options += [("regroup", regrouped), ("regroup", rebalanced)]
         best: Move | None = None
         for kind, candidate in options:
-            if candidate == layer:
+            if candidate == layer or (full_N & ~full_nodes(candidate, topology)).any():
                 continue
             copies, balance = layer_scores(window, index, candidate, topology, policy)
             gain = now - (copies / window.top_k + 1.0 - balance)
