@@ -103,6 +103,11 @@ def full_nodes(layer: LayerPlan, topology: Topology) -> np.ndarray:
     return held_NE.all(axis=1)
 
 
+def keeps_full_nodes(live: LayerPlan, candidate: LayerPlan, topology: Topology) -> bool:
+    """Whether every node that holds every expert in `live` still does in `candidate`."""
+    return not (full_nodes(live, topology) & ~full_nodes(candidate, topology)).any()
+
+
 def layer_scores(
     window: RoutingTrace, layer_index: int, layer: LayerPlan, topology: Topology, policy: RoutingPolicy
 ) -> tuple[float, float]:
@@ -138,7 +143,6 @@ def candidate_moves(
         if loads_LE[index].sum() == 0:
             continue
         now_copies, now_balance = layer_scores(window, index, layer, topology, policy)
-        full_N = full_nodes(layer, topology)
         now = now_copies / window.top_k + 1.0 - now_balance
         options = [("replicas", _replicas_replanned(layer, loads_LE[index], topology, policy))]
         if fresh is not None:
@@ -147,7 +151,7 @@ def candidate_moves(
             options += [("regroup", regrouped), ("regroup", rebalanced)]
         best: Move | None = None
         for kind, candidate in options:
-            if candidate == layer or (full_N & ~full_nodes(candidate, topology)).any():
+            if candidate == layer or not keeps_full_nodes(layer, candidate, topology):
                 continue
             copies, balance = layer_scores(window, index, candidate, topology, policy)
             gain = now - (copies / window.top_k + 1.0 - balance)

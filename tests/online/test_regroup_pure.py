@@ -11,7 +11,14 @@ import pytest
 from ds_grace.cli import main as cli_main
 from ds_grace.config import GraceConfig
 from ds_grace.online.drift import DriftSpec, replay_drift
-from ds_grace.online.regroup import added_instances, layer_cost, regroup, relabel_onto
+from ds_grace.online.regroup import (
+    added_instances,
+    full_nodes,
+    keeps_full_nodes,
+    layer_cost,
+    regroup,
+    relabel_onto,
+)
 from ds_grace.planning.build import build_plan
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.topology import Topology
@@ -109,3 +116,17 @@ def test_cli_prints_the_intervals_as_json(tmp_path, capsys):
     other.save(tmp_path / "c.npz")
     assert cli_main([*args[:4], str(tmp_path / "c.npz"), *args[5:]]) == 2
     assert "must have the same layers and experts" in capsys.readouterr().err
+
+
+def test_a_move_may_not_empty_a_node_that_holds_every_expert():
+    topology = Topology(num_nodes=2, gpus_per_node=4)  # S = 2: each node holds all 8 experts once
+    live = LayerPlan.from_lists(slots=[[6, 2], [1, 0], [7, 3], [4, 5]] * 2, primary=[1, 1, 0, 2, 3, 3, 0, 2])
+    assert full_nodes(live, topology).tolist() == [True, True]
+    # a replica re-plan measured on Mixtral humaneval -> gsm8k (2x4): node 1 gives expert 6's copy to
+    # expert 1, which its window needed more; the next tokens then crossed nodes for expert 6
+    moved = LayerPlan.from_lists(
+        slots=[[6, 2], [1, 0], [7, 3], [4, 5], [1, 2], [1, 0], [7, 3], [4, 5]],
+        primary=[1, 1, 0, 2, 3, 3, 0, 2],
+    )
+    assert full_nodes(moved, topology).tolist() == [True, False]
+    assert not keeps_full_nodes(live, moved, topology) and keeps_full_nodes(moved, live, topology)
