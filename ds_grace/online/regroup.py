@@ -6,8 +6,10 @@ Each interval, for every layer, two candidate moves are scored on the recent win
 - "replicas": the replica re-plan of ``replan`` (primaries stay; few replicas move);
 - "regroup": the layer as a fresh GRACE plan fitted on the window would place it (primaries move
   too), relabelled onto the live GPUs so that as many instances as possible stay where they are
-  (nodes, then GPUs inside a node, matched by the instances they share: scipy's assignment); and the
-  same with its replicas re-placed for the window's loads (``replan_layer``).
+  (nodes, then GPUs inside a node, matched by the instances they share: scipy's assignment); the
+  same with its replicas re-placed for the window's loads (``replan_layer``); and steps toward it,
+  one node at a time (``node_parts``; not where a node already holds every expert), which fit a
+  tight budget where the whole layer does not.
 A candidate's cost is a plan objective, cross-node copies per token / K + (1 - balancedness), both
 replayed through the runtime's own instance choice (``ds_grace.replayed``: every window token on
 one origin GPU, routed by ``choose_instances``). Its gain is the drop of that cost; its bytes are
@@ -149,6 +151,8 @@ def candidate_moves(
             regrouped = relabel_onto(layer, fresh.layers[index], topology)
             rebalanced = _replicas_replanned(regrouped, loads_LE[index], topology, policy)
             options += [("regroup", regrouped), ("regroup", rebalanced)]
+            if not full_nodes(layer, topology).any():  # else no node has locality to gain
+                options += [("regroup", part) for part in node_parts(layer, regrouped, topology)]
         best: Move | None = None
         for kind, candidate in options:
             if candidate == layer or not keeps_full_nodes(layer, candidate, topology):
@@ -164,6 +168,30 @@ def candidate_moves(
         if best is not None:
             moves.append(best)
     return moves
+
+
+def node_parts(live: LayerPlan, target: LayerPlan, topology: Topology) -> list[LayerPlan]:
+    """Steps toward `target`: per node, `live` with that node's GPUs as `target` has them (weights
+    too), where every expert keeps an instance; an expert's primary is its target primary if that
+    copy is there, else its live primary if that is, else its lowest-ranked copy."""
+    gpus, parts = topology.gpus_per_node, []
+    for node in range(topology.num_nodes):
+        taken = range(node * gpus, (node + 1) * gpus)
+        source = [target if rank in taken else live for rank in range(topology.world_size)]
+        slots = [list(plan.slots[rank]) for rank, plan in enumerate(source)]
+        if slots == [list(s) for s in live.slots] or len({e for s in slots for e in s}) < live.num_experts:
+            continue
+        primary = []
+        for expert in range(live.num_experts):
+            for rank in (target.primary[expert], live.primary[expert]):
+                if expert in slots[rank]:
+                    primary.append(rank)
+                    break
+            else:
+                primary.append(min(r for r, held in enumerate(slots) if expert in held))
+        weights = [list(plan.slot_weights[rank]) for rank, plan in enumerate(source)]
+        parts.append(LayerPlan.from_lists(slots=slots, primary=primary, slot_weights=weights))
+    return parts
 
 
 def _replicas_replanned(

@@ -16,6 +16,7 @@ from ds_grace.online.regroup import (
     full_nodes,
     keeps_full_nodes,
     layer_cost,
+    node_parts,
     regroup,
     relabel_onto,
 )
@@ -130,3 +131,23 @@ def test_a_move_may_not_empty_a_node_that_holds_every_expert():
     )
     assert full_nodes(moved, topology).tolist() == [True, False]
     assert not keeps_full_nodes(live, moved, topology) and keeps_full_nodes(moved, live, topology)
+
+
+def test_node_parts_step_toward_the_regrouped_layer_one_node_at_a_time():
+    live = LayerPlan.from_lists(slots=[[0, 2], [1, 0], [2, 3], [3, 1]], primary=[0, 1, 2, 3])
+    target = LayerPlan.from_lists(
+        slots=[[0, 1], [1, 2], [2, 3], [3, 0]], primary=[0, 1, 2, 3], slot_weights=[[1.0, 2.0]] * 4
+    )
+    parts = node_parts(live, target, TOPOLOGY)
+    assert [p.slots for p in parts] == [((0, 1), (1, 2), (2, 3), (3, 1)), ((0, 2), (1, 0), (2, 3), (3, 0))]
+    assert (
+        parts[0].slot_weights[:2] == target.slot_weights[:2]
+        and parts[0].slot_weights[2:] == live.slot_weights[2:]
+    )
+    assert [added_instances(live, p) for p in parts] == [2, 1] and added_instances(live, target) == 3
+    for part in parts:
+        assert all(e in part.slots[part.primary[e]] for e in range(4))
+    # a step that would leave an expert without an instance is not offered
+    lonely = LayerPlan.from_lists(slots=[[0], [1], [2], [3]], primary=[0, 1, 2, 3])
+    moved = LayerPlan.from_lists(slots=[[2], [3], [0], [1]], primary=[2, 3, 0, 1])
+    assert node_parts(lonely, moved, TOPOLOGY) == []
