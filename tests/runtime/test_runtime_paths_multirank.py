@@ -162,8 +162,18 @@ def _served_as_configured(ctx: RankContext, seed: int) -> list[dict]:
     return served
 
 
-def test_every_path_is_lossless_agrees_on_every_rank_and_keeps_its_budgets():
-    results = run_on_ranks(_paths_rank, topology=TOPOLOGY, timeout_s=600, collective_timeout_s=120)
+def _both_rank(ctx: RankContext) -> tuple[list[dict], list[float]]:
+    """Both tests' forwards in one spawn of the 4 ranks (their start-up is most of the cost)."""
+    return _paths_rank(ctx), _transport_rank(ctx)
+
+
+@pytest.fixture(scope="module")
+def per_rank() -> list[tuple[list[dict], list[float]]]:
+    return run_on_ranks(_both_rank, topology=TOPOLOGY, timeout_s=600, collective_timeout_s=120)
+
+
+def test_every_path_is_lossless_agrees_on_every_rank_and_keeps_its_budgets(per_rank):
+    results = [paths for paths, _ in per_rank]
     *cases, _, counts, _ = results[0]
     # the counting benchmark's workload (benchmarks/count_hot_path.py), the one the budgets were set on
     for path, phases in counts["counts"].items():
@@ -252,7 +262,7 @@ def _transport_rank(ctx: RankContext) -> list[float]:
     return diffs
 
 
-def test_deepspeed_padded_all_to_all_carries_every_path():
-    results = run_on_ranks(_transport_rank, topology=TOPOLOGY, timeout_s=300, collective_timeout_s=60)
+def test_deepspeed_padded_all_to_all_carries_every_path(per_rank):
+    results = [transport for _, transport in per_rank]
     for rank, diffs in enumerate(results):
         assert len(diffs) == 4 and max(diffs) <= 1e-4, (rank, diffs)
