@@ -123,6 +123,7 @@ class CaseResult:
     stats: dict[str, int] = field(default_factory=dict)
     trace: tuple[list[np.ndarray], list[np.ndarray]] | None = None
     stats_online: dict[str, Any] | None = None
+    load: dict[str, Any] | None = None  # engine.grace.load.as_dict(), when it read a checkpoint
 
 
 def _rows(ctx: RankContext, num_prompts: int) -> slice:
@@ -158,6 +159,7 @@ def _hf_case(ctx: RankContext, case: HFCase) -> CaseResult:
         outputs={"logits": logits, "tokens": tokens[:, input_ids.shape[1] :]},
         stats=prefill_stats,
         stats_online=served.online.metrics() if served.online is not None else None,
+        load=served.load.as_dict() if served.load is not None else None,
     )
     if case.profile_batches is not None:
         trace = profile_routing(
