@@ -1,6 +1,7 @@
 """Through the real `deepspeed` launcher (two nodes of one rank each, --no_ssh, one launcher per node):
-nodes whose ds_configs differ in settings that change the collectives refuse to serve at start-up, on
-every rank, with the field and each rank's value, well before the collective timeout (300 s here)."""
+nodes whose ds_configs differ in settings that change the collectives, or that were launched with other
+prompts or new tokens, refuse to serve at start-up, on every rank, with the field and each rank's value,
+well before the collective timeout (300 s here)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
             },
         }
 
+    # the two nodes also differ in their launch arguments (a third prompt, --max-new-tokens): the same
+    # start-up fingerprint carries them, so one launch checks both kinds of field
+    prompts = ["--prompt", "GRACE moves experts", "--prompt", "MoE"]
+    launch_args = [[*prompts, "--prompt", "the third", "--max-new-tokens", "4"],
+                   [*prompts, "--prompt", "another third", "--max-new-tokens", "12"]]  # fmt: skip
     scripts = []
     for node_rank, node_config in enumerate(
         [config(hierarchical=True, interval=64), config(hierarchical=False, interval=8)]
@@ -51,28 +57,23 @@ def test_nodes_with_different_settings_refuse_to_serve_on_every_rank(tmp_path):
         path = tmp_path / f"node{node_rank}.json"
         path.write_text(json.dumps(node_config))
         scripts.append(
-            [
-                str(GENERATE),
-                "--model",
-                str(model),
-                "--ds-config",
-                str(path),
-                "--prompt",
-                "a",
-                "--max-new-tokens",
-                "1",
-            ]
-            + ["--warmup", "0"]
-        )
+            [str(GENERATE), "--model", str(model), "--ds-config", str(path), *launch_args[node_rank], "--warmup", "0"]
+        )  # fmt: skip
     run = _launch_nodes(tmp_path, scripts)
     codes, outputs, wall_s, shown = run.exit_codes, run.outputs, run.wall_s, run.shown(tail_chars=3000)
-    assert all(code != 0 for code in codes), shown
-    for text in outputs:  # the same clear error on every rank
+    assert codes == [2, 2], shown
+    for rank, text in enumerate(outputs):  # the same clear error on every rank, and no rank serves
         [line] = [line for line in text.splitlines() if line.startswith("error: ")]
+        assert line.startswith(f"error: rank {rank} (host "), shown
         assert re.match(r"error: rank [01] \(host \S+\): ranks disagree on what they serve with", line), shown
+        assert "ranks disagree on what they serve with, so no rank serves" in line, shown
         assert "Traceback" not in text, shown
-        assert "grace.communication.path differs: hierarchical on rank 0; flat on rank 1" in text, shown
-        assert "grace.replication.online.interval differs: 64 on rank 0; 8 on rank 1" in text, shown
+        assert not [out for out in text.splitlines() if out.startswith("{")], shown  # no report
+        assert "grace.communication.path differs: hierarchical on rank 0; flat on rank 1" in line, shown
+        assert "grace.replication.online.interval differs: 64 on rank 0; 8 on rank 1" in line, shown
+        assert "launch.prompt[2] differs: the third on rank 0; another third on rank 1" in line, shown
+        assert "launch.max_new_tokens differs: 4 on rank 0; 12 on rank 1" in line, shown
+        assert "launch.prompt[0]" not in line, shown  # equal prompts are not named
         assert "collective mismatch" not in text and "Connection reset" not in text, shown
     assert wall_s < 150, f"took {wall_s:.0f} s: the mismatch must fail at start-up, not at timeout_s (300 s)"
 

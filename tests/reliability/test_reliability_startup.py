@@ -1,7 +1,7 @@
 """Through the real `deepspeed` launcher (two nodes on this machine, --no_ssh, one launcher per node):
 a rank that fails, or dies, before the start-up handshake stops every rank of the other node, which
-names it (rank, host, error) instead of waiting out communication.timeout_s (300 s, the default, here);
-nodes launched with different prompts or generation settings refuse to serve, naming the field."""
+names it (rank, host, error) instead of waiting out communication.timeout_s (300 s, the default, here).
+Nodes launched with different prompts or generation settings: test_reliability_launcher.py."""
 
 from __future__ import annotations
 
@@ -109,19 +109,21 @@ def test_a_missing_plan_on_one_node_stops_the_other_node(served, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("when", "why"),
+    ("when", "join_timeout_s", "why"),
     [
-        ("before-join", r"it never joined the start-up rendezvous at 127\.0\.0\.1:\d+ within 10 s"),
-        ("after-join", r"its heartbeat stopped for 10 s"),
+        # the killed rank never joins: rank 0 waits out the join deadline, short here
+        ("before-join", "4", r"it never joined the start-up rendezvous at 127\.0\.0\.1:\d+ within 4 s"),
+        # the killed rank joins first (after its imports): a deadline with room for them
+        ("after-join", "10", r"its heartbeat stopped for 10 s"),
     ],
 )
-def test_a_rank_killed_during_start_up_is_named_within_seconds(served, tmp_path, when, why):
+def test_a_rank_killed_during_start_up_is_named_within_seconds(served, tmp_path, when, join_timeout_s, why):
     model, config = served
     run = _launch(
         tmp_path,
         [_generate(model, config, "--prompt", "a"), [str(KILL_RANK), when]],
         ranks_per_node=1,
-        DS_GRACE_JOIN_TIMEOUT_S="10",
+        DS_GRACE_JOIN_TIMEOUT_S=join_timeout_s,
     )
     shown = run.shown(tail_chars=3000)
     assert run.exit_codes[0] == 1 and run.exit_codes[1] != 0, shown
@@ -130,27 +132,6 @@ def test_a_rank_killed_during_start_up_is_named_within_seconds(served, tmp_path,
         rf"error: rank 0 \(host {HOST}\): rank 1 was lost before the start-up handshake: {why}", line
     )
     assert "Traceback" not in run.outputs[0], shown
-
-
-@pytest.mark.slow
-def test_nodes_launched_with_other_prompts_or_new_tokens_refuse_to_serve(served, tmp_path):
-    model, config = served
-    prompts = ["--prompt", "GRACE moves experts", "--prompt", "MoE"]
-    scripts = [
-        _generate(model, config, *prompts, "--prompt", "the third", "--max-new-tokens", "4"),
-        _generate(model, config, *prompts, "--prompt", "another third", "--max-new-tokens", "12"),
-    ]
-    run = _launch(tmp_path, scripts, ranks_per_node=1)
-    shown = run.shown(tail_chars=3000)
-    assert run.exit_codes == [2, 2], shown
-    for rank, text in enumerate(run.outputs):
-        assert "Traceback" not in text and not [line for line in text.splitlines() if line.startswith("{")]
-        [line] = _error_lines(text)
-        assert line.startswith(f"error: rank {rank} (host "), shown
-        assert "ranks disagree on what they serve with, so no rank serves" in line, shown
-        assert "launch.prompt[2] differs: the third on rank 0; another third on rank 1" in line, shown
-        assert "launch.max_new_tokens differs: 4 on rank 0; 12 on rank 1" in line, shown
-        assert "launch.prompt[0]" not in line, shown
 
 
 # ---- the rendezvous in one process (ranks as objects on one store) ----
