@@ -16,33 +16,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
+from unittest import mock
 
 import numpy as np
 
 from ds_grace.config import GraceConfig
-from ds_grace.planning.baselines import fill_node, layer_from_slots, single_instance_layer
+from ds_grace.planning import replication
+from ds_grace.planning.baselines import fill_node, layer_from_slots
 from ds_grace.planning.build import (
+    Rebalance,
     _fingerprint,
-    _rebalance,
     build_plan,
     group_primaries,
     planning_loads,
     predicted_balancedness,
     recency_gate,
-    replica_options,
+    replica_layers,
     replication_meta,
     resolve_config,
     resolve_slots_per_gpu,
     slot_caps,
-    swap_for_locality,
 )
-from ds_grace.planning.grouping import spread_within_nodes
+from ds_grace.planning.grouping import NodeDeal
 from ds_grace.planning.metrics import expected_gpu_loads
 from ds_grace.planning.plan import GracePlan, LayerPlan, PlanError
 from ds_grace.planning.replication import (
     ReplicaPlacement,
     _add_copy,
-    layer_plan_from,
+    instance_loads,
     replicate,
     seed_replicas,
     share_gpu_loads,
@@ -207,6 +208,61 @@ def split_seed_replicas(
     return pairs
 
 
+def block_spread_within_nodes(
+    expert2rank_E: np.ndarray,
+    loads_E: np.ndarray,
+    affinity_EE: np.ndarray,
+    topology: Topology,
+    blocks_BE: np.ndarray,
+) -> np.ndarray:
+    """``spread_within_nodes`` with each node's experts dealt by the worst of the blocks (``block_loads``):
+    an expert goes to the open GPU whose max over the blocks of (its load there + the expert's) is
+    lowest, plus the same anti-affinity term."""
+    gpus = topology.gpus_per_node
+    result = np.asarray(expert2rank_E, dtype=np.int64).copy()
+    loads = np.asarray(loads_E, dtype=np.float64)
+    for node in range(topology.num_nodes):
+        deal = NodeDeal(np.flatnonzero(result // gpus == node), loads, affinity_EE, gpus)
+        fill_BG = np.zeros((len(blocks_BE), gpus))
+        for expert in deal.order:
+            worst_G = (fill_BG + blocks_BE[:, [expert]]).max(axis=0)
+            g = deal.place(expert, worst_G)
+            fill_BG[:, g] += blocks_BE[:, expert]
+            result[expert] = node * gpus + g
+    return result
+
+
+def per_copy_placement(
+    loads_E: np.ndarray,
+    primary: np.ndarray,
+    topology: Topology,
+    *,
+    seeds: list[tuple[int, int]],
+    options: dict[str, Any],
+    fitted_weights: bool,
+    weight_bound: float,
+) -> ReplicaPlacement:
+    """The replicas `seeds` (EPLB's per-copy rule) on `primary`, empty slots filled as the product
+    does; WRR weights refined by the product's rule with every step clipped to [1 / weight_bound,
+    weight_bound] x their mean if fitted_weights, else all 1 (an even split over instances)."""
+    with mock.patch.object(replication, "WEIGHT_BOUND", weight_bound):
+        placement = replicate(loads_E, primary, topology, initial=seeds, greedy=False, **options)
+    if fitted_weights:
+        return placement
+    hosts_ER = np.zeros((len(loads_E), topology.world_size), dtype=bool)
+    hosts_ER[np.arange(len(loads_E)), primary] = True
+    for e, r in placement.pairs():
+        hosts_ER[e, r] = True
+    weight_R = np.ones(topology.world_size)
+    policy = options["routing_policy"]
+    gpu_R = instance_loads(loads_E, hosts_ER, weight_R, topology, policy, primary).sum(axis=0)
+    return replace(
+        placement,
+        rank_weights=tuple(float(w) for w in weight_R),
+        predicted_gpu_loads=tuple(float(x) for x in gpu_R),
+    )
+
+
 def node_packed_layer(
     loads_E: np.ndarray, node_E: np.ndarray, topology: Topology, *, slots_per_gpu: int
 ) -> LayerPlan:
@@ -294,66 +350,57 @@ def experiment_plan(
     if variant.spread and blocks_LBE is not None and intra is not None:
         primaries = np.stack(
             [
-                spread_within_nodes(
-                    primaries[i], loads_LE[i], intra[i], topology, block_loads_BE=blocks_LBE[i]
-                )
+                block_spread_within_nodes(primaries[i], loads_LE[i], intra[i], topology, blocks_LBE[i])
                 for i in range(num_layers)
             ]
         )
-    layers, balance = [], []
-    for index in range(num_layers):
-        if not cfg.replication.enabled:
-            layers.append(single_instance_layer(primaries[index], world))
-            continue
-        options = replica_options(
-            cfg, cap=cap, slots=slots, affinity_EE=None if intra is None else intra[index]
-        )
-        replicas = variant.replicas if drifting_L[index] else "greedy"
-        if replicas == "node_packed" and slots is not None:
-            node_E = primaries[index] // topology.gpus_per_node
-            layer = node_packed_layer(loads_LE[index], node_E, topology, slots_per_gpu=slots)
-            layers.append(layer)
-            balance.append(
-                predicted_balancedness(
-                    expected_gpu_loads(loads_LE[index], layer, topology, cfg.routing.policy)
-                )
+    if variant.replicas == "node_packed" and variant.drift_shrinkage is not None:
+        raise ValueError("replicas 'node_packed' applies to every layer (drift_shrinkage None)")
+    if variant.replicas == "node_packed" and slots is not None and cfg.replication.enabled:
+        layers = [
+            node_packed_layer(
+                loads_LE[i], primaries[i] // topology.gpus_per_node, topology, slots_per_gpu=slots
             )
-            continue
-        primary, placement = _variant_replicas(
-            variant,
-            replicas,
-            loads_E=loads_LE[index],
-            primary=primaries[index],
-            affinity=None if affinities is None else affinities[index],
-            spread_E=spread_LE[index] if gated_L[index] and variant.split_z > 0 else None,
-            topology=topology,
-            cfg=cfg,
-            options=options,
-            load_slack=load_slack,
-            ratio=meta.get("grouping", {}).get("ratio"),
-            group_cap=group_cap,
-            slots=slots,
+            for i in range(num_layers)
+        ]
+        balance = [
+            predicted_balancedness(expected_gpu_loads(loads_LE[i], layer, topology, cfg.routing.policy))
+            for i, layer in enumerate(layers)
+        ]
+        meta["routing_policy"] = cfg.routing.policy
+        meta["replication"] = replication_meta(
+            cfg, layers, num_experts=num_experts, world=world, slots=slots, balance=balance
         )
-        if gated_L[index] and variant.swap_tolerance is not None:
-            placement = swap_for_locality(
-                loads_LE[index],
-                primary,
-                placement,
-                source.topk_ids[index],
-                topology,
-                tolerance=float(variant.swap_tolerance),
+    else:
+
+        def place(index: int, options: dict[str, Any]) -> tuple[np.ndarray, ReplicaPlacement]:
+            return _variant_replicas(
+                variant,
+                variant.replicas if drifting_L[index] else "greedy",
+                loads_E=loads_LE[index],
+                primary=primaries[index],
+                affinity=None if affinities is None else affinities[index],
+                spread_E=spread_LE[index] if gated_L[index] and variant.split_z > 0 else None,
+                topology=topology,
+                cfg=cfg,
                 options=options,
+                load_slack=load_slack,
+                ratio=meta.get("grouping", {}).get("ratio"),
+                group_cap=group_cap,
+                slots=slots,
             )
-        layers.append(layer_plan_from(primary, placement, num_ranks=world))
-        balance.append(predicted_balancedness(placement.predicted_gpu_loads))
-    meta["routing_policy"] = cfg.routing.policy
-    meta["replication"] = replication_meta(
-        cfg, layers, num_experts=num_experts, world=world, slots=slots, balance=balance
-    ) | {
-        "drifting_layers": [int(i) for i in np.flatnonzero(drifting_L)]
-        if variant.replicas != "greedy"
-        else []
-    }
+
+        swaps = (
+            gated_L if variant.swap_tolerance is not None else np.zeros(num_layers, dtype=bool),
+            variant.swap_tolerance,
+        )
+        layers = replica_layers(
+            source, loads_LE, primaries, topology, cfg, meta, caps=(cap, slots), intra=intra, swaps=swaps,
+            place=place,
+        )  # fmt: skip
+    meta["replication"]["drifting_layers"] = (
+        [int(i) for i in np.flatnonzero(drifting_L)] if variant.replicas != "greedy" else []
+    )
     meta["variant"] = {f.name: getattr(variant, f.name) for f in fields(variant)}
     return GracePlan(
         topology=topology,
@@ -381,7 +428,6 @@ def _variant_replicas(
     slots: int | None,
 ) -> tuple[np.ndarray, ReplicaPlacement]:
     """One layer's primaries and replicas under `variant` (``replicas``: its rule on this layer)."""
-    options = {**options, "weight_bound": variant.weight_bound}
     if replicas == "per_copy" and slots is not None:
         seeds = seed_replicas(
             loads_E,
@@ -391,45 +437,45 @@ def _variant_replicas(
             options["max_experts_per_gpu"],
             slots,
         )
-        placement = replicate(
+        placement = per_copy_placement(
             loads_E,
             primary,
             topology,
-            initial=seeds,
-            greedy=False,
-            fit_weights=variant.fitted_weights,
-            **options,
+            seeds=seeds,
+            options=options,
+            fitted_weights=variant.fitted_weights,
+            weight_bound=variant.weight_bound,
         )
         return primary, placement
+    if variant.weight_bound != replication.WEIGHT_BOUND:
+        raise ValueError("weight_bound applies to replicas 'per_copy' with equal slots only")
     if affinity is None or load_slack is None:
         return primary, replicate(loads_E, primary, topology, **options)
-    split: dict[str, Any] = {}
-    if spread_E is not None and cfg.replication.mode == "budget" and slots is not None:
-        policy = cfg.routing.policy
+    rebalance = Rebalance(affinity, topology, cfg, load_slack, ratio, options, group_cap)
+    if spread_E is None or cfg.replication.mode != "budget" or slots is None:
+        return rebalance.best(loads_E, primary, slots)
+    policy = cfg.routing.policy
 
-        def robust_max(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
-            moved_E, placement = round_
-            hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
-            hosts[np.arange(len(loads_E)), moved_E] = True
-            for e, r in placement.pairs():
-                hosts[e, r] = True
-            weight_R = np.asarray(placement.rank_weights)
-            robust_R = robust_gpu_loads(
-                loads_E, spread_E, hosts, topology, z=variant.split_z, policy=policy, weight_R=weight_R
-            )
-            return float(robust_R.max())
-
-        seeds = split_seed_replicas(
-            loads_E,
-            spread_E,
-            primary,
-            topology,
-            slots,
-            z=variant.split_z,
-            policy=policy,
-            tolerance=variant.split_tolerance,
+    def robust_max(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
+        moved_E, placement = round_
+        hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
+        hosts[np.arange(len(loads_E)), moved_E] = True
+        for e, r in placement.pairs():
+            hosts[e, r] = True
+        weight_R = np.asarray(placement.rank_weights)
+        robust_R = robust_gpu_loads(
+            loads_E, spread_E, hosts, topology, z=variant.split_z, policy=policy, weight_R=weight_R
         )
-        split = {"seeds": seeds, "score": robust_max}
-    return _rebalance(
-        loads_E, primary, affinity, topology, cfg, load_slack, ratio, options, group_cap, slots, **split
+        return float(robust_R.max())
+
+    seeds = split_seed_replicas(
+        loads_E,
+        spread_E,
+        primary,
+        topology,
+        slots,
+        z=variant.split_z,
+        policy=policy,
+        tolerance=variant.split_tolerance,
     )
+    return min(rebalance.rounds(loads_E, primary, seeds), key=robust_max)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -212,7 +212,7 @@ def build_plan(
         meta.update(routing_policy="wrr", extra_slots_per_gpu=extra)
     else:
         chosen = _grace_variant(source, loads_LE, topology, cfg, variant)
-        layers = _grace_layers(source, loads_LE, topology, cfg, meta, load_slack, chosen)
+        layers = _grace_layers(source, topology, cfg, meta=meta, load_slack=load_slack, variant=chosen)
         meta["variant"] = asdict(chosen)
     return GracePlan(
         topology=topology,
@@ -432,18 +432,14 @@ def replication_meta(
 
 
 def _grace_layers(
-    source: LoadSource,
-    loads_LE: np.ndarray,
-    topology: Topology,
-    cfg: GraceConfig,
-    meta: dict[str, Any],
-    load_slack: float | None,
+    source: LoadSource, topology: Topology, cfg: GraceConfig, *, meta: dict[str, Any], load_slack: float | None,
     variant: Variant,
-) -> list[LayerPlan]:
+) -> list[LayerPlan]:  # fmt: skip
+    """The grace planner's layers under `variant`, planned on ``planning_loads``."""
     world = topology.world_size
+    loads_LE = planning_loads(source, expert_loads(source), variant)
     num_layers, num_experts = loads_LE.shape
     slots = resolve_slots_per_gpu(cfg, num_experts=num_experts, topology=topology)
-    loads_LE = planning_loads(source, loads_LE, variant)
     swap_L = np.zeros(num_layers, dtype=bool)
     if variant.swap_tolerance is not None and isinstance(source, RoutingTrace) and slots is not None:
         swap_L = recency_gate(source, variant)  # drifting layers: replicas swapped for locality
@@ -458,32 +454,61 @@ def _grace_layers(
         caps=(cap, group_cap),
         spread=variant.spread,
     )
+
+    def place(index: int, options: dict[str, Any]) -> tuple[np.ndarray, ReplicaPlacement]:
+        if affinities is None or load_slack is None:
+            return primaries[index], replicate(loads_LE[index], primaries[index], topology, **options)
+        rebalance = Rebalance(
+            affinities[index], topology, cfg, load_slack, meta["grouping"]["ratio"], options, group_cap
+        )
+        return rebalance.best(loads_LE[index], primaries[index], slots)
+
+    swaps = (swap_L, variant.swap_tolerance)
+    return replica_layers(source, loads_LE, primaries, topology, cfg, meta, caps=(cap, slots), intra=intra, swaps=swaps, place=place)  # fmt: skip
+
+
+LayerPlacer = Callable[[int, dict[str, Any]], tuple[np.ndarray, ReplicaPlacement]]
+
+
+def replica_layers(
+    source: LoadSource,
+    loads_LE: np.ndarray,
+    primaries_LE: np.ndarray,
+    topology: Topology,
+    cfg: GraceConfig,
+    meta: dict[str, Any],
+    *,
+    caps: tuple[int | None, int | None],
+    intra: list[np.ndarray] | None,
+    swaps: tuple[np.ndarray, float | None],
+    place: LayerPlacer,
+) -> list[LayerPlan]:
+    """The layers: per layer, one instance per expert without replication, else `place` (layer index,
+    ``replica_options`` under caps = (cap, S)) gives the primaries and replicas, whose replicas are
+    swapped toward locality (``swap_for_locality``) on the layers swaps[0] marks, within tolerance
+    swaps[1]. Sets meta["routing_policy"] and meta["replication"] (``replication_meta``)."""
+    world = topology.world_size
+    cap, slots = caps
+    swap_L, tolerance = swaps
     layers, predicted_balance = [], []
-    for index in range(num_layers):
+    for index, primary in enumerate(primaries_LE):
         if not cfg.replication.enabled:
-            layers.append(single_instance_layer(primaries[index], world))
+            layers.append(single_instance_layer(primary, world))
             continue
         options = replica_options(
             cfg, cap=cap, slots=slots, affinity_EE=None if intra is None else intra[index]
         )
-        primary = primaries[index]
-        if affinities is not None and load_slack is not None:
-            primary, placement = _rebalance(
-                loads_LE[index], primary, affinities[index], topology, cfg, load_slack,
-                meta["grouping"]["ratio"], options, group_cap, slots,
-            )  # fmt: skip
-        else:
-            placement = replicate(loads_LE[index], primary, topology, **options)
+        primary, placement = place(index, options)
         if swap_L[index]:
             placement = swap_for_locality(
                 loads_LE[index], primary, placement, source.topk_ids[index], topology,
-                tolerance=float(variant.swap_tolerance), options=options,
+                tolerance=float(tolerance), options=options,
             )  # fmt: skip
         layers.append(layer_plan_from(primary, placement, num_ranks=world))
         predicted_balance.append(predicted_balancedness(placement.predicted_gpu_loads))
     meta["routing_policy"] = cfg.routing.policy
     meta["replication"] = replication_meta(
-        cfg, layers, num_experts=num_experts, world=world, slots=slots, balance=predicted_balance
+        cfg, layers, num_experts=loads_LE.shape[1], world=world, slots=slots, balance=predicted_balance
     )
     return layers
 
@@ -492,61 +517,70 @@ def _max_load(round_: tuple[np.ndarray, ReplicaPlacement]) -> float:
     return max(round_[1].predicted_gpu_loads)
 
 
-def _rebalance(
-    loads_E: np.ndarray,
-    primary: np.ndarray,
-    affinity: np.ndarray,
-    topology: Topology,
-    cfg: GraceConfig,
-    load_slack: float,
-    ratio: float | None,
-    options: dict[str, Any],
-    cap: int | None,
-    slots: int | None,
-    *,
-    seeds: list[tuple[int, int]] | None = None,
-    score: Callable[[tuple[np.ndarray, ReplicaPlacement]], float] = _max_load,
-) -> tuple[np.ndarray, ReplicaPlacement]:
-    """Primaries and replicas, jointly (beyond the paper): start from a load-only replica guess
-    (budget mode; `seeds` if given, else ``seed_replicas``) or the paper's replicas, move primaries
-    away from where replicas are, replicate again starting from the replicas that still fit; keep the
-    round that `score` ranks lowest (default: the lowest max GPU load)."""
-    budget = cfg.replication.mode == "budget"
-    rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
-    if budget:
-        pairs = seeds
-        if pairs is None:
-            pairs = seed_replicas(loads_E, primary, topology, cfg.replication.extra_slots_per_gpu, cap, slots)
-    else:
-        rounds.append((primary, replicate(loads_E, primary, topology, **options)))
-        pairs = rounds[0][1].pairs()
-    weights = np.ones(topology.world_size)
-    for _ in range(REBALANCE_ROUNDS):
-        hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
-        hosts[np.arange(len(loads_E)), primary] = True
-        replica_hosts = np.zeros_like(hosts)
-        for e, r in pairs:
-            replica_hosts[e, r] = True
-        instance_ER = instance_loads(
-            loads_E, hosts | replica_hosts, weights, topology, cfg.routing.policy, primary
-        )
-        moved = rebalance_primaries(
-            primary,
-            affinity,
-            instance_ER,
-            replica_hosts,
-            topology,
-            ratio=ratio,
-            max_experts_per_gpu=cap,
-            slack=load_slack,
-        )
-        kept = [(e, r) for e, r in pairs if moved[e] != r]
-        if budget:  # start from the replicas that still fit, spend what is left
-            candidate = replicate(loads_E, moved, topology, initial=kept, **options)
-        else:  # the paper's rule again, preferring the replicas already placed
-            candidate = replicate(loads_E, moved, topology, previous=kept, **options)
-        rounds.append((moved, candidate))
-        if np.array_equal(moved, primary) and set(candidate.pairs()) == set(pairs):
-            break
-        primary, pairs, weights = moved, candidate.pairs(), np.asarray(candidate.rank_weights)
-    return min(rounds, key=score)
+@dataclass(frozen=True)
+class Rebalance:
+    """Primaries and replicas of one layer, jointly (beyond the paper): what moving primaries away
+    from where replicas are needs (the layer's grouping affinity, grace.grouping.ratio, the
+    ``replicate`` options, the primaries-per-GPU cap)."""
+
+    affinity_EE: np.ndarray
+    topology: Topology
+    cfg: GraceConfig
+    load_slack: float
+    ratio: float | None
+    options: dict[str, Any]
+    cap: int | None
+
+    def best(
+        self, loads_E: np.ndarray, primary_E: np.ndarray, slots: int | None
+    ) -> tuple[np.ndarray, ReplicaPlacement]:
+        """Start from a load-only replica guess (budget mode, ``seed_replicas``) or the paper's
+        replicas, then ``rounds``; keep the round with the lowest max GPU load."""
+        first: list[tuple[np.ndarray, ReplicaPlacement]] = []
+        if self.cfg.replication.mode == "budget":
+            extra = self.cfg.replication.extra_slots_per_gpu
+            pairs = seed_replicas(loads_E, primary_E, self.topology, extra, self.cap, slots)
+        else:
+            first.append((primary_E, replicate(loads_E, primary_E, self.topology, **self.options)))
+            pairs = first[0][1].pairs()
+        return min(first + self.rounds(loads_E, primary_E, pairs), key=_max_load)
+
+    def rounds(
+        self, loads_E: np.ndarray, primary_E: np.ndarray, pairs: list[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, ReplicaPlacement]]:
+        """Up to REBALANCE_ROUNDS (primaries, replicas) rounds from the replicas `pairs`: move
+        primaries away from where replicas are, replicate again starting from the replicas that
+        still fit."""
+        budget = self.cfg.replication.mode == "budget"
+        topology, primary = self.topology, primary_E
+        rounds: list[tuple[np.ndarray, ReplicaPlacement]] = []
+        weights = np.ones(topology.world_size)
+        for _ in range(REBALANCE_ROUNDS):
+            hosts = np.zeros((len(loads_E), topology.world_size), dtype=bool)
+            hosts[np.arange(len(loads_E)), primary] = True
+            replica_hosts = np.zeros_like(hosts)
+            for e, r in pairs:
+                replica_hosts[e, r] = True
+            instance_ER = instance_loads(
+                loads_E, hosts | replica_hosts, weights, topology, self.cfg.routing.policy, primary
+            )
+            moved = rebalance_primaries(
+                primary,
+                self.affinity_EE,
+                instance_ER,
+                replica_hosts,
+                topology,
+                ratio=self.ratio,
+                max_experts_per_gpu=self.cap,
+                slack=self.load_slack,
+            )
+            kept = [(e, r) for e, r in pairs if moved[e] != r]
+            if budget:  # start from the replicas that still fit, spend what is left
+                candidate = replicate(loads_E, moved, topology, initial=kept, **self.options)
+            else:  # the paper's rule again, preferring the replicas already placed
+                candidate = replicate(loads_E, moved, topology, previous=kept, **self.options)
+            rounds.append((moved, candidate))
+            if np.array_equal(moved, primary) and set(candidate.pairs()) == set(pairs):
+                break
+            primary, pairs, weights = moved, candidate.pairs(), np.asarray(candidate.rank_weights)
+        return rounds

@@ -514,6 +514,47 @@ def rebalance_primaries(
     return result
 
 
+class NodeDeal:
+    """One node's experts dealt to its GPUs, heaviest first (``spread_within_nodes``).
+
+    ``place(expert, level_G)`` puts the next expert on the open GPU with the lowest level_G +
+    anti_affinity x (co-activation with the experts already there, in units of the expert's load);
+    every GPU ends with floor or ceil(n / G) of the node's n experts (equal replica room). Ties: lower
+    GPU."""
+
+    def __init__(
+        self,
+        members: np.ndarray,
+        loads_E: np.ndarray,
+        affinity_EE: np.ndarray,
+        gpus: int,
+        *,
+        anti_affinity: float = 1.0,
+    ) -> None:
+        self.order = members[np.lexsort((members, -loads_E[members]))]
+        self._loads, self._affinity, self._anti = loads_E, affinity_EE, anti_affinity
+        self._row_total = affinity_EE.sum(axis=1)
+        self._high = -(-len(members) // gpus)
+        self._full_allowed = len(members) - (self._high - 1) * gpus  # GPUs that may take `high` experts
+        self._count = np.zeros(gpus, dtype=np.int64)
+        self._placed: list[list[int]] = [[] for _ in range(gpus)]
+
+    def place(self, expert: int, level_G: np.ndarray) -> int:
+        """The GPU (0..G-1 in the node) that takes `expert`."""
+        total = self._row_total[expert]
+        scale = self._loads[expert] / total if total > 0 else 0.0
+        together_G = np.array(
+            [self._affinity[expert, placed].sum() * scale if placed else 0.0 for placed in self._placed]
+        )
+        count, high = self._count, self._high
+        at_high = int((count == high).sum())
+        open_G = (count < high - 1) | ((count == high - 1) & (at_high < self._full_allowed))
+        g = int(np.argmin(np.where(open_G, level_G + self._anti * together_G, np.inf)))
+        self._placed[g].append(int(expert))
+        count[g] += 1
+        return g
+
+
 def spread_within_nodes(
     expert2rank_E: np.ndarray,
     loads_E: np.ndarray,
@@ -521,7 +562,6 @@ def spread_within_nodes(
     topology: Topology,
     *,
     anti_affinity: float = 1.0,
-    block_loads_BE: np.ndarray | None = None,
 ) -> np.ndarray:
     """Keep every expert's node, re-deal each node's experts over its GPUs for robust balance.
 
@@ -529,36 +569,16 @@ def spread_within_nodes(
     its load together. Node-level grouping is what saves cross-node copies, so here, node by node,
     experts go heaviest first to the GPU with the lowest load + ``anti_affinity`` x (co-activation
     with the experts already there, in units of load), every GPU taking floor or ceil(n / G) of the
-    node's n experts (equal replica room). Deterministic (ties: lower id, lower GPU).
+    node's n experts (equal replica room; ``NodeDeal``). Deterministic (ties: lower id, lower GPU).
     """
     gpus = topology.gpus_per_node
     result = np.asarray(expert2rank_E, dtype=np.int64).copy()
     loads = np.asarray(loads_E, dtype=np.float64)
-    row_total = affinity_EE.sum(axis=1)
-    for node in range(topology.num_nodes):
-        members = np.flatnonzero(result // gpus == node)
-        if len(members) == 0:
-            continue
-        high = -(-len(members) // gpus)
-        count = np.zeros(gpus, dtype=np.int64)
-        fill = np.zeros(gpus)
-        fill_BG = None if block_loads_BE is None else np.zeros((len(block_loads_BE), gpus))
-        together = np.zeros(gpus)
-        full_allowed = len(members) - (high - 1) * gpus  # GPUs that may take `high` experts
-        placed: list[list[int]] = [[] for _ in range(gpus)]
-        for expert in members[np.lexsort((members, -loads[members]))]:
-            scale = loads[expert] / row_total[expert] if row_total[expert] > 0 else 0.0
-            for g in range(gpus):
-                together[g] = affinity_EE[expert, placed[g]].sum() * scale if placed[g] else 0.0
-            at_high = int((count == high).sum())
-            open_G = (count < high - 1) | ((count == high - 1) & (at_high < full_allowed))
-            level = fill if fill_BG is None else (fill_BG + block_loads_BE[:, [expert]]).max(axis=0)
-            score = np.where(open_G, level + anti_affinity * together, np.inf)
-            g = int(np.argmin(score))
-            placed[g].append(int(expert))
-            count[g] += 1
-            fill[g] += loads[expert]
-            if fill_BG is not None:
-                fill_BG[:, g] += block_loads_BE[:, expert]
+    for node, members in enumerate(np.flatnonzero(result // gpus == n) for n in range(topology.num_nodes)):
+        deal = NodeDeal(members, loads, affinity_EE, gpus, anti_affinity=anti_affinity)
+        fill_G = np.zeros(gpus)
+        for expert in deal.order:
+            g = deal.place(expert, fill_G)
+            fill_G[g] += loads[expert]
             result[expert] = node * gpus + g
     return result

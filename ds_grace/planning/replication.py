@@ -29,6 +29,7 @@ from ds_grace.topology import Topology
 
 ReplicationMode = Literal["paper", "budget"]
 WEIGHT_REFINE_STEPS = 8
+WEIGHT_BOUND = 1e3  # WRR weights stay within [1 / WEIGHT_BOUND, WEIGHT_BOUND] x their mean
 
 
 class ReplicationError(ValueError):
@@ -110,10 +111,9 @@ def _refine_weights(
     topology: Topology,
     policy: RoutingPolicy,
     primary_E: np.ndarray,
-    weight_bound: float = 1e3,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multiplicative updates of per-rank weights toward equal expected GPU loads; keeps the best.
-    Every step clips the weights to [1 / weight_bound, weight_bound] x their mean."""
+    Every step clips the weights to [1 / WEIGHT_BOUND, WEIGHT_BOUND] x their mean."""
     best_w = weight_R
     best_gpu = instance_loads(loads_E, hosts_ER, weight_R, topology, policy, primary_E).sum(axis=0)
     if policy == "primary":
@@ -123,7 +123,7 @@ def _refine_weights(
     for _ in range(WEIGHT_REFINE_STEPS):
         mean = gpu.mean()
         w = w * np.sqrt(np.divide(mean, gpu, out=np.full_like(gpu, 2.0), where=gpu > 0))
-        w = np.clip(w / w.mean(), 1.0 / weight_bound, weight_bound)
+        w = np.clip(w / w.mean(), 1.0 / WEIGHT_BOUND, WEIGHT_BOUND)
         gpu = instance_loads(loads_E, hosts_ER, w, topology, policy, primary_E).sum(axis=0)
         if (gpu.max(), float((gpu**2).sum())) < (best_gpu.max() - 1e-12 * mean, float((best_gpu**2).sum())):
             best_w, best_gpu = w, gpu
@@ -154,8 +154,6 @@ def replicate(
     locality_tolerance: float = 0.002,
     slots_per_gpu: int | Sequence[int] | np.ndarray | None = None,
     greedy: bool = True,
-    fit_weights: bool = True,
-    weight_bound: float = 1e3,
 ) -> ReplicaPlacement:
     """Replicas for one layer given per-expert loads and the fixed primary rank of every expert.
 
@@ -263,8 +261,8 @@ def replicate(
             affinity=affinity_EE,
             tolerance=locality_tolerance,
         )
-    if mode == "budget" and fit_weights:
-        weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary, weight_bound)
+    if mode == "budget":
+        weight, gpu = _refine_weights(loads, hosts, weight, topology, routing_policy, primary)
     else:
         gpu = instance_loads(loads, hosts, weight, topology, routing_policy, primary).sum(axis=0)
     replica_ranks: list[list[int]] = [[] for _ in range(num_experts)]

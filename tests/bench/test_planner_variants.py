@@ -9,8 +9,10 @@ import pytest
 from benchmarks.planner_variants import (
     VARIANTS,
     block_loads,
+    block_spread_within_nodes,
     experiment_plan,
     load_spread,
+    per_copy_placement,
     plan_variant,
     product_variant,
     robust_gpu_loads,
@@ -74,9 +76,7 @@ def test_block_spread_bounds_the_worst_block_inside_a_node():
         return max(blocks_BE[b][expert2rank_E == g].sum() for b in range(2) for g in range(2))
 
     plain = spread_within_nodes(np.zeros(4, dtype=np.int64), loads_E, zero, topology)
-    robust = spread_within_nodes(
-        np.zeros(4, dtype=np.int64), loads_E, zero, topology, block_loads_BE=blocks_BE
-    )
+    robust = block_spread_within_nodes(np.zeros(4, dtype=np.int64), loads_E, zero, topology, blocks_BE)
     assert np.bincount(robust, minlength=2).tolist() == [2, 2]
     assert worst_block(plain) == 6.0 and worst_block(robust) == 4.0
 
@@ -85,11 +85,24 @@ def test_weight_bound_and_jitter_are_applied_deterministically():
     trace = synthetic(num_layers=1, num_experts=16, top_k=2, num_tokens=3000, skew=1.5, seed=3)
     topology = Topology(num_nodes=2, gpus_per_node=2)
     primary = np.arange(16) % 4
-    bounded = replicate(trace.loads()[0], primary, topology, slots_per_gpu=5, weight_bound=1.05)
-    weights = np.asarray(bounded.rank_weights)
-    assert weights.max() / weights.min() <= 1.05**2 + 1e-9  # each within [1 / 1.05, 1.05] x a mean
-    free = replicate(trace.loads()[0], primary, topology, slots_per_gpu=5)
-    assert max(free.rank_weights) / min(free.rank_weights) > 1.2  # the bound is what keeps them in
+    options = {"slots_per_gpu": 5, "routing_policy": "tar"}
+
+    def per_copy(**weights: float) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        placement = per_copy_placement(
+            trace.loads()[0], primary, topology, seeds=[], options=options, **weights
+        )
+        return placement.rank_weights, placement.replica_ranks
+
+    (bounded, slots), (free, free_slots), (even, even_slots) = (
+        per_copy(fitted_weights=True, weight_bound=1.05),
+        per_copy(fitted_weights=True, weight_bound=1e3),
+        per_copy(fitted_weights=False, weight_bound=1e3),
+    )
+    assert max(bounded) / min(bounded) <= 1.05**2 + 1e-9  # each within [1 / 1.05, 1.05] x a mean
+    assert max(free) / min(free) > 1.2  # the bound is what keeps them in
+    assert set(even) == {1.0} and slots == free_slots == even_slots  # weights only, same replicas
+    product = replicate(trace.loads()[0], primary, topology, initial=[], greedy=False, **options)
+    assert product.rank_weights == free  # the product's bound (1e3) restored after the bounded call
     jittered = replace(VARIANTS["robust"], jitter=0.01, jitter_seed=1)
     one, two = (plan_variant(trace, topology=topology, variant=jittered) for _ in range(2))
     assert [layer.slots for layer in one.layers] == [layer.slots for layer in two.layers]
