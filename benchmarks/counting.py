@@ -5,7 +5,8 @@ scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), and ops wh
 depends on the data (``nonzero``, ``unique``, ``masked_select``, ``bincount`` without a fixed
 ``minlength``). Aten ops are counted below every Python call by a TorchDispatchMode; view ops (no
 kernel launch) are left out, and so are the experts' own ops (their GEMMs and activations): a
-forward hook on each expert module marks its span. Collectives are the torch.distributed calls.
+forward hook on each expert module marks its span, and so does every call of the slots' stacked
+form (ds_grace.moe.grouped.StackedSlots). Collectives are the torch.distributed calls.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ds_grace.moe.grouped import StackedSlots
 
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                    "masked_select", "nonzero_static_no"}  # fmt: skip
@@ -113,7 +116,17 @@ def count_hot_path(experts: Iterable[nn.Module] = ()) -> Iterator[HotPathCounts]
 
         return counted
 
+    stacked_call = StackedSlots.__call__
+
+    def counted_stacked(self: StackedSlots, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _enter(mode)
+        try:
+            return stacked_call(self, *args, **kwargs)
+        finally:
+            _leave(mode)
+
     torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+    StackedSlots.__call__ = counted_stacked  # type: ignore[method-assign]
     for name in originals:
         setattr(dist, name, wrap(name))
     try:
@@ -121,6 +134,7 @@ def count_hot_path(experts: Iterable[nn.Module] = ()) -> Iterator[HotPathCounts]
             yield counts
     finally:
         torch.Tensor.tolist = original_tolist  # type: ignore[method-assign]
+        StackedSlots.__call__ = stacked_call  # type: ignore[method-assign]
         for name, original in originals.items():
             setattr(dist, name, original)
         for handle in handles:

@@ -103,7 +103,8 @@ class Stage:
 class DispatchMeta:
     """What combine needs. Normal paths: route_row_Q[q] is the received row route q (expert input
     row q, ordered by local slot) came with, route_weight_Q its gate weight, slot_splits the rows
-    per slot. Low-latency: weight_VS[v, s] the gate weight of row v's route to slot s (0: none)."""
+    per slot. Low-latency: slot_VK[v, k] the local slot of received row v's route k (the slot count
+    where the route is another rank's), weight_VK its gate weight."""
 
     path: str
     stages: tuple[Stage, ...]
@@ -113,7 +114,8 @@ class DispatchMeta:
     route_row_Q: torch.Tensor | None = None
     route_weight_Q: torch.Tensor | None = None
     slot_splits: tuple[int, ...] = ()
-    weight_VS: torch.Tensor | None = None
+    slot_VK: torch.Tensor | None = None
+    weight_VK: torch.Tensor | None = None
     rows_per_peer: int = 0
 
 
@@ -368,7 +370,7 @@ class DispatchExecutor:
     def dispatch_low_latency(
         self, rows_TW: torch.Tensor, dest_TK: torch.Tensor, *, rows_per_peer: int, layout: RowLayout
     ) -> tuple[torch.Tensor, DispatchMeta]:
-        """The static path: returns (x_VD, every received row, and meta); every slot runs on all of them."""
+        """The static path: returns (x_VD, every received row, and meta with each row's local routes)."""
         world, tokens = self.topology.world_size, int(rows_TW.shape[0])
         if tokens > rows_per_peer:
             raise ValueError(
@@ -387,9 +389,6 @@ class DispatchExecutor:
         view = layout.unpack(received_VW)
         slots = self.num_local_slots
         slot_VK = self._slot_lookup(received_VW.device)[view.code + 1]
-        weight_VS = view.weight.new_zeros(received_VW.shape[0], slots + 1).scatter_add_(
-            1, slot_VK, view.weight
-        )
         if self.counters is not None:
             routes_S = slot_VK.new_zeros(slots + 1).index_add_(
                 0, slot_VK.reshape(-1), torch.ones_like(slot_VK).view(-1)
@@ -397,14 +396,13 @@ class DispatchExecutor:
             self.counters.record_expert_rows(routes_S[:slots])  # static shape: no bincount
         meta = DispatchMeta(
             path="low-latency", stages=(), num_tokens=tokens, num_received_rows=int(received_VW.shape[0]),
-            out_dtype=layout.dtype, weight_VS=weight_VS[:, :slots], rows_per_peer=rows_per_peer,
+            out_dtype=layout.dtype, slot_VK=slot_VK, weight_VK=view.weight, rows_per_peer=rows_per_peer,
         )  # fmt: skip
         return view.x, meta
 
-    def combine_low_latency(self, expert_out_SVD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """expert_out_SVD[s] is slot s's output on every received row: weight, return, add up: y_TD."""
-        assert meta.weight_VS is not None  # a low-latency meta
-        partial_VD = torch.einsum("vs,svd->vd", meta.weight_VS, expert_out_SVD.float()).to(meta.out_dtype)
+    def combine_low_latency(self, partial_VD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """partial_VD[v] is the weighted sum of this rank's experts on received row v: return, add up: y_TD."""
+        partial_VD = partial_VD.to(meta.out_dtype)
         world, rows = self.topology.world_size, meta.rows_per_peer
         if self.groups.ep_group is not None:
             partial_VD = self.transport.exchange_fixed(partial_VD, self.groups.ep_group)

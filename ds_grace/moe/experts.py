@@ -6,16 +6,23 @@ A subclass of DeepSpeed's Experts so that its discovery and parameter handling k
 ``deepspeed_experts`` holds one module per local slot, ``num_local_experts`` their count, and every
 parameter is tagged ``allreduce=False`` / ``group_name`` like DeepSpeed's expert parameters.
 Replicas are real parameter tensors (copies of the primary's values), never shared storage.
+
+The slots run as one grouped GEMM per matrix (ds_grace.moe.grouped) where their form and the device
+allow it; otherwise each slot's module runs on its rows.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from deepspeed.moe.experts import Experts
 from torch import nn
+
+from ds_grace.moe.grouped import StackedSlots, grouped_mm_supported
 
 
 class GraceExperts(Experts):
@@ -31,6 +38,8 @@ class GraceExperts(Experts):
         self.num_local_experts = len(slot_modules)
         self.slot2expert = tuple(int(e) for e in slot2expert)
         tag_expert_parameters(self.deepspeed_experts, expert_group_name)
+        self._stacked: StackedSlots | None = None
+        self._stack_refused = False  # the slots' form has no stacked version
 
     def forward(self, x_QD: torch.Tensor, slot_splits: Sequence[int]) -> torch.Tensor:  # type: ignore[override]
         """Run each slot's expert once on its contiguous block of rows (rows grouped by slot)."""
@@ -39,25 +48,74 @@ class GraceExperts(Experts):
                 f"slot_splits ({list(slot_splits)}) must have one entry per slot ({self.num_local_experts}) "
                 f"summing to the row count ({x_QD.shape[0]})"
             )
+        stacked = self.stacked_slots(x_QD)
+        if stacked is not None and x_QD.shape[0]:
+            ends = list(itertools.accumulate(slot_splits))
+            return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device))
         out_QD = torch.empty_like(x_QD)
         start = 0
         for rows, expert in zip(slot_splits, self.deepspeed_experts):
             if rows:
-                y = expert(x_QD[start : start + rows])
-                out_QD[start : start + rows] = y[0] if isinstance(y, tuple) else y
+                out_QD[start : start + rows] = _tensor_output(expert(x_QD[start : start + rows]))
             start += rows
         return out_QD
 
-    def forward_every_slot(self, x_VD: torch.Tensor) -> torch.Tensor:
-        """out_SVD[s] = slot s's expert on every row (the low-latency path: static shapes, the gate
-        weights pick the outputs)."""
-        outputs = []
-        for expert in self.deepspeed_experts:
-            y = expert(x_VD)
-            outputs.append(y[0] if isinstance(y, tuple) else y)
-        if not outputs:
-            return x_VD.new_zeros(0, *x_VD.shape)
-        return torch.stack(outputs)
+    def forward_routes(
+        self, x_VD: torch.Tensor, slot_VK: torch.Tensor, weight_VK: torch.Tensor
+    ) -> torch.Tensor:
+        """partial_VD[v] = sum_k weight_VK[v, k] * slot slot_VK[v, k]'s expert on x_VD[v], in fp32.
+
+        slot_VK holds local slot indices, num_local_experts where a route is not this rank's. Static
+        shapes, no host read (the low-latency path): with stacked slots the routes are sorted by slot
+        and every matrix is one grouped GEMM over V*K rows; otherwise every slot runs on every row.
+        """
+        slots, (rows, k) = self.num_local_experts, slot_VK.shape
+        stacked = self.stacked_slots(x_VD)
+        if stacked is None:
+            weight_VS = weight_VK.new_zeros(rows, slots + 1).scatter_add_(1, slot_VK, weight_VK)[:, :slots]
+            return torch.einsum("vs,svd->vd", weight_VS, self._every_slot(x_VD).float())
+        order_R = torch.argsort(slot_VK.reshape(-1))
+        sorted_slot_R = torch.take(slot_VK, order_R)  # slots ascending; `slots` (not here) last
+        ends_S = torch.searchsorted(
+            sorted_slot_R, torch.arange(slots, device=x_VD.device), right=True, out_int32=True
+        )
+        row_R = order_R // k
+        y_RD = stacked(x_VD.index_select(0, row_R), ends_S, slot_Q=sorted_slot_R)
+        weight_RD = torch.take(weight_VK, order_R).unsqueeze(1)
+        # rows past the last group end are undefined (possibly NaN): select, never multiply them away
+        weighted_RD = torch.where((sorted_slot_R < slots).unsqueeze(1), y_RD.float() * weight_RD, 0.0)
+        return weighted_RD.new_zeros(rows, x_VD.shape[1]).index_add_(0, row_R, weighted_RD)
+
+    def _every_slot(self, x_VD: torch.Tensor) -> torch.Tensor:
+        """out_SVD[s] = slot s's expert on every row."""
+        outputs = [_tensor_output(expert(x_VD)) for expert in self.deepspeed_experts]
+        return torch.stack(outputs) if outputs else x_VD.new_zeros(0, *x_VD.shape)
+
+    def stacked_slots(self, x: torch.Tensor) -> StackedSlots | None:
+        """The slots' stacked weights for inputs like `x` (built on first use and after the parameters
+        were rebound), or None where the grouped form does not apply (see ds_grace.moe.grouped)."""
+        if not self.num_local_experts or not grouped_mm_supported(x.device, x.dtype):
+            return None
+        stacked = self._stacked
+        if stacked is None or not stacked.is_current():
+            if self._stack_refused:
+                return None
+            stacked = self._stacked = StackedSlots.build(list(self.deepspeed_experts))
+            self._stack_refused = stacked is None
+        if stacked is None or stacked.dtype != x.dtype or stacked.device != x.device:
+            return None
+        if torch.is_grad_enabled() and stacked.requires_grad():
+            return None  # autograd runs through the modules' own parameters
+        return stacked
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_stacked"], state["_stack_refused"] = None, False  # a copy stacks its own parameters
+        return state
+
+
+def _tensor_output(y: torch.Tensor | tuple) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
 
 
 def tag_expert_parameters(module: nn.Module, expert_group_name: str) -> None:

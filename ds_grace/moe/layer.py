@@ -255,7 +255,10 @@ class GraceMOELayer(MOELayer):
             )
             self.last_path = "low-latency"
             self.path_counts[self.last_path] += 1
-            return executor.combine_low_latency(self.experts.forward_every_slot(x_VD), meta)
+            assert meta.slot_VK is not None and meta.weight_VK is not None  # a low-latency meta
+            return executor.combine_low_latency(
+                self.experts.forward_routes(x_VD, meta.slot_VK, meta.weight_VK), meta
+            )
         return self._forward_normal(executor, rows_TW, rank_TK, code_TK, layout=layout)
 
     def _forward_normal(

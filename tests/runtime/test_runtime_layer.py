@@ -229,24 +229,35 @@ def test_forward_routed_input_errors():
         grace.forward_routed(x_TD[None], torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
-def test_low_latency_path_has_static_shapes_under_fake_tensors():
+@pytest.mark.parametrize(
+    "make_expert, dtype",
+    [
+        (lambda: nn.Linear(8, 8), torch.bfloat16),  # stacked slots: grouped GEMMs (bf16, as on CUDA)
+        (lambda: nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), torch.float32),  # every slot on every row
+    ],
+    ids=["grouped", "every-slot"],
+)
+def test_low_latency_path_has_static_shapes_under_fake_tensors(make_expert, dtype):
     """The low-latency forward's tensor work runs under FakeTensorMode: no data-dependent op, no host read
     (what CUDA-graph capture needs); a rank holding more tokens than promised fails before any collective."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    experts = [nn.Linear(8, 8) for _ in range(4)]
+    torch.manual_seed(0)
+    experts = [make_expert().to(dtype) for _ in range(4)]
     plan = LayerPlan.from_lists(slots=[[0, 1, 2, 3]], primary=[0, 0, 0, 0])
     layer = GraceMoE.from_experts(
         experts, hidden_size=8, k=2, layer_plan=plan, topology=ONE, ep_index=0,
         options=RuntimeOptions(low_latency_max_tokens=16),
     ).eval()  # fmt: skip
-    x_TD = torch.randn(5, 8)
+    x_TD = torch.randn(5, 8, dtype=dtype)
     ids_TK = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [2, 1]])
     w_TK = torch.rand(5, 2)
     with torch.no_grad():
         real = layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=8)
         normal = layer.forward_routed(x_TD, ids_TK, w_TK)
         torch.testing.assert_close(real, normal)
+        stacked = layer.deepspeed_moe.experts.stacked_slots(x_TD)
+        assert (stacked is not None) == (dtype == torch.bfloat16)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = layer.forward_routed(
                 mode.from_tensor(x_TD), mode.from_tensor(ids_TK), mode.from_tensor(w_TK), low_latency_tokens=8

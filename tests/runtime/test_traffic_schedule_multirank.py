@@ -54,7 +54,7 @@ def _rank(ctx: RankContext) -> dict:
             x_VD, meta = executor.dispatch_low_latency(
                 rows_TW, dest_TK, rows_per_peer=ROWS_PER_PEER, layout=layout
             )
-            executor.combine_low_latency(torch.stack([x_VD] * SLOTS), meta)
+            executor.combine_low_latency(x_VD, meta)
         else:
             header = executor.exchange_header(dest_TK, code_TK, hierarchical=path == "hierarchical")
             x_QD, meta = executor.dispatch(rows_TW, dest_TK, path=path, header=header, layout=layout)
