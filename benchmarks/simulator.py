@@ -10,7 +10,8 @@ hosting its chosen instances; hierarchical, once per remote node to the relay GP
 inside the node; combine: the same rows back), after the header round (one row of the runtime's
 ``header_row_bytes`` to every peer). The low-latency path (``fixed_rows``) sends every peer a fixed
 buffer of as many rows as the rank's tokens and gets one back (two collectives, no header round);
-every local expert slot computes every received row. Vanilla DeepSpeed-MoE sends its
+its experts compute their routed rows (the grouped GEMM over routes sorted by slot, as the runtime
+does for stacked slots). Vanilla DeepSpeed-MoE sends its
 capacity-padded [E, C, D] buffer, E/R experts' C rows to every peer (``fixed_rows`` too), and its
 experts compute every padded row.
 
@@ -202,8 +203,8 @@ def grace_traffic(
 
     low_latency_rows: the low-latency bound (tokens per rank); when every rank holds at most that many
     tokens the forward takes the low-latency path instead (``schedule.fixed_rows``: a buffer of as
-    many rows as tokens to every peer and back, no header round; every local slot computes every
-    received row), and its instances are chosen by `low_latency_policy` (None: `policy`), as
+    many rows as tokens to every peer and back, no header round; the experts compute their routed
+    rows), and its instances are chosen by `low_latency_policy` (None: `policy`), as
     grace.routing.low_latency_policy does."""
     import torch
 
@@ -215,11 +216,9 @@ def grace_traffic(
     dtype = {4: torch.float32, 2: torch.bfloat16}[itemsize]
     dispatch_bytes, combine_bytes = dispatch_row_bytes(k, hidden, dtype), hidden * itemsize
     tokens = topk_ids_RTK.shape[1]
-    if low_latency_rows is not None and tokens <= low_latency_rows:
-        rows_RR = _summed_hops(lambda origin: fixed_rows(tokens, topology=topology, origin=origin), world)[0]
-        slots_R = np.array([len(slots) for slots in layer.slots], dtype=float)
-        stages = (rows_RR * dispatch_bytes, rows_RR.T * combine_bytes)
-        return Traffic(stages=stages, rows_R=slots_R * world * tokens, row_stages=2)
+    low_latency = low_latency_rows is not None and tokens <= low_latency_rows
+    if low_latency:
+        policy = low_latency_policy or policy
     table = RouteTable.build(layer, topology, policy)  # type: ignore[arg-type]
     members: list[np.ndarray] = []  # per origin: member_TR, True where the token has a route on rank r
     rows_R = np.zeros(world)
@@ -230,6 +229,11 @@ def grace_traffic(
         np.put_along_axis(member_TR, rank_TK, True, axis=1)
         members.append(member_TR)
         rows_R += np.bincount(rank_TK.ravel(), minlength=world)
+    if low_latency:
+        rows_RR = _summed_hops(lambda origin: fixed_rows(tokens, topology=topology, origin=origin), world)[0]
+        return Traffic(
+            stages=(rows_RR * dispatch_bytes, rows_RR.T * combine_bytes), rows_R=rows_R, row_stages=2
+        )
     hops = _summed_hops(
         lambda origin: path_rows(members[origin], path=path, topology=topology, origin=origin), world
     )
