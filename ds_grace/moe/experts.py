@@ -22,7 +22,7 @@ import torch
 from deepspeed.moe.experts import Experts
 from torch import nn
 
-from ds_grace.moe.grouped import StackedSlots, grouped_mm_supported
+from ds_grace.moe.grouped import StackedSlots, grouped_mm_supported, grouped_pays_off
 
 
 class GraceExperts(Experts):
@@ -48,16 +48,21 @@ class GraceExperts(Experts):
                 f"slot_splits ({list(slot_splits)}) must have one entry per slot ({self.num_local_experts}) "
                 f"summing to the row count ({x_QD.shape[0]})"
             )
+        rows = int(x_QD.shape[0])
         stacked = self.stacked_slots(x_QD)
-        if stacked is not None and x_QD.shape[0]:
+        if (
+            stacked is not None
+            and rows
+            and grouped_pays_off(x_QD.device, rows=rows, slots=self.num_local_experts)
+        ):
             ends = list(itertools.accumulate(slot_splits))
             return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device))
         out_QD = torch.empty_like(x_QD)
         start = 0
-        for rows, expert in zip(slot_splits, self.deepspeed_experts):
-            if rows:
-                out_QD[start : start + rows] = _tensor_output(expert(x_QD[start : start + rows]))
-            start += rows
+        for slot_rows, expert in zip(slot_splits, self.deepspeed_experts):
+            if slot_rows:
+                out_QD[start : start + slot_rows] = _tensor_output(expert(x_QD[start : start + slot_rows]))
+            start += slot_rows
         return out_QD
 
     def forward_routes(

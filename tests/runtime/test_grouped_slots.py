@@ -12,7 +12,7 @@ from torch import nn
 
 from ds_grace.models.experts import GatedExpertMLP, TensorOutputExpert
 from ds_grace.moe.experts import GraceExperts
-from ds_grace.moe.grouped import StackedSlots
+from ds_grace.moe.grouped import CPU_GROUPED_MAX_ROWS_PER_SLOT, StackedSlots
 
 D, F, SLOTS = 8, 16, 4
 
@@ -120,3 +120,22 @@ def test_slots_of_mixed_forms_or_misaligned_widths_are_not_stacked():
     assert StackedSlots.build([nn.Linear(D, D), nn.Linear(D, D, bias=False)]) is None
     assert StackedSlots.build([nn.Linear(D, 12).bfloat16() for _ in range(2)]) is None  # 24-byte rows
     assert StackedSlots.build([nn.Linear(D, 12) for _ in range(2)]) is not None  # 48-byte rows
+
+
+def test_cpu_runs_large_forwards_slot_by_slot(monkeypatch):
+    """On CPU the normal path takes the grouped kernel up to CPU_GROUPED_MAX_ROWS_PER_SLOT rows per slot
+    (where it was measured faster), the modules above; the result is the same either way."""
+    experts, reference = _experts(_mlp)
+    calls = []
+    original = StackedSlots.__call__
+    monkeypatch.setattr(
+        StackedSlots, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    bound = CPU_GROUPED_MAX_ROWS_PER_SLOT * SLOTS
+    with torch.no_grad():
+        for rows, grouped in ((bound, True), (bound + 1, False)):
+            splits = [rows // SLOTS] * (SLOTS - 1) + [rows - (SLOTS - 1) * (rows // SLOTS)]
+            x_QD = torch.randn(rows, D)
+            calls.clear()
+            torch.testing.assert_close(experts(x_QD, splits), _loop(reference, x_QD, splits))
+            assert bool(calls) == grouped, rows
