@@ -82,7 +82,7 @@ class StackedSlots:
         steps: list[_Matrix | nn.Module] = []
         for position, first in enumerate(chains[0]):  # type: ignore[index]
             column = [chain[position] for chain in chains]  # type: ignore[index]
-            steps.append(_stack_column(column, params) if _has_params(first) else first)
+            steps.append(_stack_column(column, params) if isinstance(first, _MatrixRef) else first)
         if len({(p.dtype, p.device) for p in params}) != 1 or not _aligned(steps):
             return None
         return cls(steps, gated=isinstance(_unwrap(modules[0]), GatedExpertMLP), params=params)
@@ -114,9 +114,8 @@ class StackedSlots:
 
 
 def _apply(
-    step: _Matrix | nn.Module, x_QI: torch.Tensor, ends_S: torch.Tensor, slot_Q: torch.Tensor | None
+    step: _Matrix, x_QI: torch.Tensor, ends_S: torch.Tensor, slot_Q: torch.Tensor | None
 ) -> torch.Tensor:
-    assert isinstance(step, _Matrix)
     y_QO = torch._grouped_mm(x_QI, step.weight_SOI.transpose(1, 2), offs=ends_S)
     if step.bias_SO is not None:
         assert slot_Q is not None
@@ -134,17 +133,25 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.expert if isinstance(module, TensorOutputExpert) else module
 
 
-def _chain(module: nn.Module) -> list[nn.Module] | None:
-    """The module as a sequence of steps (Linear layers / parameter-free modules), or None."""
+@dataclass(frozen=True)
+class _MatrixRef:
+    """One slot module's matrix (and bias) as its parameters: what one step of its chain multiplies by."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None = None
+
+
+def _chain(module: nn.Module) -> list[_MatrixRef | nn.Module] | None:
+    """The module as a sequence of steps (its matrices / parameter-free modules), or None."""
     module = _unwrap(module)
     if isinstance(module, GatedExpertMLP):
-        return [module, module.act_fn, module]
+        return [_MatrixRef(module.gate_up_proj), module.act_fn, _MatrixRef(module.down_proj)]
     if isinstance(module, nn.Linear):
-        return [module]
+        return [_MatrixRef(module.weight, module.bias)]
     if isinstance(module, nn.Sequential):
-        steps = list(module)
-        if any(isinstance(s, nn.Linear) for s in steps) and all(
-            isinstance(s, nn.Linear) or not _has_params(s) for s in steps
+        steps = [_MatrixRef(s.weight, s.bias) if isinstance(s, nn.Linear) else s for s in module]
+        if any(isinstance(s, _MatrixRef) for s in steps) and not any(
+            isinstance(s, nn.Module) and _has_params(s) for s in steps
         ):
             return steps
     return None
@@ -154,30 +161,22 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def _same_form(chains: Sequence[list[nn.Module]]) -> bool:
-    def signature(chain: list[nn.Module]) -> tuple:
+def _same_form(chains: Sequence[list[_MatrixRef | nn.Module]]) -> bool:
+    def signature(chain: list[_MatrixRef | nn.Module]) -> tuple:
         return tuple(
-            (type(s).__name__, tuple((n, tuple(p.shape)) for n, p in s.named_parameters()))
-            if _has_params(s) else repr(s)
-            for s in chain
-        )  # fmt: skip
+            (tuple(s.weight.shape), s.bias is None) if isinstance(s, _MatrixRef) else repr(s) for s in chain
+        )
 
     first = signature(chains[0])
     return all(signature(chain) == first for chain in chains[1:])
 
 
-def _stack_column(column: Sequence[nn.Module], params: list[nn.Parameter]) -> _Matrix:
+def _stack_column(column: Sequence[_MatrixRef], params: list[nn.Parameter]) -> _Matrix:
     """Stack one matrix position of every slot; the slots' parameters become views of the stack."""
-    first = column[0]
-    if isinstance(first, GatedExpertMLP):
-        # the gated form appears twice in a chain: first its gate_up matrix, then its down matrix
-        name = "down_proj" if any(p is first.gate_up_proj for p in params) else "gate_up_proj"
-        return _Matrix(_stack_params([getattr(m, name) for m in column], params), None)
-    assert isinstance(first, nn.Linear)
-    weight_SOI = _stack_params([m.weight for m in column], params)
+    weight_SOI = _stack_params([ref.weight for ref in column], params)
     bias_SO = None
-    if first.bias is not None:
-        bias_SO = _stack_params([m.bias for m in column], params, spare_row=True)
+    if column[0].bias is not None:
+        bias_SO = _stack_params([ref.bias for ref in column], params, spare_row=True)  # type: ignore[misc]
     return _Matrix(weight_SOI, bias_SO)
 
 
