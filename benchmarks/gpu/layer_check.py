@@ -45,7 +45,6 @@ from measures import NOT_ON_CPU, cuda_graph_replays, host_syncs, profile_forward
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
-from torch.nn import functional as F
 
 from ds_grace.comm.collectives import barrier, max_over_ranks, shutdown_distributed
 
@@ -91,17 +90,15 @@ class StepFailed(Exception):
         self.step = step
 
 
-class SwiGLUExpert(nn.Module):
-    """An OLMoE / Mixtral expert: down(silu(gate(x)) * up(x)), gate and up in one GEMM."""
+def swiglu_expert(hidden: int, ffn: int, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An OLMoE / Mixtral expert, down(silu(gate(x)) * up(x)) with gate and up in one GEMM, in the form
+    the transformers families' experts take here (GatedExpertMLP): GraceMoE stacks its slots and runs
+    one grouped GEMM per matrix where the device allows (ds_grace.moe.grouped)."""
+    from ds_grace.models.experts import GatedExpertMLP
 
-    def __init__(self, hidden: int, ffn: int, *, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False, device=device, dtype=dtype)
-        self.down = nn.Linear(ffn, hidden, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x_TD).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    gate_up = torch.empty(2 * ffn, hidden, device=device, dtype=dtype)
+    down = torch.empty(hidden, ffn, device=device, dtype=dtype)
+    return GatedExpertMLP(gate_up_proj=gate_up, down_proj=down, act_fn=nn.SiLU())
 
 
 class SortedReference(nn.Module):
@@ -277,7 +274,7 @@ def build_layers(shape: Shape, world: World, *, seed: int) -> Layers:
     device, dtype = world.device, torch.bfloat16
     experts: list[nn.Module] = []
     for e in range(shape.experts):
-        expert = SwiGLUExpert(shape.hidden, shape.ffn, device=device, dtype=dtype)
+        expert = swiglu_expert(shape.hidden, shape.ffn, device=device, dtype=dtype)
         seeded_(expert, seed=seed * 1000 + e, device=device)
         experts.append(expert.eval())
     ep_size = world.size if shape.experts % world.size == 0 else 1
@@ -316,6 +313,15 @@ def output(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
 def taken_path(layer: nn.Module) -> str | None:
     """The path the last forward took, as the layer reports it."""
     return getattr(layer.deepspeed_moe, "last_path", None)
+
+
+def grouped_slots(layer: nn.Module, x_TD: torch.Tensor) -> bool | None:
+    """Whether GraceMoE's slots are stacked for grouped GEMMs on x_TD's device and dtype (None: not a
+    GraceMoE). On a GPU every forward then runs them grouped; on the CPU the normal paths do so up to
+    ds_grace.moe.grouped.CPU_GROUPED_MAX_ROWS_PER_SLOT rows per slot."""
+    experts = getattr(getattr(layer, "deepspeed_moe", None), "experts", None)
+    stacked = getattr(experts, "stacked_slots", None)
+    return None if stacked is None else stacked(x_TD) is not None
 
 
 def tolerance(y_ref_TD: torch.Tensor) -> float:
@@ -414,6 +420,7 @@ def measure_cell(
             **cell,
             "variant": name,
             "path": paths[name],
+            "grouped_slots": grouped_slots(layer, x_TD),
             "median_ms": measured.median_ms,
             "iters": measured.iters,
         }

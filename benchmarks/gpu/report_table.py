@@ -28,13 +28,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report.get('topology', '?')}), sizes {report['sizes']}, torch {versions.get('torch', '?')}, "
         f"deepspeed {versions.get('deepspeed', '?')}: **{report['status']}**",
         "",
-        "| model | tokens | variant | path taken | ms | reference/variant | max abs diff vs reference / "
+        "| model | tokens | variant | path taken | grouped slots | ms | reference/variant | max abs diff vs reference / "
         "tolerance | host syncs | kernels | GPU idle | aten ops |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["timing"]:
         lines.append(
-            f"| {row['model']} | {row['tokens']} | {row['variant']} | {row['path']} | {row['median_ms']:.3f} | "
+            f"| {row['model']} | {row['tokens']} | {row['variant']} | {row['path']} | "
+            f"{_number(row.get('grouped_slots'), '')} | {row['median_ms']:.3f} | "
             f"{row['reference_over_variant']:.2f} | {_parity_cell(report, row)} | {row.get('host_syncs')} | "
             f"{row.get('kernels')} | {_number(row.get('gpu_idle_share'), '.2f')} | {row.get('aten_ops')} |"
         )

@@ -75,6 +75,8 @@ def test_cpu_rehearsal_times_and_counts_every_variant(rehearsal):
     for row in report["timing"]:
         assert row["median_ms"] > 0 and row["iters"] == 1 and row["reference_over_variant"] > 0
         assert isinstance(row["aten_ops"], int) and row["aten_ops"] > 0
+        # the experts take the transformers families' form: stacked for grouped GEMMs (bf16 on the CPU)
+        assert row["grouped_slots"] is (True if row["variant"].startswith("grace:") else None), row
         for cuda_only in ("host_syncs", "kernels", "launch_calls", "memcpy_memset", "gpu_idle_share"):
             assert row[cuda_only] == NOT_ON_CPU, (cuda_only, row)
     assert {(r["model"], r["variant"]) for r in report["timing"] if r["tokens"] == 4} == {
@@ -147,9 +149,11 @@ def test_sorted_reference_equals_the_per_expert_reference(experts, k, tokens):
     torch.manual_seed(experts * 10 + k)
     hidden = 12
     modules = [
-        layer_check.SwiGLUExpert(hidden, 20, device=torch.device("cpu"), dtype=torch.float32)
+        layer_check.swiglu_expert(hidden, 20, device=torch.device("cpu"), dtype=torch.float32)
         for _ in range(experts)
     ]
+    for seed, module in enumerate(modules):
+        layer_check.seeded_(module, seed=seed, device=torch.device("cpu"))
     gate = GraceGate(hidden, experts, k)
     x_TD = torch.randn(tokens, hidden)
     with torch.no_grad():
