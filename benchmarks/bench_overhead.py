@@ -1,6 +1,10 @@
 """The runtime's own overhead per MoE layer forward, in one process (a world of 1).
 
-    python benchmarks/bench_overhead.py [--output benchmarks/results/bench_overhead.json] [--repeats 20]
+    python benchmarks/bench_overhead.py [--output benchmarks/results/bench_overhead.json] [--repeats 200]
+
+--repeats: sampling rounds (every system once per round, in a shuffled order) at up to 64 tokens,
+scaled down by tokens / 64 above (at least 3); a forward of a few tokens takes a few ms here and this
+CPU's timings of one vary by tens of percent, so the small sizes take many rounds.
 
 For 4, 16, 64, 512 and 4096 tokens: the time of GraceMoE.forward_routed on each path (flat; the
 low-latency path where the tokens fit its bound) against a minimal reference on the same routing
@@ -175,7 +179,7 @@ def measure(*, repeats: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results/bench_overhead.json")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(repeats=args.repeats)

@@ -5,11 +5,16 @@
 Paths: flat, hierarchical, low-latency (every rank within the bound); phases: decode (4 tokens per
 rank) and prefill (64 per rank). The experts' own ops are left out (``benchmarks/counting.py``).
 Counted on rank 0, after one warm-up forward; every rank runs the same rounds.
+
+The plan gives every rank one candidate per expert under TAR (each node holds each expert once), so
+its instance choice is a lookup; the same plan under WRR, where replicated experts draw between their
+copies on every rank, is counted too (``<path>/sampled``): the instance-choice sequence's ops.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -32,16 +37,17 @@ NUM_EXPERTS, TOP_K, HIDDEN = 8, 2, 16
 PHASES = {"decode": 4, "prefill": 64}
 LOW_LATENCY_MAX_TOKENS = 64
 PATHS = ("flat", "hierarchical", "low-latency")
+CHOICES = {"": "tar", "/sampled": "wrr"}  # row-name suffix -> routing policy
 
 
-def runtime_options(path: str) -> RuntimeOptions:
+def runtime_options(path: str, policy: str = "tar") -> RuntimeOptions:
     low_latency = LOW_LATENCY_MAX_TOKENS if path == "low-latency" else 0
     return RuntimeOptions(
-        path="flat" if path == "flat" else "hierarchical", low_latency_max_tokens=low_latency
+        policy=policy, path="flat" if path == "flat" else "hierarchical", low_latency_max_tokens=low_latency
     )
 
 
-def make_layer(path: str, rank: int) -> tuple[GraceMoE, list[torch.nn.Module]]:
+def make_layer(path: str, rank: int, policy: str = "tar") -> tuple[GraceMoE, list[torch.nn.Module]]:
     plan = random_layer_plan(np.random.default_rng(7), num_experts=NUM_EXPERTS, topology=TOPOLOGY)
     generator = torch.Generator().manual_seed(11)
     experts = [torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(NUM_EXPERTS)]
@@ -50,7 +56,7 @@ def make_layer(path: str, rank: int) -> tuple[GraceMoE, list[torch.nn.Module]]:
             expert.weight.copy_(torch.randn(HIDDEN, HIDDEN, generator=generator))
     layer = GraceMoE.from_experts(
         experts, hidden_size=HIDDEN, k=TOP_K, layer_plan=plan, topology=TOPOLOGY, ep_index=rank,
-        options=runtime_options(path),
+        options=runtime_options(path, policy),
     )  # fmt: skip
     return layer.eval(), list(layer.deepspeed_moe.experts.deepspeed_experts)
 
@@ -71,15 +77,15 @@ def forward(layer: GraceMoE, inputs: tuple[torch.Tensor, ...], path: str) -> tor
 def _count_rank(ctx: RankContext) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     with torch.no_grad():
-        for path in PATHS:
-            layer, experts = make_layer(path, ctx.rank)
-            out[path] = {}
+        for path, (suffix, policy) in itertools.product(PATHS, CHOICES.items()):
+            layer, experts = make_layer(path, ctx.rank, policy)
+            out[path + suffix] = {}
             for phase, tokens in PHASES.items():
                 inputs = make_tokens(tokens, ctx.rank)
                 forward(layer, inputs, path)  # warm-up (and the low-latency bound's first forward)
                 with count_hot_path(experts) as counts:
                     forward(layer, inputs, path)
-                out[path][phase] = {**counts.as_dict(), "path_taken": layer.deepspeed_moe.last_path}
+                out[path + suffix][phase] = {**counts.as_dict(), "path_taken": layer.deepspeed_moe.last_path}
     return out
 
 
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = measure()
     for path, phases in counts.items():
         for phase, row in phases.items():
-            print(f"{path:13s} {phase:8s} host reads {row['host_reads']:3d} aten ops {row['aten_ops']:4d} "
+            print(f"{path:21s} {phase:8s} host reads {row['host_reads']:3d} aten ops {row['aten_ops']:4d} "
                   f"collectives {row['collectives']:2d} {row['host_reads_by_kind']}")  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.output, json.dumps(counts, indent=1, sort_keys=True) + "\n")

@@ -13,6 +13,10 @@ The sequence is low-discrepancy: over n consecutive routes the share each candid
 from its WRR weight by O(log n / n), and it uses no random state, so every rank computes the same
 choice for the same batch, run after run. The per-(rank, expert) offset decorrelates the streams
 so that ranks with one token each do not all pick the same instance.
+
+Where an origin rank has a single candidate for every expert (a world of one, a plan without replicas,
+the "primary" policy, or TAR where the rank or its node holds one copy of each expert), the choice is
+one lookup per route (``fixed_code_RE1``) instead of the sequence above: the same instances.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class RouteTable:
     expert2slot_RE: torch.Tensor
     stream_offset_RE: torch.Tensor
     policy: str
+    # per origin rank, whether every expert has one candidate (host-side, fixed with the plan), and then
+    # its rank and slot: fixed_rank_RE1[g, e + 1] (column 0: -1 for routes not taken)
+    single_candidate_R: tuple[bool, ...]
+    fixed_rank_RE1: torch.Tensor
+    fixed_slot_RE1: torch.Tensor
 
     @classmethod
     def build(cls, layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> RouteTable:
@@ -58,12 +67,21 @@ class RouteTable:
             for slot, expert in enumerate(experts):
                 expert2slot[rank, expert] = slot
         stream = np.arange(num_ranks * num_experts, dtype=np.float64).reshape(num_ranks, num_experts)
+        first_RE = cand_rank[:, :, 0]
+        fixed_rank = np.concatenate([np.full((num_ranks, 1), -1), first_RE], axis=1)
+        fixed_slot = np.concatenate(
+            [np.full((num_ranks, 1), -1), np.take_along_axis(expert2slot, np.maximum(first_RE, 0), axis=0)],
+            axis=1,
+        )
         return cls(
             cand_rank_REI=torch.from_numpy(cand_rank),
             cand_cdf_REI=torch.from_numpy(cand_cdf),
             expert2slot_RE=torch.from_numpy(expert2slot),
             stream_offset_RE=torch.from_numpy(np.mod(stream * _OFFSET_STEP, 1.0)),
             policy=policy,
+            single_candidate_R=tuple(bool(x) for x in (cand_rank[:, :, 1:] < 0).all(axis=(1, 2))),
+            fixed_rank_RE1=torch.from_numpy(fixed_rank.astype(np.int64)),
+            fixed_slot_RE1=torch.from_numpy(fixed_slot.astype(np.int64)),
         )
 
     @property
@@ -85,6 +103,9 @@ class RouteTable:
             expert2slot_RE=self.expert2slot_RE.to(device),
             stream_offset_RE=self.stream_offset_RE.to(device),
             policy=self.policy,
+            single_candidate_R=self.single_candidate_R,
+            fixed_rank_RE1=self.fixed_rank_RE1.to(device),
+            fixed_slot_RE1=self.fixed_slot_RE1.to(device),
         )
 
 
@@ -143,6 +164,16 @@ def choose_instances(
     """
     if not 0 <= origin_rank < table.num_ranks:
         raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
+    if table.single_candidate_R[origin_rank]:  # one candidate per expert: a lookup, the same choice
+        column_TK = topk_ids_TK.long() + 1
+        return table.fixed_rank_RE1[origin_rank][column_TK], table.fixed_slot_RE1[origin_rank][column_TK]
+    return sampled_instances(table, topk_ids_TK, origin_rank=origin_rank, route_offset=route_offset)
+
+
+def sampled_instances(
+    table: RouteTable, topk_ids_TK: torch.Tensor, *, origin_rank: int, route_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """choose_instances by the low-discrepancy sequence of the module doc, whatever the candidates."""
     ids_TK = topk_ids_TK.long()
     valid_TK = ids_TK >= 0
     experts_Q1 = ids_TK.clamp(min=0).reshape(-1, 1)

@@ -486,12 +486,16 @@ class RowLayout:
         return dispatch_row_bytes(self.k, self.hidden, self.dtype)
 
     def pack(self, x_SD: torch.Tensor, code_SK: torch.Tensor, weight_SK: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(x_SD.shape[0], self.width, dtype=torch.uint8, device=x_SD.device)
-        views = self.unpack(buf)
-        views.code.copy_(code_SK)
-        views.weight.copy_(weight_SK)
-        views.x.copy_(x_SD)
-        return buf
+        """The rows as bytes, one concatenation of the three fields (and the alignment padding)."""
+        fields = [
+            _bytes(code_SK.to(torch.int32)),
+            _bytes(weight_SK.to(torch.float32)),
+            _bytes(x_SD.to(self.dtype)),
+        ]
+        padding = self.width - 8 * self.k - self.hidden * _itemsize(self.dtype)
+        if padding:
+            fields.append(torch.zeros(x_SD.shape[0], padding, dtype=torch.uint8, device=x_SD.device))
+        return torch.cat(fields, dim=1)
 
     def unpack(self, buf: torch.Tensor) -> _Rows:
         k = self.k
@@ -511,3 +515,8 @@ class _Rows:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
+
+
+def _bytes(values_SC: torch.Tensor) -> torch.Tensor:
+    """values_SC's rows as bytes (a view where its rows are contiguous)."""
+    return values_SC.contiguous().view(torch.uint8)

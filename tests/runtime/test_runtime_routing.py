@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ds_grace.planning.plan import LayerPlan
-from ds_grace.routing import RouteTable, check_topk_ids, choose_instances, route_ordinals
+from ds_grace.routing import RouteTable, check_topk_ids, choose_instances, route_ordinals, sampled_instances
 from ds_grace.topology import Topology
 
 TOPO_2X2 = Topology(num_nodes=2, gpus_per_node=2)
@@ -125,3 +125,32 @@ def test_expert2slot_matches_plan():
         for s, e in enumerate(experts):
             expected[r, e] = s
     assert table.expert2slot_RE.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    ("slots", "primary", "topology", "policy", "single"),
+    [
+        ([[0, 1, 2, 3]], [0, 0, 0, 0], Topology(1, 1), "tar", [True]),  # a world of one
+        ([[0, 1], [2, 3], [0, 1], [2, 3]], [0, 0, 1, 1], Topology(2, 2), "primary", [True] * 4),
+        # TAR: node 0 holds every expert, its own copy or its node's one; node 1 lacks expert 0, which
+        # has two copies on node 0: its ranks draw between them
+        (
+            [[0, 1, 2], [0, 3, 1], [1, 2, 3], [1, 2, 3]],
+            [0, 0, 0, 1],
+            Topology(2, 2),
+            "tar",
+            [True, True, False, False],
+        ),
+        ([[0, 1, 2], [0, 3, 1], [1, 2, 3], [1, 2, 3]], [0, 0, 0, 1], Topology(2, 2), "wrr", [False] * 4),
+    ],
+)
+def test_single_candidate_lookup_picks_what_the_sequence_picks(slots, primary, topology, policy, single):
+    plan = LayerPlan.from_lists(slots=slots, primary=primary)
+    table = RouteTable.build(plan, topology, policy)
+    assert list(table.single_candidate_R) == single
+    ids_TK = torch.randint(-1, plan.num_experts, (37, 2), generator=torch.Generator().manual_seed(3))
+    for origin in range(topology.world_size):
+        got = choose_instances(table, ids_TK, origin_rank=origin, route_offset=5)
+        expected = sampled_instances(table, ids_TK, origin_rank=origin, route_offset=5)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), origin
+        assert ((got[0] == -1) == (ids_TK == -1)).all()
