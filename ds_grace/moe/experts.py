@@ -53,7 +53,9 @@ class GraceExperts(Experts):
         if (
             stacked is not None
             and rows
-            and grouped_pays_off(x_QD.device, rows=rows, slots=self.num_local_experts)
+            and grouped_pays_off(
+                x_QD.device, rows=rows, slots=self.num_local_experts, bias_width=stacked.bias_width
+            )
         ):
             ends = list(itertools.accumulate(slot_splits))
             return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device))
