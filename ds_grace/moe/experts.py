@@ -53,9 +53,7 @@ class GraceExperts(Experts):
         if (
             stacked is not None
             and rows
-            and grouped_pays_off(
-                x_QD.device, rows=rows, slots=self.num_local_experts, bias_width=stacked.bias_width
-            )
+            and grouped_pays_off(x_QD.device, rows=rows, slots=self.num_local_experts)
         ):
             ends = list(itertools.accumulate(slot_splits))
             return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device))

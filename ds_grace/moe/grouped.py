@@ -38,27 +38,16 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-# On CPU the grouped kernel lacks nn.Linear's fused bias: each biased matrix adds a pass over rows x its
-# output width, and the kernel itself slows past some rows per slot. Measured (one thread, forward of the
-# slots against their modules): 8 slots of 256 -> 512 -> 256 (biased widths 768) 7-11% faster up to 32
-# rows per slot, even at 64, 10-29% slower from 96; 3 slots of 256 -> 2048 -> 256 (biased widths 2304)
-# 2-8% slower at 16-64 rows per slot, 60% at 96. So a CPU forward whose shapes may vary (the normal paths)
-# runs grouped up to 64 rows per slot and 32768 biased row elements per slot (rows per slot x the biased
-# output widths: 24576 at 32 rows on the first shape, 36864 at 16 on the second), the modules above.
-# A GPU saves launches: always grouped.
+# On CPU the grouped kernel is a loop of GEMMs without the fused bias of nn.Linear's addmm: measured
+# (8 slots, 256 -> 512 -> 256 MLP, one thread) 7-11% faster than the modules up to 32 rows per slot,
+# even at 64, 10-29% slower from 96 rows per slot on. Above this many rows per slot a CPU forward
+# whose shapes may vary (the normal paths) runs the modules. A GPU saves launches: always grouped.
 CPU_GROUPED_MAX_ROWS_PER_SLOT = 64
-CPU_GROUPED_MAX_BIAS_ELEMENTS_PER_SLOT = 32768
 
 
-def grouped_pays_off(device: torch.device, *, rows: int, slots: int, bias_width: int = 0) -> bool:
-    """Whether a forward of `rows` rows over `slots` slots should run grouped rather than slot by slot
-    (bias_width: the summed output widths of the biased matrices)."""
-    if device.type != "cpu":
-        return True
-    return (
-        rows <= CPU_GROUPED_MAX_ROWS_PER_SLOT * slots
-        and rows * bias_width <= CPU_GROUPED_MAX_BIAS_ELEMENTS_PER_SLOT * slots
-    )
+def grouped_pays_off(device: torch.device, *, rows: int, slots: int) -> bool:
+    """Whether a forward of `rows` rows over `slots` slots should run grouped rather than slot by slot."""
+    return device.type != "cpu" or rows <= CPU_GROUPED_MAX_ROWS_PER_SLOT * slots
 
 
 @dataclass(frozen=True)
@@ -80,10 +69,6 @@ class StackedSlots:
         self._params = tuple(params)
         self._data_ptrs = tuple(p.data_ptr() for p in params)
         self.has_bias = any(isinstance(s, _Matrix) and s.bias_SO is not None for s in self.steps)
-        # the biased matrices' output widths, summed: the bias passes a forward adds per row
-        self.bias_width = sum(
-            s.weight_SOI.shape[1] for s in self.steps if isinstance(s, _Matrix) and s.bias_SO is not None
-        )
         self.dtype = params[0].dtype
         self.device = params[0].device
 

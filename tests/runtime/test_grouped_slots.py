@@ -139,38 +139,3 @@ def test_cpu_runs_large_forwards_slot_by_slot(monkeypatch):
             calls.clear()
             torch.testing.assert_close(experts(x_QD, splits), _loop(reference, x_QD, splits))
             assert bool(calls) == grouped, rows
-
-
-@pytest.mark.parametrize(
-    ("ffn", "gated", "rows_per_slot"),
-    # biased widths 2048 + 8: 32768 // 2056 = 15 rows per slot; no bias: the row cap alone
-    [(2048, False, 15), (16, True, CPU_GROUPED_MAX_ROWS_PER_SLOT)],
-)
-def test_cpu_switch_counts_the_bias_passes(monkeypatch, ffn, gated, rows_per_slot):
-    """Wide biased matrices leave the grouped kernel sooner on CPU (it adds each bias in a pass of its own)."""
-
-    def make() -> nn.Module:
-        if gated:
-            return GatedExpertMLP(
-                gate_up_proj=torch.randn(2 * ffn, D), down_proj=torch.randn(D, ffn), act_fn=nn.SiLU()
-            )
-        return nn.Sequential(nn.Linear(D, ffn), nn.GELU(), nn.Linear(ffn, D))
-
-    experts, reference = _experts(make)
-    calls = []
-    original = StackedSlots.__call__
-    monkeypatch.setattr(
-        StackedSlots, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
-    )
-    with torch.no_grad():
-        assert experts.stacked_slots(torch.zeros(1, D)).bias_width == (0 if gated else ffn + D)
-        for per_slot, grouped in ((rows_per_slot, True), (rows_per_slot + 1, False)):
-            x_QD = torch.randn(per_slot * SLOTS, D)
-            calls.clear()
-            torch.testing.assert_close(
-                experts(x_QD, [per_slot] * SLOTS),
-                _loop(reference, x_QD, [per_slot] * SLOTS),
-                rtol=1e-4,
-                atol=1e-4,
-            )
-            assert bool(calls) == grouped, per_slot
