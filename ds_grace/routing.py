@@ -16,7 +16,8 @@ so that ranks with one token each do not all pick the same instance.
 
 Where an origin rank has a single candidate for every expert (a world of one, a plan without replicas,
 the "primary" policy, or TAR where the rank or its node holds one copy of each expert), the choice is
-one lookup per route (``fixed_code_RE1``) instead of the sequence above: the same instances.
+one lookup per route (``fixed_rank_RE1``, ``fixed_slot_RE1``) instead of the sequence above: the same
+instances.
 """
 
 from __future__ import annotations
