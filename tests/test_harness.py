@@ -111,3 +111,21 @@ def test_dying_rank_is_reported_with_its_exit_code():
         in message
     )
     assert elapsed < OTHER_RANKS_SLEEP_S / 2, f"took {elapsed:.1f} s"
+
+
+def _environment_of_rank(ctx: RankContext, name: str) -> tuple[str | None, str, bool]:
+    import sys
+
+    return os.environ.get(name), os.getcwd(), "deepspeed" in sys.modules
+
+
+@pytest.mark.parametrize("value", ["first", "second"])
+def test_ranks_start_in_the_callers_environment_and_directory(monkeypatch, tmp_path, value):
+    """Ranks fork from a server started once (torch and DeepSpeed imported there): each run still
+    sees the environment and working directory of its caller at the time of the call."""
+    monkeypatch.setenv("DS_GRACE_HARNESS_MARK", value)
+    monkeypatch.chdir(tmp_path)
+    seen = run_on_ranks(
+        _environment_of_rank, topology=Topology(num_nodes=1, gpus_per_node=2), args=("DS_GRACE_HARNESS_MARK",)
+    )
+    assert seen == [(value, str(tmp_path), True)] * 2

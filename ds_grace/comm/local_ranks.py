@@ -1,8 +1,11 @@
 """Run a function on N local gloo ranks: the test harness and `ds-grace selfcheck` use it.
 
-Each rank is a spawned process that joins a file-based rendezvous, initialises DeepSpeed's
-communication backend (gloo on CPU) and calls ``fn(ctx, *args)``. The parent enforces a hard
-timeout, kills every rank on the first failure and re-raises with the failing rank's traceback.
+Each rank is a process forked from a server that imported torch and DeepSpeed once (the
+``forkserver`` start method with those modules preloaded, so a rank starts without importing them
+again), in the caller's environment and working directory. It joins a file-based rendezvous,
+initialises DeepSpeed's communication backend (gloo on CPU) and calls ``fn(ctx, *args)``. The parent
+enforces a hard timeout, kills every rank on the first failure and re-raises with the failing rank's
+traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ds_grace.topology import Topology
+
+# imported once by the start-up server that every rank is forked from
+PRELOADED_MODULES = ("torch", "deepspeed")
 
 
 class RankFailure(RuntimeError):
@@ -48,7 +54,10 @@ def _rank_main(
     workdir: str,
     collective_timeout_s: float,
     results: Any,
+    caller_env: dict[str, str],
 ) -> None:
+    os.environ.clear()  # the server's environment is the one it started in: take the caller's
+    os.environ.update(caller_env)
     env = {
         "RANK": str(rank),
         "LOCAL_RANK": str(topology.local_rank_of(rank)),
@@ -108,7 +117,7 @@ def run_on_ranks(
 
     `fn` must be importable at module level (it is sent to spawned processes by reference).
     """
-    ctx = mp.get_context("spawn")
+    ctx = rank_start_context()
     results = ctx.Queue()
     own_tmp = None
     if workdir is None:
@@ -119,7 +128,7 @@ def run_on_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, args, rank, topology, workdir, collective_timeout_s, results),
+            args=(fn, args, rank, topology, workdir, collective_timeout_s, results, dict(os.environ)),
             daemon=True,
         )
         for rank in range(topology.world_size)
@@ -176,6 +185,16 @@ def run_on_ranks(
         details = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
         raise RankFailure(f"{_headline(errors, procs, topology)}:\n{details}")
     return [values[r] for r in range(len(procs))]
+
+
+def rank_start_context() -> Any:
+    """The multiprocessing context ranks start from: a fork server with torch and DeepSpeed imported
+    (started on first use, once per process), where the platform has one; spawn elsewhere."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOADED_MODULES))
+    return ctx
 
 
 def _exit_text(code: int | None) -> str:
