@@ -111,11 +111,11 @@ DEEPSPEED_COMMANDS = frozenset(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(selected).parse_args(argv)  # --help and usage errors end here, before torch
     if selected in DEEPSPEED_COMMANDS:
         from ds_grace.log import quiet_deepspeed_accelerator
 
         quiet_deepspeed_accelerator()
-    args = build_parser(selected).parse_args(argv)
     try:
         return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks become one line, bugs re-raise
