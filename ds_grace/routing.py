@@ -16,8 +16,11 @@ so that ranks with one token each do not all pick the same instance.
 
 Where an origin rank has a single candidate for every expert (a world of one, a plan without replicas,
 the "primary" policy, or TAR where the rank or its node holds one copy of each expert), the choice is
-one lookup per route (``fixed_rank_RE1``, ``fixed_slot_RE1``) instead of the sequence above: the same
-instances.
+one lookup per route (``fixed_rank_RE1``, ``fixed_slot_RE1``; ``fixed_code_RE1`` for the dispatch
+codes) instead of the sequence above: the same instances.
+
+The runtime takes each route's instance as one code, 1 + rank * slot_stride + slot (``choose_codes``,
+``route_codes``; 0: no route), the form the dispatched rows carry (ds_grace.comm.all_to_all).
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ class RouteTable:
     stream_offset_RE: torch.Tensor
     policy: str
     # per origin rank, whether every expert has one candidate (host-side, fixed with the plan), and then
-    # its rank and slot: fixed_rank_RE1[g, e + 1] (column 0: -1 for routes not taken)
+    # its rank and slot: fixed_rank_RE1[g, e + 1] (column 0: -1 for routes not taken), and its code
+    # (``route_codes``, int32; column 0: 0)
     single_candidate_R: tuple[bool, ...]
     fixed_rank_RE1: torch.Tensor
     fixed_slot_RE1: torch.Tensor
+    fixed_code_RE1: torch.Tensor
+    slot_stride: int
 
     @classmethod
     def build(cls, layer: LayerPlan, topology: Topology, policy: RoutingPolicy) -> RouteTable:
@@ -74,6 +80,7 @@ class RouteTable:
             [np.full((num_ranks, 1), -1), np.take_along_axis(expert2slot, np.maximum(first_RE, 0), axis=0)],
             axis=1,
         )
+        stride = slot_stride(layer)
         return cls(
             cand_rank_REI=torch.from_numpy(cand_rank),
             cand_cdf_REI=torch.from_numpy(cand_cdf),
@@ -83,6 +90,8 @@ class RouteTable:
             single_candidate_R=tuple(bool(x) for x in (cand_rank[:, :, 1:] < 0).all(axis=(1, 2))),
             fixed_rank_RE1=torch.from_numpy(fixed_rank.astype(np.int64)),
             fixed_slot_RE1=torch.from_numpy(fixed_slot.astype(np.int64)),
+            fixed_code_RE1=route_codes(torch.from_numpy(fixed_rank), torch.from_numpy(fixed_slot), stride),
+            slot_stride=stride,
         )
 
     @property
@@ -107,7 +116,20 @@ class RouteTable:
             single_candidate_R=self.single_candidate_R,
             fixed_rank_RE1=self.fixed_rank_RE1.to(device),
             fixed_slot_RE1=self.fixed_slot_RE1.to(device),
+            fixed_code_RE1=self.fixed_code_RE1.to(device),
+            slot_stride=self.slot_stride,
         )
+
+
+def slot_stride(layer: LayerPlan) -> int:
+    """The code stride of a layer's routes: the most slots any rank holds (at least 1)."""
+    return max(1, max(len(slots) for slots in layer.slots))
+
+
+def route_codes(rank_TK: torch.Tensor, slot_TK: torch.Tensor, slot_stride: int) -> torch.Tensor:
+    """code_TK = 1 + rank * slot_stride + slot of every route (int32), 0 where no route (rank and slot -1):
+    code 0 is the spare first entry of every table indexed by code."""
+    return (slot_TK + 1).add_(rank_TK, alpha=slot_stride).clamp_(min=0).to(torch.int32)
 
 
 def check_topk_ids(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids") -> None:
@@ -169,6 +191,22 @@ def choose_instances(
         column_TK = topk_ids_TK.long() + 1
         return table.fixed_rank_RE1[origin_rank][column_TK], table.fixed_slot_RE1[origin_rank][column_TK]
     return sampled_instances(table, topk_ids_TK, origin_rank=origin_rank, route_offset=route_offset)
+
+
+def choose_codes(
+    table: RouteTable, topk_ids_TK: torch.Tensor, *, origin_rank: int, route_offset: int = 0
+) -> torch.Tensor:
+    """choose_instances as the routes' codes (``route_codes``): code_TK, int32, 0 for routes with id -1.
+
+    With one candidate per expert (``single_candidate_R``) this is one lookup: two ops in all."""
+    if not 0 <= origin_rank < table.num_ranks:
+        raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
+    if table.single_candidate_R[origin_rank]:
+        return table.fixed_code_RE1[origin_rank][topk_ids_TK.long() + 1]
+    rank_TK, slot_TK = sampled_instances(
+        table, topk_ids_TK, origin_rank=origin_rank, route_offset=route_offset
+    )
+    return route_codes(rank_TK, slot_TK, table.slot_stride)
 
 
 def sampled_instances(

@@ -4,7 +4,7 @@ Shape legend: T tokens on this rank, K top-k, D hidden, R expert-parallel (EP) r
 G GPUs per node, V rows a rank holds, S rows a hop sends, Q routes computed here (expert input
 rows), C header columns, W bytes of one packed row.
 
-Every dispatched row carries its routes: code = ep_rank * slot_stride + slot (-1: not for this
+Every dispatched row carries its routes: code = 1 + ep_rank * slot_stride + slot (0: not for this
 destination) and the fp32 gate weight, packed with the hidden vector into one byte row, so each
 hop is one payload collective (``ds_grace.comm.transport``).
 
@@ -19,15 +19,17 @@ outputs on each rank before they travel (index_add), so a token crosses each nod
 most once per direction.
 
 Low-latency path: static shapes, no host read. Every rank sends every peer a buffer of
-``rows_per_peer`` rows (token t at row t; a row's codes mark its routes for that peer, none: all
--1), every local expert runs on every received row and the routes' gate weights pick the outputs,
-and combine returns each row to the same place, where the origin adds its peers' blocks. Every
+``rows_per_peer`` rows (token t at row t, rows past the tokens zero: code 0, no route); each rank
+computes the received routes whose codes are its own, grouped by slot, and adds them up per row with
+their gate weights (``GraceExperts.forward_routes``); combine returns each row to the same place,
+where the origin adds its peers' blocks. Every
 rank must take it on the same forward with the same ``rows_per_peer`` (the caller's promise; a rank
 with more tokens raises before any collective, ``GraceMOELayer.forward_routed``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +78,19 @@ class Header:
     reached_TN: torch.Tensor  # token t has a route on node n (the hierarchical first hop's rows)
 
     def column(self, name: str) -> slice:
-        gpus, stride = self.gpus_per_node, self.slot_stride
-        hier = 1 + gpus if gpus else 0
-        return {"flat": slice(0, 1), "relay": slice(1, 2), "via": slice(2, 1 + hier),
-                "slots": slice(1 + hier, 1 + hier + stride), "extra": slice(1 + hier + stride, None)}[name]  # fmt: skip
+        return _header_slices(self.gpus_per_node, self.slot_stride)[name]
 
     def extra(self) -> np.ndarray:
         """The path policy's columns of every rank (received_RC[r]: rank r's)."""
         return self.received_RC[:, self.column("extra")]
+
+
+@functools.lru_cache(maxsize=64)
+def _header_slices(gpus_per_node: int, slot_stride: int) -> dict[str, slice]:
+    """The header's columns by name (``header_columns``); gpus_per_node 0: no hierarchical columns."""
+    hier = 1 + gpus_per_node if gpus_per_node else 0
+    return {"flat": slice(0, 1), "relay": slice(1, 2), "via": slice(2, 1 + hier),
+            "slots": slice(1 + hier, 1 + hier + slot_stride), "extra": slice(1 + hier + slot_stride, None)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ class Stage:
 class DispatchMeta:
     """What combine needs. Normal paths: route_row_Q[q] is the received row route q (expert input
     row q, ordered by local slot) came with, route_weight_Q its gate weight, slot_splits the rows
-    per slot. Low-latency: slot_VK[v, k] the local slot of received row v's route k (the slot count
+    per slot, route_slot_Q the local slot of each (ascending). Low-latency: slot_VK[v, k] the local
+    slot of received row v's route k (the slot count
     where the route is another rank's), weight_VK its gate weight."""
 
     path: str
@@ -113,6 +121,7 @@ class DispatchMeta:
     out_dtype: torch.dtype
     route_row_Q: torch.Tensor | None = None
     route_weight_Q: torch.Tensor | None = None
+    route_slot_Q: torch.Tensor | None = None
     slot_splits: tuple[int, ...] = ()
     slot_VK: torch.Tensor | None = None
     weight_VK: torch.Tensor | None = None
@@ -153,7 +162,6 @@ class DispatchExecutor:
 
     def exchange_header(
         self,
-        dest_TK: torch.Tensor,
         code_TK: torch.Tensor,
         extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
         hierarchical: bool = True,
@@ -164,14 +172,14 @@ class DispatchExecutor:
         without `hierarchical` the header carries the flat path's columns only."""
         topology, world = self.topology, self.topology.world_size
         nodes, gpus, stride = topology.num_nodes, topology.gpus_per_node, self.slot_stride
-        tokens = dest_TK.shape[0]
+        tokens = code_TK.shape[0]
         everyone = path_hops("flat", topology, self.me)[0]
-        member_TR = membership(dest_TK, self._lookup(everyone, dest_TK.device), world)
+        member_TR = membership(code_TK, self._code_lookup(everyone, code_TK.device), world)
         if hierarchical:
             member_TNG = member_TR.view(tokens, nodes, gpus)
             reached_TN = member_TNG.any(2)
             per_gpu_NG = member_TNG.sum(0)
-            is_local_G1 = self._local_mask(dest_TK.device)
+            is_local_G1 = self._local_mask(code_TK.device)
             relay_NG1 = (reached_TN.sum(0).view(nodes, 1, 1) * is_local_G1).view(nodes, gpus, 1)
             via_NGG = per_gpu_NG.view(nodes, 1, gpus) * is_local_G1
             counts_RC = torch.cat([per_gpu_NG.view(nodes, gpus, 1), relay_NG1, via_NGG], dim=2).view(
@@ -179,10 +187,8 @@ class DispatchExecutor:
             )
         else:
             reached_TN, counts_RC = member_TR[:, :0], member_TR.sum(0, keepdim=True).t()
-        # code + 1: bucket 0 holds the routes not taken (-1)
-        slots_RS = torch.bincount(code_TK.reshape(-1) + 1, minlength=world * stride + 1)[1:].view(
-            world, stride
-        )
+        # bucket 0 holds the routes not taken (code 0)
+        slots_RS = torch.bincount(code_TK.reshape(-1), minlength=world * stride + 1)[1:].view(world, stride)
         parts = [counts_RC, slots_RS]
         if extra is not None:
             parts.append(extra(member_TR).to(torch.int64).expand(world, -1))
@@ -223,7 +229,6 @@ class DispatchExecutor:
     def dispatch(
         self,
         rows_TW: torch.Tensor,
-        dest_TK: torch.Tensor,
         *,
         path: PathName,
         header: Header,
@@ -247,13 +252,14 @@ class DispatchExecutor:
         if self.counters is not None:
             self.counters.record_expert_rows(splits)
         view = layout.unpack(current_VW)
-        slot_VK = self._slot_lookup(current_VW.device)[view.code + 1]
-        order_Q = torch.argsort(slot_VK.reshape(-1), stable=True)[: sum(splits)]
+        slot_VK = self._slot_lookup(current_VW.device)[view.code]
+        sorted_slot_V, order_V = torch.sort(slot_VK.reshape(-1), stable=True)
+        order_Q, route_slot_Q = order_V[: sum(splits)], sorted_slot_V[: sum(splits)]
         route_row_Q = order_Q.floor_divide(layout.k)
         meta = DispatchMeta(
             path=path, stages=tuple(stages), num_tokens=stages[0].num_input_rows,
             num_received_rows=int(current_VW.shape[0]), out_dtype=layout.dtype, route_row_Q=route_row_Q,
-            route_weight_Q=torch.take(view.weight, order_Q), slot_splits=tuple(splits),
+            route_weight_Q=torch.take(view.weight, order_Q), route_slot_Q=route_slot_Q, slot_splits=tuple(splits),
         )  # fmt: skip
         return view.x.index_select(0, route_row_Q), meta
 
@@ -280,7 +286,7 @@ class DispatchExecutor:
         return self._lookups[key]
 
     def _code_lookup(self, hop: Hop, device: torch.device) -> torch.Tensor:
-        """lookup[code + 1]: the peer of `hop` a route code travels to (num_peers: none)."""
+        """lookup[code]: the peer of `hop` a route code travels to (num_peers: none, and for code 0)."""
         key = ("code", hop, device)
         if key not in self._lookups:
             by_dest = self._lookup(hop, device)
@@ -289,7 +295,7 @@ class DispatchExecutor:
         return self._lookups[key]
 
     def _slot_lookup(self, device: torch.device) -> torch.Tensor:
-        """lookup[code + 1]: the local slot of a route code for this rank, num_local_slots otherwise."""
+        """lookup[code]: the local slot of a route code for this rank, num_local_slots otherwise."""
         key = ("slots", device)
         if key not in self._lookups:
             lookup = torch.full(
@@ -326,19 +332,19 @@ class DispatchExecutor:
         return received_VW, stage
 
     def split_routes(
-        self, rows_TW: torch.Tensor, dest_TK: torch.Tensor, *, layout: RowLayout
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Stage]:
-        """Without dedup: one row per route (rows_VW, dest_VK, code_VK with V = T * K), so that every
+        self, rows_TW: torch.Tensor, *, layout: RowLayout
+    ) -> tuple[torch.Tensor, torch.Tensor, Stage]:
+        """Without dedup: one row per route (rows_VW, code_VK with V = T * K), so that every
         hop sends a token once per route; the returned local stage (``dispatch``'s first_stages) lets
         combine add the routes back into their tokens."""
         k = layout.k
         rows_VW = rows_TW.repeat_interleave(k, dim=0)
         code_VK = layout.unpack(rows_VW).code
         own_VK = torch.eye(k, dtype=torch.bool, device=rows_TW.device).repeat(rows_TW.shape[0], 1)
-        code_VK.copy_(torch.where(own_VK, code_VK, -1))
+        code_VK.copy_(torch.where(own_VK, code_VK, 0))
         token_V = torch.arange(rows_TW.shape[0], device=rows_TW.device).repeat_interleave(k)
         stage = Stage("routes", None, (self.me,), token_V, (), (), int(rows_TW.shape[0]))
-        return rows_VW, torch.where(own_VK, dest_TK.repeat_interleave(k, dim=0), -1), code_VK, stage
+        return rows_VW, code_VK, stage
 
     def combine(self, expert_out_QD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """Weight the expert outputs, add them up per row and replay the hops in reverse: y_TD.
@@ -368,7 +374,7 @@ class DispatchExecutor:
         return partial_VD.to(meta.out_dtype)
 
     def dispatch_low_latency(
-        self, rows_TW: torch.Tensor, dest_TK: torch.Tensor, *, rows_per_peer: int, layout: RowLayout
+        self, rows_TW: torch.Tensor, *, rows_per_peer: int, layout: RowLayout
     ) -> tuple[torch.Tensor, DispatchMeta]:
         """The static path: returns (x_VD, every received row, and meta with each row's local routes)."""
         world, tokens = self.topology.world_size, int(rows_TW.shape[0])
@@ -378,9 +384,7 @@ class DispatchExecutor:
             )
         buf_RLW = rows_TW.new_zeros(world, rows_per_peer, layout.width)
         buf_RLW[:, :tokens] = rows_TW  # every peer gets every token: each takes its own routes
-        layout.unpack(buf_RLW.view(world * rows_per_peer, -1)).code.view(world, rows_per_peer, -1)[
-            :, tokens:
-        ] = -1
+        # rows past the tokens stay zero: code 0 on every route, so no rank computes them
         received_VW = buf_RLW.view(world * rows_per_peer, layout.width)
         if self.groups.ep_group is not None:
             received_VW = self.transport.exchange_fixed(received_VW, self.groups.ep_group)
@@ -388,7 +392,7 @@ class DispatchExecutor:
                          layout.width)  # fmt: skip
         view = layout.unpack(received_VW)
         slots = self.num_local_slots
-        slot_VK = self._slot_lookup(received_VW.device)[view.code + 1]
+        slot_VK = self._slot_lookup(received_VW.device)[view.code]
         if self.counters is not None:
             routes_S = slot_VK.new_zeros(slots + 1).index_add_(
                 0, slot_VK.reshape(-1), torch.ones_like(slot_VK).view(-1)
@@ -421,11 +425,6 @@ class DispatchExecutor:
                 stage, send_rows=send, recv_rows=recv, peer_ep_ranks=peers, ep_index=self.me,
                 topology=self.topology, bytes_per_row=bytes_per_row,
             )  # fmt: skip
-
-
-def route_codes(rank_TK: torch.Tensor, slot_TK: torch.Tensor, slot_stride: int) -> torch.Tensor:
-    """code_TK = rank * slot_stride + slot of every route (int32), -1 where no route (rank and slot -1)."""
-    return slot_TK.add(rank_TK, alpha=slot_stride).clamp_(min=-1).to(torch.int32)
 
 
 def redistribute_expert_tensors(

@@ -65,13 +65,13 @@ def path_hops(path: PathName, topology: Topology, ep_index: int) -> tuple[Hop, .
     return Hop("ep", relay, everyone), Hop("intra", inside, tuple(topology.ranks_of_node(node)))
 
 
-def membership(dest_VK: torch.Tensor, peer_lookup_D: torch.Tensor, num_peers: int) -> torch.Tensor:
-    """member_VP[v, p]: does a route of row v travel through peer p (dest -1: no route).
+def membership(code_VK: torch.Tensor, peer_of_code_C: torch.Tensor, num_peers: int) -> torch.Tensor:
+    """member_VP[v, p]: does a route of row v travel through peer p.
 
-    peer_lookup_D[d + 1] is the peer of destination d, num_peers where d is not reached by the hop
-    (``peer_lookup``; entry 0 stands for dest -1)."""
-    peer_VK = peer_lookup_D[dest_VK + 1]
-    member_VP = torch.zeros(dest_VK.shape[0], num_peers + 1, dtype=torch.bool, device=dest_VK.device)
+    code_VK holds the routes' codes (``ds_grace.routing.route_codes``; 0: no route); peer_of_code_C[c]
+    is the peer code c reaches, num_peers where the hop does not reach it (and for code 0)."""
+    peer_VK = peer_of_code_C[code_VK]
+    member_VP = torch.zeros(code_VK.shape[0], num_peers + 1, dtype=torch.bool, device=code_VK.device)
     return member_VP.scatter_(1, peer_VK, True)[:, :num_peers]
 
 

@@ -41,8 +41,13 @@ class GraceExperts(Experts):
         self._stacked: StackedSlots | None = None
         self._stack_refused = False  # the slots' form has no stacked version
 
-    def forward(self, x_QD: torch.Tensor, slot_splits: Sequence[int]) -> torch.Tensor:  # type: ignore[override]
-        """Run each slot's expert once on its contiguous block of rows (rows grouped by slot)."""
+    def forward(  # type: ignore[override]
+        self, x_QD: torch.Tensor, slot_splits: Sequence[int], *, slot_Q: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run each slot's expert once on its contiguous block of rows (rows grouped by slot).
+
+        slot_Q (optional, on the device): each row's slot, which the stacked form's biases need (derived
+        from slot_splits there if not given)."""
         if len(slot_splits) != self.num_local_experts or sum(slot_splits) != x_QD.shape[0]:
             raise ValueError(
                 f"slot_splits ({list(slot_splits)}) must have one entry per slot ({self.num_local_experts}) "
@@ -56,7 +61,7 @@ class GraceExperts(Experts):
             and grouped_pays_off(x_QD.device, rows=rows, slots=self.num_local_experts)
         ):
             ends = list(itertools.accumulate(slot_splits))
-            return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device))
+            return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device), slot_Q=slot_Q)
         out_QD = torch.empty_like(x_QD)
         start = 0
         for slot_rows, expert in zip(slot_splits, self.deepspeed_experts):
@@ -79,8 +84,7 @@ class GraceExperts(Experts):
         if stacked is None:
             weight_VS = weight_VK.new_zeros(rows, slots + 1).scatter_add_(1, slot_VK, weight_VK)[:, :slots]
             return torch.einsum("vs,svd->vd", weight_VS, self._every_slot(x_VD).float())
-        order_R = torch.argsort(slot_VK.reshape(-1))
-        sorted_slot_R = torch.take(slot_VK, order_R)  # slots ascending; `slots` (not here) last
+        sorted_slot_R, order_R = torch.sort(slot_VK.reshape(-1))  # slots ascending; `slots` (not here) last
         ends_S = torch.searchsorted(
             sorted_slot_R, torch.arange(slots, device=x_VD.device), right=True, out_int32=True
         )

@@ -30,7 +30,7 @@ from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from torch import nn
 from torch.nn import functional as F
 
-from ds_grace.comm.all_to_all import DispatchExecutor, RowLayout, redistribute_expert_tensors, route_codes
+from ds_grace.comm.all_to_all import DispatchExecutor, RowLayout, redistribute_expert_tensors
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups, create_grace_groups
 from ds_grace.comm.path_model import PATH_MODES, PathModel, PathPolicy, calibrated_model
@@ -39,7 +39,7 @@ from ds_grace.config import GraceConfig
 from ds_grace.moe.experts import GraceExperts, copy_slot_modules
 from ds_grace.moe.gate import GraceGate
 from ds_grace.planning.plan import LayerPlan, RoutingPolicy
-from ds_grace.routing import RouteTable, check_topk_ids, check_topk_ids_async, choose_instances
+from ds_grace.routing import RouteTable, check_topk_ids, check_topk_ids_async, choose_codes, slot_stride
 from ds_grace.topology import Topology
 
 _POLICIES = ("tar", "wrr", "primary")
@@ -126,7 +126,7 @@ class GraceMOELayer(MOELayer):
         self.options = options
         self.comm_counters = TrafficCounters()
         self.grace_groups: GraceGroups | None = None
-        self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
+        self._slot_stride = slot_stride(layer_plan)
         self._tables = self._cpu_tables(layer_plan)
         self.route_observer: Callable[[torch.Tensor], None] | None = None
         self.path_policy = PathPolicy(options.path, topology=topology, model=self._path_model)
@@ -154,7 +154,7 @@ class GraceMOELayer(MOELayer):
         self.experts = experts
         self.num_local_experts = experts.num_local_experts
         self.layer_plan = layer_plan
-        self._slot_stride = max(1, max(len(s) for s in layer_plan.slots))
+        self._slot_stride = slot_stride(layer_plan)
         self._tables = self._cpu_tables(layer_plan)
         self._executor = None
 
@@ -241,56 +241,47 @@ class GraceMOELayer(MOELayer):
             self.route_observer(topk_ids_TK)
         low_latency = rows_per_peer is not None
         table = self.route_table(x_TD.device, low_latency=low_latency)
-        rank_TK, slot_TK = choose_instances(
+        code_TK = choose_codes(
             table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
         )
-        code_TK = route_codes(rank_TK, slot_TK, self._slot_stride)
-        layout = RowLayout(k=int(rank_TK.shape[1]), hidden=int(x_TD.shape[1]), dtype=x_TD.dtype)
+        layout = RowLayout(k=int(code_TK.shape[1]), hidden=int(x_TD.shape[1]), dtype=x_TD.dtype)
         rows_TW = layout.pack(x_TD, code_TK, topk_weights_TK.to(x_TD.device, torch.float32))
         executor = self.executor()
         if low_latency:
             assert rows_per_peer is not None  # low_latency implies a row count
-            x_VD, meta = executor.dispatch_low_latency(
-                rows_TW, rank_TK, rows_per_peer=rows_per_peer, layout=layout
-            )
+            x_VD, meta = executor.dispatch_low_latency(rows_TW, rows_per_peer=rows_per_peer, layout=layout)
             self.last_path = "low-latency"
             self.path_counts[self.last_path] += 1
             assert meta.slot_VK is not None and meta.weight_VK is not None  # a low-latency meta
             return executor.combine_low_latency(
                 self.experts.forward_routes(x_VD, meta.slot_VK, meta.weight_VK), meta
             )
-        return self._forward_normal(executor, rows_TW, rank_TK, code_TK, layout=layout)
+        return self._forward_normal(executor, rows_TW, code_TK, layout=layout)
 
     def _forward_normal(
-        self,
-        executor: DispatchExecutor,
-        rows_TW: torch.Tensor,
-        dest_TK: torch.Tensor,
-        code_TK: torch.Tensor,
-        *,
-        layout: RowLayout,
+        self, executor: DispatchExecutor, rows_TW: torch.Tensor, code_TK: torch.Tensor, *, layout: RowLayout
     ) -> torch.Tensor:
         """The header round, the path chosen from it, dispatch, the experts (once each), combine."""
         policy = self.path_policy
         start = time.perf_counter()
         first_stages = ()
         if not self.options.dedup:
-            rows_TW, dest_TK, code_TK, split = executor.split_routes(rows_TW, dest_TK, layout=layout)
+            rows_TW, code_TK, split = executor.split_routes(rows_TW, layout=layout)
             first_stages = (split,)
         columns = (
             (lambda member_TR: policy.header_columns(member_TR, self.ep_index)) if policy.adaptive else None
         )
-        header = executor.exchange_header(dest_TK, code_TK, columns, hierarchical=policy.mode != "flat")
+        header = executor.exchange_header(code_TK, columns, hierarchical=policy.mode != "flat")
         path = policy.decide(
             header.extra(),
             dispatch_row_bytes=layout.width,
             combine_row_bytes=layout.hidden * layout.dtype.itemsize,
         )
         x_QD, meta = executor.dispatch(
-            rows_TW, dest_TK, path=path, header=header, layout=layout, first_stages=first_stages
+            rows_TW, path=path, header=header, layout=layout, first_stages=first_stages
         )
         experts_start = time.perf_counter()
-        expert_out_QD = self.experts(x_QD, meta.slot_splits)
+        expert_out_QD = self.experts(x_QD, meta.slot_splits, slot_Q=meta.route_slot_Q)
         experts_s = time.perf_counter() - experts_start
         y_TD = executor.combine(expert_out_QD, meta)
         self.last_path = path

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ds_grace.comm.all_to_all import DispatchExecutor, RowLayout, route_codes
+from ds_grace.comm.all_to_all import DispatchExecutor, RowLayout
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import create_grace_groups
 from ds_grace.comm.local_ranks import RankContext, run_on_ranks
 from ds_grace.comm.schedule import cross_node_mask, fixed_rows, path_rows
+from ds_grace.routing import route_codes
 from ds_grace.topology import Topology
 
 TOPOLOGY = Topology(2, 2)
@@ -51,13 +52,11 @@ def _rank(ctx: RankContext) -> dict:
             groups=groups, slot_stride=SLOTS, num_local_slots=SLOTS, counters=counters
         )
         if path == "low-latency":
-            x_VD, meta = executor.dispatch_low_latency(
-                rows_TW, dest_TK, rows_per_peer=ROWS_PER_PEER, layout=layout
-            )
+            x_VD, meta = executor.dispatch_low_latency(rows_TW, rows_per_peer=ROWS_PER_PEER, layout=layout)
             executor.combine_low_latency(x_VD, meta)
         else:
-            header = executor.exchange_header(dest_TK, code_TK, hierarchical=path == "hierarchical")
-            x_QD, meta = executor.dispatch(rows_TW, dest_TK, path=path, header=header, layout=layout)
+            header = executor.exchange_header(code_TK, hierarchical=path == "hierarchical")
+            x_QD, meta = executor.dispatch(rows_TW, path=path, header=header, layout=layout)
             executor.combine(x_QD, meta)
         out[path] = counters.snapshot()["stages"]
     return out
