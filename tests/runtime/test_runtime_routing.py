@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from ds_grace.planning.plan import LayerPlan
-from ds_grace.routing import RouteTable, check_topk_ids, choose_instances, route_ordinals, sampled_instances
+from ds_grace.routing import (
+    RouteTable,
+    check_topk_ids,
+    choose_codes,
+    choose_instances,
+    route_ordinals,
+    sampled_instances,
+)
 from ds_grace.topology import Topology
 
 TOPO_2X2 = Topology(num_nodes=2, gpus_per_node=2)
@@ -154,3 +161,8 @@ def test_single_candidate_lookup_picks_what_the_sequence_picks(slots, primary, t
         expected = sampled_instances(table, ids_TK, origin_rank=origin, route_offset=5)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), origin
         assert ((got[0] == -1) == (ids_TK == -1)).all()
+        # the codes the runtime dispatches name the same instances: 1 + rank * stride + slot, 0: no route
+        code_TK = choose_codes(table, ids_TK, origin_rank=origin, route_offset=5)
+        stride = max(len(s) for s in slots)
+        assert code_TK.dtype == torch.int32 and table.slot_stride == stride
+        assert torch.equal(code_TK.long(), torch.where(ids_TK >= 0, 1 + got[0] * stride + got[1], 0)), origin
