@@ -115,7 +115,7 @@ def run_on_ranks(
 ) -> list[Any]:
     """Call ``fn(RankContext, *args)`` on every rank of `topology`; return values by rank.
 
-    `fn` must be importable at module level (it is sent to spawned processes by reference).
+    `fn` must be importable at module level (it is sent to the rank processes by reference).
     """
     ctx = rank_start_context()
     results = ctx.Queue()

@@ -281,7 +281,7 @@ def run_selfcheck(
     dtypes: tuple[str, ...] = ("fp32", "bf16"),
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
-    """Run the cases on spawned local ranks; return the summary plus per-case details."""
+    """Run the cases on local ranks (ds_grace.comm.local_ranks); return the summary plus per-case details."""
     per_rank = run_on_ranks(
         _selfcheck_rank,
         topology=topology,
