@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.runner import result_line, run_spec_on_rank
+    from ds_grace.comm.collectives import release_shared_memory_names
     from ds_grace.topology import Topology
 
     torch.set_num_threads(1)
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    dist.barrier()  # every rank has started: none opens DeepSpeed's shared-memory segments by name again
+    release_shared_memory_names([dist.get_rank()], os.environ)
     results = run_spec_on_rank(spec, rank=dist.get_rank(), topology=topology)
     if results is not None:
         print(result_line(results), flush=True)

@@ -54,6 +54,7 @@ from ds_grace.comm.collectives import (
     gather_objects_to_rank0,
     init_distributed,
     is_distributed,
+    release_shared_memory_names,
     world,
 )
 from ds_grace.comm.counters import summed_traffic
@@ -238,6 +239,7 @@ def init_inference(
     finally:
         if startup is not None:
             startup.close()
+    release_shared_memory_names([rank], os.environ)  # every rank has started: the handshake was collective
     log.info("start-up handshake passed: %d ranks agree on settings, plan, layout and versions", world_size)
     if plan is not None:
         engine = _serve_grace(

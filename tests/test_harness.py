@@ -129,3 +129,29 @@ def test_ranks_start_in_the_callers_environment_and_directory(monkeypatch, tmp_p
         _environment_of_rank, topology=Topology(num_nodes=1, gpus_per_node=2), args=("DS_GRACE_HARNESS_MARK",)
     )
     assert seen == [(value, str(tmp_path), True)] * 2
+
+
+def _shared_memory_of_rank(ctx: RankContext, serve: bool) -> tuple[bool, bool]:
+    """(DeepSpeed's CPU allreduce segment of this rank is named in /dev/shm after the process group
+    started, and still after init_inference's start-up handshake when `serve`)."""
+    import ds_grace
+    from ds_grace.comm.collectives import shared_memory_name
+    from ds_grace.models.toy import ToyMoEConfig, ToyMoEModel
+
+    started = shared_memory_name(ctx.rank, os.environ).exists()
+    if serve:
+        ds_grace.init_inference(ToyMoEModel(ToyMoEConfig(num_experts=4, ep_size=1)), config={"dtype": "fp32"})
+    return started, shared_memory_name(ctx.rank, os.environ).exists()
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["ranks", "init_inference"])
+def test_no_shared_memory_segment_outlives_its_ranks(serve):
+    """DeepSpeed maps one /dev/shm segment per rank when every rank is on one machine and never unlinks
+    it: init_inference unlinks its rank's name once the handshake shows every rank started, and
+    run_on_ranks every rank's once they are gone (the memory is freed with the last mapping)."""
+    from ds_grace.comm.collectives import shared_memory_name
+
+    topology = Topology(num_nodes=1, gpus_per_node=2)  # every rank local: DeepSpeed's shm allreduce
+    seen = run_on_ranks(_shared_memory_of_rank, topology=topology, args=(serve,))
+    assert seen == [(True, not serve)] * 2
+    assert not any(shared_memory_name(rank, os.environ).exists() for rank in range(2))

@@ -21,6 +21,9 @@ from torch import nn
 
 from ds_grace.topology import Topology
 
+# device tensors of routes per slot kept before they are added up into one (no host read either way)
+PENDING_ROWS_FOLD = 64
+
 
 @dataclass
 class StageTraffic:
@@ -85,9 +88,13 @@ class TrafficCounters:
                 )
 
     def record_expert_rows(self, rows_per_slot: Sequence[int] | torch.Tensor) -> None:
-        """Add routes computed per slot: host integers, or a device tensor read only when asked for."""
+        """Add routes computed per slot: host integers, or a device tensor read only when asked for
+        (every PENDING_ROWS_FOLD of them are added up on the device, so a long decode that never asks
+        holds a bounded number)."""
         if isinstance(rows_per_slot, torch.Tensor):
             self._pending_rows.append(rows_per_slot.detach())
+            if len(self._pending_rows) >= PENDING_ROWS_FOLD:
+                self._pending_rows = [torch.stack(self._pending_rows).sum(0)]
             return
         if len(self._expert_rows) < len(rows_per_slot):
             self._expert_rows.extend([0] * (len(rows_per_slot) - len(self._expert_rows)))

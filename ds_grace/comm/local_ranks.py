@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ds_grace.comm.collectives import release_shared_memory_names
 from ds_grace.topology import Topology
 
 # imported once by the start-up server that every rank is forked from
@@ -179,6 +180,9 @@ def run_on_ranks(
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=10)
+        if not any(proc.is_alive() for proc in procs):  # no rank left that could still open one
+            release_shared_memory_names(range(topology.world_size), os.environ)
         if own_tmp is not None:
             own_tmp.cleanup()
     if errors:

@@ -272,3 +272,22 @@ def test_low_latency_path_has_static_shapes_under_fake_tensors(make_expert, dtyp
             match=r"low_latency_tokens \(32\) must be in \[1, grace\.communication\.low_latency_max_tokens=16\]",
         ):
             layer.forward_routed(x_TD, ids_TK, w_TK, low_latency_tokens=32)
+
+
+def test_low_latency_forwards_keep_a_bounded_count_of_device_row_counts():
+    """A decode loop that never reads the counters holds at most PENDING_ROWS_FOLD device tensors of
+    routes per slot (added up on the device as they come), and the total stays exact."""
+    from ds_grace.comm.counters import PENDING_ROWS_FOLD
+
+    torch.manual_seed(0)
+    layer = GraceMoE.from_experts(
+        [_expert() for _ in range(EXPERTS)], hidden_size=HIDDEN, k=2, layer_plan=ONE_RANK_PLAN, topology=ONE,
+        ep_index=0, options=RuntimeOptions(low_latency_max_tokens=4),
+    ).eval()  # fmt: skip
+    ids_TK = torch.tensor([[0, 1], [2, -1], [3, 0]])
+    forwards = 3 * PENDING_ROWS_FOLD + 5
+    with torch.no_grad():
+        for _ in range(forwards):
+            layer.forward_routed(torch.randn(3, HIDDEN), ids_TK, torch.rand(3, 2), low_latency_tokens=4)
+            assert len(layer.comm_counters._pending_rows) < PENDING_ROWS_FOLD
+    assert sum(layer.comm_counters.expert_rows) == 5 * forwards
