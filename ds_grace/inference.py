@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ds_grace.cli import is_input_error
+from ds_grace.comm.agreement import RankMismatchError
 from ds_grace.comm.collectives import (
     check_ranks_agree,
     gather_objects_to_rank0,
@@ -236,6 +237,9 @@ def init_inference(
         check_ranks_agree(
             {**run_fingerprint(checked), **launch_fingerprint(agree_on)}, rank_identity(checked)
         )
+    except RankMismatchError:  # raised after the all-gather: every rank has started
+        release_shared_memory_names([rank], os.environ)
+        raise
     finally:
         if startup is not None:
             startup.close()

@@ -185,8 +185,7 @@ def choose_instances(
 
     rank_TK is the expert-parallel rank hosting the chosen instance, slot_TK its local slot there.
     """
-    if not 0 <= origin_rank < table.num_ranks:
-        raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
+    _check_origin(table, origin_rank)
     if table.single_candidate_R[origin_rank]:  # one candidate per expert: a lookup, the same choice
         column_TK = topk_ids_TK.long() + 1
         return table.fixed_rank_RE1[origin_rank][column_TK], table.fixed_slot_RE1[origin_rank][column_TK]
@@ -199,14 +198,18 @@ def choose_codes(
     """choose_instances as the routes' codes (``route_codes``): code_TK, int32, 0 for routes with id -1.
 
     With one candidate per expert (``single_candidate_R``) this is one lookup: two ops in all."""
-    if not 0 <= origin_rank < table.num_ranks:
-        raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
+    _check_origin(table, origin_rank)
     if table.single_candidate_R[origin_rank]:
         return table.fixed_code_RE1[origin_rank][topk_ids_TK.long() + 1]
     rank_TK, slot_TK = sampled_instances(
         table, topk_ids_TK, origin_rank=origin_rank, route_offset=route_offset
     )
     return route_codes(rank_TK, slot_TK, table.slot_stride)
+
+
+def _check_origin(table: RouteTable, origin_rank: int) -> None:
+    if not 0 <= origin_rank < table.num_ranks:
+        raise ValueError(f"origin_rank ({origin_rank}) must be in [0, {table.num_ranks})")
 
 
 def sampled_instances(

@@ -131,27 +131,36 @@ def test_ranks_start_in_the_callers_environment_and_directory(monkeypatch, tmp_p
     assert seen == [(value, str(tmp_path), True)] * 2
 
 
-def _shared_memory_of_rank(ctx: RankContext, serve: bool) -> tuple[bool, bool]:
+def _shared_memory_of_rank(ctx: RankContext, serve: str) -> tuple[bool, bool, str]:
     """(DeepSpeed's CPU allreduce segment of this rank is named in /dev/shm after the process group
-    started, and still after init_inference's start-up handshake when `serve`)."""
+    started, and still after init_inference's start-up handshake, the error it raised) when `serve`
+    is "agree" (the ranks pass the same launch fields) or "mismatch" (each rank its own)."""
     import ds_grace
+    from ds_grace.comm.agreement import RankMismatchError
     from ds_grace.comm.collectives import shared_memory_name
     from ds_grace.models.toy import ToyMoEConfig, ToyMoEModel
 
-    started = shared_memory_name(ctx.rank, os.environ).exists()
-    if serve:
-        ds_grace.init_inference(ToyMoEModel(ToyMoEConfig(num_experts=4, ep_size=1)), config={"dtype": "fp32"})
-    return started, shared_memory_name(ctx.rank, os.environ).exists()
+    started, error = shared_memory_name(ctx.rank, os.environ).exists(), ""
+    if serve != "no":
+        model = ToyMoEModel(ToyMoEConfig(num_experts=4, ep_size=1))
+        prompt = ctx.rank if serve == "mismatch" else 0
+        try:
+            ds_grace.init_inference(model, config={"dtype": "fp32"}, agree_on={"prompt": prompt})
+        except RankMismatchError as exc:
+            error = type(exc).__name__
+    return started, shared_memory_name(ctx.rank, os.environ).exists(), error
 
 
-@pytest.mark.parametrize("serve", [False, True], ids=["ranks", "init_inference"])
+@pytest.mark.parametrize("serve", ["no", "agree", "mismatch"], ids=["ranks", "init_inference", "refused"])
 def test_no_shared_memory_segment_outlives_its_ranks(serve):
     """DeepSpeed maps one /dev/shm segment per rank when every rank is on one machine and never unlinks
-    it: init_inference unlinks its rank's name once the handshake shows every rank started, and
-    run_on_ranks every rank's once they are gone (the memory is freed with the last mapping)."""
+    it: init_inference unlinks its rank's name once the handshake shows every rank started (whether the
+    ranks agree or not), and run_on_ranks every rank's once they are gone (the memory is freed with the
+    last mapping)."""
     from ds_grace.comm.collectives import shared_memory_name
 
     topology = Topology(num_nodes=1, gpus_per_node=2)  # every rank local: DeepSpeed's shm allreduce
     seen = run_on_ranks(_shared_memory_of_rank, topology=topology, args=(serve,))
-    assert seen == [(True, not serve)] * 2
+    error = "RankMismatchError" if serve == "mismatch" else ""
+    assert seen == [(True, serve == "no", error)] * 2
     assert not any(shared_memory_name(rank, os.environ).exists() for rank in range(2))

@@ -39,7 +39,7 @@ import torch
 
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups
-from ds_grace.comm.schedule import Hop, PathName, membership, path_hops, peer_lookup, rows_by_peer
+from ds_grace.comm.schedule import Hop, PathName, code_peer_lookup, membership, path_hops, rows_by_peer
 from ds_grace.comm.transport import SparseTransport, Transport
 
 _COUNT_BYTES = 8
@@ -150,11 +150,6 @@ class DispatchExecutor:
         self.counters = counters
         self.transport: Transport = transport if transport is not None else SparseTransport()
         self._lookups: dict[tuple[Any, ...], torch.Tensor] = {}  # device tables of this rank's plan
-
-    def _lookup(self, hop: Hop, device: torch.device) -> torch.Tensor:
-        if (hop, device) not in self._lookups:
-            self._lookups[(hop, device)] = peer_lookup(hop, device)
-        return self._lookups[(hop, device)]
 
     def _group(self, hop: Hop) -> Any:
         group = self.groups.ep_group if hop.group == "ep" else self.groups.intra_group
@@ -289,9 +284,7 @@ class DispatchExecutor:
         """lookup[code]: the peer of `hop` a route code travels to (num_peers: none, and for code 0)."""
         key = ("code", hop, device)
         if key not in self._lookups:
-            by_dest = self._lookup(hop, device)
-            codes = torch.arange(-1, self.topology.world_size * self.slot_stride, device=device)
-            self._lookups[key] = by_dest[codes.floor_divide(self.slot_stride) + 1]
+            self._lookups[key] = code_peer_lookup(hop, self.slot_stride, device)
         return self._lookups[key]
 
     def _slot_lookup(self, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ def shared_memory_name(rank: int, env: Mapping[str, str]) -> Path:
     )
 
 
-def release_shared_memory_names(ranks: Any, env: Mapping[str, str]) -> None:
+def release_shared_memory_names(ranks: Iterable[int], env: Mapping[str, str]) -> None:
     """Unlink the names of those ranks' segments. Every rank of the job must have finished starting
     (a collective after init, or the ranks are gone): a rank still starting opens its peers' segments
     by name. Mappings stay valid; the memory is freed when the last rank holding it exits."""

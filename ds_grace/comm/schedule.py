@@ -75,11 +75,13 @@ def membership(code_VK: torch.Tensor, peer_of_code_C: torch.Tensor, num_peers: i
     return member_VP.scatter_(1, peer_VK, True)[:, :num_peers]
 
 
-def peer_lookup(hop: Hop, device: torch.device) -> torch.Tensor:
-    """hop.peer_of_dest as a tensor on `device`, shifted by one (entry 0: dest -1), with num_peers for
+def code_peer_lookup(hop: Hop, slot_stride: int, device: torch.device) -> torch.Tensor:
+    """peer_of_code_C for ``membership``: the peer of `hop` each route code travels to, code c in
+    [0, world x slot_stride] (destination (c - 1) // slot_stride), num_peers for code 0 and for the
     destinations the hop does not reach."""
-    lookup = [hop.num_peers, *(peer if peer >= 0 else hop.num_peers for peer in hop.peer_of_dest)]
-    return torch.tensor(lookup, dtype=torch.long, device=device)
+    peer_D1 = [*(peer if peer >= 0 else hop.num_peers for peer in hop.peer_of_dest), hop.num_peers]
+    dest_C = torch.arange(-1, len(hop.peer_of_dest) * slot_stride, device=device).floor_divide(slot_stride)
+    return torch.tensor(peer_D1, dtype=torch.long, device=device)[dest_C]
 
 
 def rows_by_peer(member_VP: torch.Tensor, num_sent: int) -> torch.Tensor:

@@ -126,7 +126,6 @@ class GraceMOELayer(MOELayer):
         self.options = options
         self.comm_counters = TrafficCounters()
         self.grace_groups: GraceGroups | None = None
-        self._slot_stride = slot_stride(layer_plan)
         self._tables = self._cpu_tables(layer_plan)
         self.route_observer: Callable[[torch.Tensor], None] | None = None
         self.path_policy = PathPolicy(options.path, topology=topology, model=self._path_model)
@@ -154,7 +153,6 @@ class GraceMOELayer(MOELayer):
         self.experts = experts
         self.num_local_experts = experts.num_local_experts
         self.layer_plan = layer_plan
-        self._slot_stride = slot_stride(layer_plan)
         self._tables = self._cpu_tables(layer_plan)
         self._executor = None
 
@@ -188,8 +186,8 @@ class GraceMOELayer(MOELayer):
         """The dispatch executor of the current plan and groups (created on first use)."""
         if self._executor is None:
             self._executor = DispatchExecutor(
-                groups=self.groups(), slot_stride=self._slot_stride, num_local_slots=self.num_local_experts,
-                counters=self.comm_counters, transport=self.transport,
+                groups=self.groups(), slot_stride=slot_stride(self.layer_plan),
+                num_local_slots=self.num_local_experts, counters=self.comm_counters, transport=self.transport,
             )  # fmt: skip
         return self._executor
 
