@@ -44,6 +44,7 @@ from ds_grace.config import GraceConfig  # noqa: E402
 from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.online.drift import token_slice  # noqa: E402
 from ds_grace.online.regroup import regroup  # noqa: E402
+from ds_grace.planning.batch_balance import swapped as swap_slots  # noqa: E402
 from ds_grace.planning.build import build_plan  # noqa: E402
 from ds_grace.planning.metrics import (  # noqa: E402
     copies_per_token,
@@ -111,16 +112,9 @@ def balances(tokens: RoutingTrace, plan: GracePlan, policy: str) -> tuple[float,
 
 def swapped(layer: LayerPlan, a: int, i: int, b: int, j: int) -> LayerPlan | None:
     """layer with slot i of rank a and slot j of rank b exchanged (primaries follow), None if invalid."""
-    slots, weights = [list(s) for s in layer.slots], [list(w) for w in layer.slot_weights]
-    primary = list(layer.primary)
-    ea, eb = slots[a][i], slots[b][j]
-    if ea in slots[b] or eb in slots[a]:
+    if layer.slots[a][i] in layer.slots[b] or layer.slots[b][j] in layer.slots[a]:
         return None
-    slots[a][i], slots[b][j] = eb, ea
-    weights[a][i], weights[b][j] = weights[b][j], weights[a][i]
-    primary[ea] = b if primary[ea] == a else primary[ea]
-    primary[eb] = a if primary[eb] == b else primary[eb]
-    return LayerPlan.from_lists(slots=slots, slot_weights=weights, primary=primary)
+    return swap_slots(layer, a, i, b, j)
 
 
 def swap_within_nodes(layer: LayerPlan, topology: Topology, loads_CE: np.ndarray) -> LayerPlan:

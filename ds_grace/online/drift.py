@@ -106,6 +106,7 @@ def replay_drift(
                 expert_nbytes=spec.expert_nbytes,
                 max_bytes=spec.max_bytes_per_interval,
                 regroup_primaries=spec.online == "regroup",
+                batch_tokens=spec.tokens_per_forward,
             )
             if result.plan is not None:
                 live, bytes_moved, moves = result.plan, result.bytes_moved, len(result.moves)

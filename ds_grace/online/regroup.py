@@ -2,23 +2,27 @@
 
 Shape legend: L MoE layers, E experts, R ranks, T tokens of the recent window, K top-k.
 
-Each interval, for every layer, two candidate moves are scored on the recent window:
+Each interval, for every layer, candidate moves are scored on the recent window:
 - "replicas": the replica re-plan of ``replan`` (primaries stay; few replicas move);
 - "regroup": the layer as a fresh GRACE plan fitted on the window would place it (primaries move
   too), relabelled onto the live GPUs so that as many instances as possible stay where they are
   (nodes, then GPUs inside a node, matched by the instances they share: scipy's assignment); the
-  same with its replicas re-placed for the window's loads (``replan_layer``); and steps toward it,
-  one node at a time (``node_parts``; not where a node already holds every expert), which fit a
-  tight budget where the whole layer does not.
-A candidate's cost is a plan objective, cross-node copies per token / K + (1 - balancedness), both
-replayed through the runtime's own instance choice (``ds_grace.replayed``: every window token on
-one origin GPU, routed by ``choose_instances``). Its gain is the drop of that cost; its bytes are
-the instances it adds on ranks that do not hold them (x the expert's bytes). Moves with a gain of
-at least MIN_GAIN that add no more than LOCALITY_SLACK of the live layer's cross-node copies are
-taken by gain per byte, best first, while the bytes of the interval stay
-within the budget (``grace.replication.online.max_bytes_per_interval``); at most one per layer. A node
-that holds every expert keeps holding every expert: the window may not use them all, the next tokens may.
-Every rank that calls ``regroup`` with the same inputs gets the same plan.
+  same with its replicas re-placed for the window's loads (``replan_layer``), or refined by slot
+  swaps (``ds_grace.planning.batch_balance.swap_refine``); the live layer after the swaps the budget
+  pays for (two copies each); and steps toward the regrouped layer, one node at a time
+  (``node_parts``; not where a node already holds every expert), which fit a tight budget where the
+  whole layer does not.
+A candidate's cost is ``batch_balance.BatchObjective``: cross-node copies per token / K + (1 - mean
+balancedness of batches of a forward's tokens resampled from the window), the expected loads of the
+runtime's instance choice: a forward waits for its busiest GPU, and at a forward's size experts chosen
+together on one GPU load it together. Its gain is the drop of that cost; its bytes are the instances
+it adds on ranks that do not hold them (x the expert's bytes). Moves with a gain of at least MIN_GAIN
+that add no more than LOCALITY_SLACK of the live layer's cross-node copies are taken by gain per byte,
+best first, while the bytes of the interval stay within the budget
+(``grace.replication.online.max_bytes_per_interval``); at most one per layer. A node that holds every
+expert keeps holding every expert: the window may not use them all, the next tokens may. Every rank
+that calls ``regroup`` with the same inputs gets the same plan (the batches are drawn from a seeded
+generator).
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from scipy.optimize import linear_sum_assignment
 
 from ds_grace.config import GraceConfig
 from ds_grace.online.replan import MIN_GAIN
+from ds_grace.planning.batch_balance import BatchObjective, routed_weights, swap_refine
 from ds_grace.planning.build import build_plan
 from ds_grace.planning.plan import GracePlan, LayerPlan, RoutingPolicy
 from ds_grace.planning.replication import replan_layer
-from ds_grace.replayed import replayed_metrics
 from ds_grace.topology import Topology
 from ds_grace.trace import RoutingTrace
 
@@ -110,22 +114,34 @@ def keeps_full_nodes(live: LayerPlan, candidate: LayerPlan, topology: Topology) 
     return not (full_nodes(live, topology) & ~full_nodes(candidate, topology)).any()
 
 
-def layer_scores(
-    window: RoutingTrace, layer_index: int, layer: LayerPlan, topology: Topology, policy: RoutingPolicy
-) -> tuple[float, float]:
-    """(cross-node copies per token, balancedness), replayed on the window's tokens of one layer."""
-    one = RoutingTrace(topk_ids=(window.topk_ids[layer_index],), num_experts=window.num_experts)
-    plan = GracePlan(topology=topology, layers=(layer,), meta={"routing_policy": policy})
-    metrics = replayed_metrics(one, plan, routing_policy=policy)
-    return metrics["cross_node_copies_replayed"], metrics["balancedness_replayed"]
+def layer_objective(
+    window: RoutingTrace,
+    layer_index: int,
+    topology: Topology,
+    policy: RoutingPolicy,
+    *,
+    batch_tokens: int | None = None,
+) -> BatchObjective:
+    """The cost of one layer's plans on the window, at batches of batch_tokens tokens (None: the whole
+    window as one batch), ``ds_grace.planning.batch_balance``."""
+    ids_TK = window.topk_ids[layer_index]
+    return BatchObjective.of_window(
+        ids_TK, window.num_experts, topology, policy, batch_tokens=batch_tokens or len(ids_TK)
+    )
 
 
 def layer_cost(
-    window: RoutingTrace, layer_index: int, layer: LayerPlan, topology: Topology, policy: RoutingPolicy
+    window: RoutingTrace,
+    layer_index: int,
+    layer: LayerPlan,
+    topology: Topology,
+    policy: RoutingPolicy,
+    *,
+    batch_tokens: int | None = None,
 ) -> float:
-    """copies / K + (1 - balancedness), replayed on the window's tokens of one layer."""
-    copies, balancedness = layer_scores(window, layer_index, layer, topology, policy)
-    return copies / window.top_k + 1.0 - balancedness
+    """copies / K + (1 - batch balancedness) of `layer` on the window (``layer_objective``)."""
+    objective = layer_objective(window, layer_index, topology, policy, batch_tokens=batch_tokens)
+    return objective.cost(routed_weights(layer, policy))
 
 
 def candidate_moves(
@@ -135,6 +151,8 @@ def candidate_moves(
     config: GraceConfig,
     expert_nbytes: int,
     regroup: bool = True,
+    batch_tokens: int | None = None,
+    max_swaps: int | None = None,
 ) -> list[Move]:
     """Every layer's best paying move on the window (module doc), unsorted."""
     topology, policy = live.topology, config.routing.policy
@@ -144,23 +162,28 @@ def candidate_moves(
     for index, layer in enumerate(live.layers):
         if loads_LE[index].sum() == 0:
             continue
-        now_copies, now_balance = layer_scores(window, index, layer, topology, policy)
-        now = now_copies / window.top_k + 1.0 - now_balance
+        objective = layer_objective(window, index, topology, policy, batch_tokens=batch_tokens)
+        now_copies, now_balance = objective.scores(routed_weights(layer, policy))
+        most_copies = now_copies * (1.0 + LOCALITY_SLACK)
         options = [("replicas", _replicas_replanned(layer, loads_LE[index], topology, policy))]
         if fresh is not None:
             regrouped = relabel_onto(layer, fresh.layers[index], topology)
             rebalanced = _replicas_replanned(regrouped, loads_LE[index], topology, policy)
             options += [("regroup", regrouped), ("regroup", rebalanced)]
+            options += [
+                ("regroup", swap_refine(layer, objective, max_copies=most_copies, max_swaps=max_swaps)),
+                ("regroup", swap_refine(regrouped, objective, max_copies=most_copies)),
+            ]
             if not full_nodes(layer, topology).any():  # else no node has locality to gain
                 options += [("regroup", part) for part in node_parts(layer, regrouped, topology)]
         best: Move | None = None
         for kind, candidate in options:
             if candidate == layer or not keeps_full_nodes(layer, candidate, topology):
                 continue
-            copies, balance = layer_scores(window, index, candidate, topology, policy)
-            gain = now - (copies / window.top_k + 1.0 - balance)
+            copies, balance = objective.scores(routed_weights(candidate, policy))
+            gain = objective.combine(now_copies, now_balance) - objective.combine(copies, balance)
             nbytes = added_instances(layer, candidate) * expert_nbytes
-            if gain < MIN_GAIN or copies > now_copies * (1.0 + LOCALITY_SLACK) + 1e-12:
+            if gain < MIN_GAIN or copies > most_copies + 1e-12:
                 continue
             move = Move(index, kind, candidate, gain, nbytes)
             if best is None or _per_byte(move) > _per_byte(best):
@@ -216,6 +239,7 @@ def regroup(
     expert_nbytes: int,
     max_bytes: int | None,
     regroup_primaries: bool = True,
+    batch_tokens: int | None = None,
 ) -> RegroupResult:
     """Take the paying moves by gain per byte within `max_bytes` (None: no cap); see the module doc."""
     if window.num_layers != live.num_layers or window.num_experts != live.num_experts:
@@ -224,7 +248,13 @@ def regroup(
             f"({live.num_layers} x {live.num_experts})"
         )
     moves = candidate_moves(
-        live, window, config=config, expert_nbytes=expert_nbytes, regroup=regroup_primaries
+        live,
+        window,
+        config=config,
+        expert_nbytes=expert_nbytes,
+        regroup=regroup_primaries,
+        batch_tokens=batch_tokens,
+        max_swaps=None if max_bytes is None else max_bytes // (2 * expert_nbytes),
     )
     taken: list[Move] = []
     spent = 0

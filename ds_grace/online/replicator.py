@@ -314,6 +314,13 @@ class OnlineReplicator:
             num_experts=self.num_experts,
         )
 
+    def tokens_per_forward(self) -> int:
+        """Tokens of all ranks per forward in the window, on the average (the scale at which the
+        re-grouping scores balance: a forward waits for its busiest GPU)."""
+        routes = sum(float(counts_LE[0].sum()) for counts_LE in self._window)
+        forwards = len(self._window) * self.config.interval
+        return max(1, round(routes / max(1, self.top_k) / max(1, forwards)))
+
     def _regroup(self, plan: GracePlan, loads_LE: np.ndarray) -> ReplanResult:
         window = self.window_routing()
         if any(len(ids) == 0 for ids in window.topk_ids):
@@ -330,6 +337,7 @@ class OnlineReplicator:
             config=grace,
             expert_nbytes=max(self._expert_nbytes()),
             max_bytes=self.config.max_bytes_per_interval,
+            batch_tokens=self.tokens_per_forward(),
         )
         before = tuple(self._balancedness(loads_LE))
         if result.plan is None:
