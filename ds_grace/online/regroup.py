@@ -8,8 +8,8 @@ Each interval, for every layer, candidate moves are scored on the recent window:
   too), relabelled onto the live GPUs so that as many instances as possible stay where they are
   (nodes, then GPUs inside a node, matched by the instances they share: scipy's assignment); the
   same with its replicas re-placed for the window's loads (``replan_layer``), or refined by slot
-  swaps (``ds_grace.planning.batch_balance.swap_refine``); the live layer after the swaps the budget
-  pays for (two copies each); and steps toward the regrouped layer, one node at a time
+  swaps (``ds_grace.planning.batch_balance.swap_refine``); the live layer after one swap, and after
+  the swaps the budget pays for (two copies each); and steps toward the regrouped layer, one node at a time
   (``node_parts``; not where a node already holds every expert), which fit a tight budget where the
   whole layer does not.
 A candidate's cost is ``batch_balance.BatchObjective``: cross-node copies per token / K + (1 - mean
@@ -172,6 +172,7 @@ def candidate_moves(
             options += [("regroup", regrouped), ("regroup", rebalanced)]
             options += [
                 ("regroup", swap_refine(layer, objective, max_copies=most_copies, max_swaps=max_swaps)),
+                ("regroup", swap_refine(layer, objective, max_copies=most_copies, max_swaps=1)),
                 ("regroup", swap_refine(regrouped, objective, max_copies=most_copies)),
             ]
             if not full_nodes(layer, topology).any():  # else no node has locality to gain

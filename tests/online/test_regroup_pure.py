@@ -21,9 +21,9 @@ from ds_grace.online.regroup import (
     relabel_onto,
 )
 from ds_grace.planning.build import build_plan
-from ds_grace.planning.plan import LayerPlan
+from ds_grace.planning.plan import GracePlan, LayerPlan
 from ds_grace.topology import Topology
-from ds_grace.trace import synthetic
+from ds_grace.trace import RoutingTrace, synthetic
 
 TOPOLOGY = Topology(num_nodes=2, gpus_per_node=2)
 PROFILE = synthetic(
@@ -151,3 +151,29 @@ def test_node_parts_step_toward_the_regrouped_layer_one_node_at_a_time():
     lonely = LayerPlan.from_lists(slots=[[0], [1], [2], [3]], primary=[0, 1, 2, 3])
     moved = LayerPlan.from_lists(slots=[[2], [3], [0], [1]], primary=[2, 3, 0, 1])
     assert node_parts(lonely, moved, TOPOLOGY) == []
+
+
+def test_a_tight_budget_buys_one_swap_that_splits_experts_chosen_together():
+    """Experts chosen in pairs (0, 1), (2, 3), ... each share a GPU: every forward-sized batch loads a GPU
+    twice for each token of its pair. Two copies of budget buy one swap inside a node, which splits two
+    pairs over that node's GPUs (no copy crosses nodes, so cross-node copies stay)."""
+    live = GracePlan(
+        topology=TOPOLOGY,
+        layers=(
+            LayerPlan.from_lists(slots=[[0, 1], [2, 3], [4, 5], [6, 7]], primary=[0, 0, 1, 1, 2, 2, 3, 3]),
+        ),
+    )
+    pair_T = np.random.default_rng(0).integers(0, 4, size=600)
+    window = RoutingTrace(topk_ids=(np.stack([2 * pair_T, 2 * pair_T + 1], axis=1),), num_experts=8)
+    result = regroup(live, window, config=GraceConfig(), expert_nbytes=3, max_bytes=6, batch_tokens=16)
+    assert result.plan is not None and result.bytes_moved == 6 and len(result.moves) == 1
+    before, after = live.layers[0], result.plan.layers[0]
+    moved = [
+        (rank, set(a) ^ set(b))
+        for rank, (a, b) in enumerate(zip(before.slots, after.slots))
+        if set(a) != set(b)
+    ]
+    assert len(moved) == 2 and moved[0][0] // 2 == moved[1][0] // 2  # two GPUs of one node
+    assert layer_cost(window, 0, after, TOPOLOGY, "tar", batch_tokens=16) == pytest.approx(
+        layer_cost(window, 0, before, TOPOLOGY, "tar", batch_tokens=16) - result.moves[0].gain
+    )
