@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.runner import result_line, run_spec_on_rank
-    from ds_grace.comm.collectives import release_shared_memory_names
+    from ds_grace.comm.shared_memory import release_shared_memory_names
     from ds_grace.topology import Topology
 
     torch.set_num_threads(1)

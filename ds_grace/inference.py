@@ -55,11 +55,11 @@ from ds_grace.comm.collectives import (
     gather_objects_to_rank0,
     init_distributed,
     is_distributed,
-    release_shared_memory_names,
     world,
 )
 from ds_grace.comm.counters import summed_traffic
 from ds_grace.comm.rendezvous import join_startup
+from ds_grace.comm.shared_memory import release_shared_memory_names
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import launch_fingerprint, rank_identity, run_fingerprint
 from ds_grace.log import format_bytes, rank_logger

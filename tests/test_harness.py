@@ -137,7 +137,7 @@ def _shared_memory_of_rank(ctx: RankContext, serve: str) -> tuple[bool, bool, st
     is "agree" (the ranks pass the same launch fields) or "mismatch" (each rank its own)."""
     import ds_grace
     from ds_grace.comm.agreement import RankMismatchError
-    from ds_grace.comm.collectives import shared_memory_name
+    from ds_grace.comm.shared_memory import shared_memory_name
     from ds_grace.models.toy import ToyMoEConfig, ToyMoEModel
 
     started, error = shared_memory_name(ctx.rank, os.environ).exists(), ""
@@ -157,7 +157,7 @@ def test_no_shared_memory_segment_outlives_its_ranks(serve):
     it: init_inference unlinks its rank's name once the handshake shows every rank started (whether the
     ranks agree or not), and run_on_ranks every rank's once they are gone (the memory is freed with the
     last mapping)."""
-    from ds_grace.comm.collectives import shared_memory_name
+    from ds_grace.comm.shared_memory import shared_memory_name
 
     topology = Topology(num_nodes=1, gpus_per_node=2)  # every rank local: DeepSpeed's shm allreduce
     seen = run_on_ranks(_shared_memory_of_rank, topology=topology, args=(serve,))

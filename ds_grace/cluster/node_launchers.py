@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_grace.comm.shared_memory import release_shared_memory_names
+
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding ds_grace
 MASTER_ADDR = "127.0.0.1"
 
@@ -100,6 +102,9 @@ def run_node_launchers(
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+        # ranks that failed before init_inference's handshake never unlinked DeepSpeed's segments
+        world = range(len(node_scripts) * ranks_per_node)
+        release_shared_memory_names(world, {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": port})
         outputs = []
         for log in logs:
             log.seek(0)

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ds_grace.comm.collectives import release_shared_memory_names
+from ds_grace.comm.shared_memory import release_shared_memory_names
 from ds_grace.topology import Topology
 
 # imported once by the start-up server that every rank is forked from

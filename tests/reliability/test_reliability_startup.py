@@ -208,3 +208,28 @@ def test_rendezvous_names_a_rank_that_never_joined_or_stopped_beating():
             first.wait_ready()
     finally:
         first.close()
+
+
+@pytest.mark.slow
+def test_a_launch_that_fails_after_the_process_group_leaves_no_shared_memory(tmp_path):
+    """DeepSpeed's CPU backend maps a /dev/shm segment per rank when the job's ranks share a machine and
+    never unlinks it; ranks that fail before init_inference's handshake cannot unlink theirs safely, so
+    run_node_launchers unlinks every rank's once its launchers are gone."""
+    from ds_grace.comm.shared_memory import shared_memory_name
+
+    script = tmp_path / "fail_after_init.py"
+    script.write_text(
+        "import os, sys\n"
+        "from ds_grace.comm.collectives import init_distributed\n"
+        "from ds_grace.comm.shared_memory import shared_memory_name\n"
+        "init_distributed(timeout_s=60)\n"
+        "print('segment', shared_memory_name(int(os.environ['RANK']), os.environ).exists(), flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    pattern = f"{shared_memory_name(0, {'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': 'X'}).name[:-4]}*"
+    before = set(Path("/dev/shm").glob(pattern))
+    launch = _launch(tmp_path, [[str(script)]], ranks_per_node=2)
+    assert launch.exit_codes != [0] and launch.outputs[0].count("segment True") == 2, launch.outputs[0][
+        -2000:
+    ]
+    assert set(Path("/dev/shm").glob(pattern)) <= before
