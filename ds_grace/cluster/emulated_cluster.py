@@ -44,7 +44,8 @@ from ds_grace.cluster.cluster_network import (
     cleanup_stale,
     netns_unavailable_reason,
 )
-from ds_grace.cluster.node_launchers import free_port
+from ds_grace.cluster.node_launchers import MASTER_ADDR, free_port
+from ds_grace.comm.shared_memory import release_shared_memory_names
 from ds_grace.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -510,6 +511,7 @@ def run_local_ranks(
     topology = Topology(nodes, ranks_per_node)
     script_path = _check_common(script, timeout_s, failure_grace_s)
     session = _Session(topology=topology, keep_workdir=keep_workdir)
+    port = str(free_port())
     with _signals_as_interrupts():
         try:
             rank_env = _rank_env(session=session, mode="local", pass_local_rank=pass_local_rank, env=env)
@@ -517,7 +519,7 @@ def run_local_ranks(
             launcher = [
                 sys.executable, "-m", "deepspeed.launcher.runner",
                 "--hostfile", str(session.workdir / "no_hostfile"), "--num_gpus", str(topology.world_size),
-                "--master_port", str(free_port()),
+                "--master_port", port,
                 "--no_local_rank", str(RANK_EXEC), str(script_path), *script_args,
             ]  # fmt: skip
             started = time.monotonic()
@@ -528,6 +530,10 @@ def run_local_ranks(
             return _finish(session, mode="local", commands=[launcher], started=started, outcome=outcome)
         finally:
             session.close()
+            # a script that starts DeepSpeed itself leaves its CPU allreduce segments (shared_memory)
+            release_shared_memory_names(
+                range(topology.world_size), {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": port}
+            )
 
 
 # ---------------------------------------------------------------- command line

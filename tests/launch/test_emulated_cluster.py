@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from cluster_helpers import LAUNCH_DIR, host_links_with_prefix, namespaces_with_prefix, requires_netns
@@ -162,7 +163,10 @@ def test_sigterm_to_the_tool_tears_everything_down(tmp_path):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_local_ranks_fallback_runs_the_probe_with_the_declared_topology():
+    segments = "deepspeed_allreduce_buffer_*_127.0.0.1_*"  # DeepSpeed's CPU allreduce, one per local rank
+    before = set(Path("/dev/shm").glob(segments))
     run = run_local_ranks(PROBE, ["--iterations", "2"], nodes=2, ranks_per_node=1, timeout_s=120)
+    assert set(Path("/dev/shm").glob(segments)) <= before  # the probe starts DeepSpeed itself
     assert run.ok, "\n".join(run.summary_lines() + [line for r in run.ranks for line in r.stderr[-5:]])
     assert run.mode == "local" and run.link is None and run.namespaces == []
     records = _one_json_line_per_rank(run)
