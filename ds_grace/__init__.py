@@ -7,7 +7,15 @@ from ds_grace.topology import Topology
 
 __version__ = "0.1.0"
 
-__all__ = ["GraceConfig", "GraceConfigError", "Topology", "init_inference", "load_ds_config", "__version__"]
+__all__ = [
+    "GraceConfig",
+    "GraceConfigError",
+    "Topology",
+    "init_inference",
+    "load_ds_config",
+    "shutdown",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from ds_grace.inference import init_inference
 
         return init_inference
+    if name == "shutdown":  # every rank calls it at the end: the ranks leave the process group together
+        from ds_grace.comm.collectives import shutdown_distributed
+
+        return shutdown_distributed
     raise AttributeError(f"module 'ds_grace' has no attribute {name!r}")
