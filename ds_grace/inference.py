@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ds_grace.cli import is_input_error
+from ds_grace.comm.agreement import RankMismatchError
 from ds_grace.comm.collectives import (
     check_ranks_agree,
     gather_objects_to_rank0,
@@ -58,6 +59,7 @@ from ds_grace.comm.collectives import (
 )
 from ds_grace.comm.counters import summed_traffic
 from ds_grace.comm.rendezvous import join_startup
+from ds_grace.comm.shared_memory import release_shared_memory_names
 from ds_grace.config import GRACE_KEY, GraceConfig, GraceConfigError, load_ds_config, parse_grace_block
 from ds_grace.fingerprint import launch_fingerprint, rank_identity, run_fingerprint
 from ds_grace.log import format_bytes, rank_logger
@@ -235,9 +237,13 @@ def init_inference(
         check_ranks_agree(
             {**run_fingerprint(checked), **launch_fingerprint(agree_on)}, rank_identity(checked)
         )
+    except RankMismatchError:  # raised after the all-gather: every rank has started
+        release_shared_memory_names([rank], os.environ)
+        raise
     finally:
         if startup is not None:
             startup.close()
+    release_shared_memory_names([rank], os.environ)  # every rank has started: the handshake was collective
     log.info("start-up handshake passed: %d ranks agree on settings, plan, layout and versions", world_size)
     if plan is not None:
         engine = _serve_grace(

@@ -102,7 +102,7 @@ def run_node_launchers(
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        # ranks that failed before init_distributed's barrier never unlinked DeepSpeed's segments
+        # ranks that failed before init_inference's handshake never unlinked DeepSpeed's segments
         world = range(len(node_scripts) * ranks_per_node)
         release_shared_memory_names(world, {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": port})
         outputs = []

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ds_grace.comm.shared_memory import release_shared_memory_names
-
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -60,10 +58,11 @@ def init_distributed(*, timeout_s: float) -> None:
             world_size=startup.world_size,
             timeout=timeout,
         )
-    present = [name for name in _LAUNCHER_ENV if name in os.environ]
     if dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=False, verbose=False, timeout=timeout)
-    elif len(present) == len(_LAUNCHER_ENV):
+        return
+    present = [name for name in _LAUNCHER_ENV if name in os.environ]
+    if len(present) == len(_LAUNCHER_ENV):
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, timeout=timeout)
     elif int(os.environ.get("WORLD_SIZE", "1")) == 1:
         deepspeed.init_distributed(
@@ -80,21 +79,6 @@ def init_distributed(*, timeout_s: float) -> None:
             f"WORLD_SIZE ({os.environ['WORLD_SIZE']}) > 1 but the launcher variables {missing} are unset; "
             "start with the deepspeed launcher or initialise torch.distributed first"
         )
-    _unlink_own_segment()
-
-
-def _unlink_own_segment() -> None:
-    """Where DeepSpeed's CPU backend mapped its allreduce segments (every rank on this machine: the
-    launcher's LOCAL_SIZE equals WORLD_SIZE, the same on every rank), unlink this rank's name once a
-    barrier shows every rank has mapped its own and opened its peers' (ds_grace.comm.shared_memory)."""
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != os.environ.get(
-        "WORLD_SIZE"
-    ):
-        return
-    dist.barrier()
-    release_shared_memory_names([dist.get_rank()], os.environ)
 
 
 def _free_port() -> int:

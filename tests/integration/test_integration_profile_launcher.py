@@ -15,7 +15,6 @@ import pytest
 
 from ds_grace.cli import main as cli_main
 from ds_grace.cluster.node_launchers import free_port
-from ds_grace.comm.shared_memory import shared_memory_name
 from ds_grace.models import tiny_checkpoint
 from ds_grace.profiling import load_text_tokenizer
 from ds_grace.trace import load_trace
@@ -47,13 +46,12 @@ def test_profile_under_the_launcher_equals_single_process(tmp_path):
     common = ["profile", "--model", str(model), "--data", str(data), "--tokens", str(num_tokens)]
     common += ["--seq-len", str(SEQ_LEN), "--batch-size", "2", "--no-progress", "--json"]
     assert cli_main([*common, "--out", str(tmp_path / "single.npz")]) == 0
-    port = str(free_port())
     command = [
         launcher,
         "--num_gpus",
         str(RANKS),
         "--master_port",
-        port,
+        str(free_port()),
         "--no_local_rank",
         "--module",
     ]
@@ -62,11 +60,6 @@ def test_profile_under_the_launcher_equals_single_process(tmp_path):
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert '"ranks": 2' in done.stdout
-    # DeepSpeed's CPU allreduce segments are unlinked once every rank started (init_distributed)
-    names = [
-        shared_memory_name(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(RANKS)
-    ]
-    assert not any(name.exists() for name in names)
     single, launched = load_trace(tmp_path / "single.npz"), load_trace(tmp_path / "launched.npz")
     assert launched.num_tokens == single.num_tokens == (num_tokens, num_tokens)
     assert launched.metadata["ranks"] == RANKS

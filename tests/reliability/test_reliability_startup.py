@@ -213,7 +213,7 @@ def test_rendezvous_names_a_rank_that_never_joined_or_stopped_beating():
 @pytest.mark.slow
 def test_a_launch_that_fails_after_the_process_group_leaves_no_shared_memory(tmp_path):
     """DeepSpeed's CPU backend maps a /dev/shm segment per rank when the job's ranks share a machine and
-    never unlinks it; ranks that fail before init_distributed's barrier (here: DeepSpeed started alone)
+    never unlinks it; ranks that fail before init_inference's handshake (here: DeepSpeed started alone)
     cannot unlink theirs safely, so run_node_launchers unlinks every rank's once its launchers are gone."""
     script = tmp_path / "fail_after_init.py"
     script.write_text(
