@@ -187,15 +187,14 @@ def swap_refine(
     copies per token above max_copies."""
     held_RE, routed_RE = weight_matrix(layer), routed_weights(layer, objective.policy)
     copies, balance = objective.scores(routed_RE)
+    gpu_BR = objective.gpu_loads(routed_RE)  # kept with routed_RE: recomputed only when a swap is taken
     left = np.inf if max_swaps is None else max_swaps
     gpn = objective.gpus_per_node
     for _ in range(SWAP_PASSES):
         improved = False
         for a, b in itertools.combinations(range(layer.num_ranks), 2):
             experts_I, experts_J = np.array(layer.slots[a]), np.array(layer.slots[b])
-            balance_IJ = objective.swap_balances(
-                routed_RE, objective.gpu_loads(routed_RE), a, experts_I, b, experts_J
-            )
+            balance_IJ = objective.swap_balances(routed_RE, gpu_BR, a, experts_I, b, experts_J)
             valid_IJ = (held_RE[b, experts_I] == 0)[:, None] & (held_RE[a, experts_J] == 0)[None, :]
             for flat in np.argsort(-balance_IJ, axis=None, kind="stable"):
                 i, j = np.unravel_index(flat, balance_IJ.shape)
@@ -219,6 +218,7 @@ def swap_refine(
                         float(balance_IJ[i, j]),
                         True,
                     )
+                    gpu_BR = objective.gpu_loads(routed_RE)
                     left -= 1
                     if left <= 0:
                         return layer
