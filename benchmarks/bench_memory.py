@@ -392,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "rank":
-        return rank_main(args)
+        code = rank_main(args)
+        from ds_grace.comm.collectives import end_process
+
+        end_process(code)  # past the interpreter's teardown (see there)
     if args.role == "reference":
         return reference_main(args)
     workdir = Path(args.workdir)

@@ -117,9 +117,28 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_deepspeed_accelerator()
     try:
-        return int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
+        code = int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks become one line, bugs re-raise
-        return exit_code_for(exc)
+        code = exit_code_for(exc)
+        if in_multi_rank_group():  # one rank's error: no barrier, the others may never reach it
+            from ds_grace.comm.collectives import end_process
+
+            end_process(code)
+        return code
+    if in_multi_rank_group():  # a rank of a launch (ds-grace profile): leave together, end past teardown
+        from ds_grace.comm.collectives import shutdown_distributed
+
+        shutdown_distributed(exit_code=code)
+    return code
+
+
+def in_multi_rank_group() -> bool:
+    """True in a rank of a launch whose process group is up (never imports torch itself)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from ds_grace.comm.collectives import world
+
+    return world()[0] > 1
 
 
 def exit_code_for(exc: Exception) -> int:

@@ -46,7 +46,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from ds_grace.comm.collectives import barrier, max_over_ranks, shutdown_distributed
+from ds_grace.comm.collectives import barrier, end_process, max_over_ranks, shutdown_distributed
 
 RELATIVE_TOLERANCE = 3e-2
 # the versions this check accepts; tested: see VERSIONS_TESTED and benchmarks/README.md
@@ -542,4 +542,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())  # a rank: past the interpreter's teardown (see ds_grace.comm.collectives)

@@ -6,17 +6,19 @@ order. Payloads are tiny (flags, counts, hashes); the token traffic lives in all
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -125,12 +127,28 @@ def max_over_group(value: int, *, group: Any) -> int:
     return int(count.item())
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(exit_code: int | None = None) -> None:
     """Leave the process group together: wait for every rank, then destroy it. A rank that exits while a
-    peer's gloo connection is still open can abort in gloo's threads during the interpreter's teardown."""
+    peer's gloo connection is still open can abort in gloo's threads during the interpreter's teardown.
+    With `exit_code`, the process then ends with it (``end_process``)."""
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+    if exit_code is not None:
+        end_process(exit_code)
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with `code`: its atexit handlers run and stdout / stderr are flushed, but the
+    interpreter's teardown is skipped, as multiprocessing's children skip it. A launched rank whose gloo
+    process groups served it can abort in that teardown ("terminate called without an active exception",
+    exit -6) after its work is done and its group destroyed, and the launcher then fails the whole launch;
+    a rank that ends here does not reach it. Call it last: files still open are not flushed."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream must not keep the process alive
+            stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -106,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         metadata={"model": str(args.model), "family": family, "data": str(data), "tokenizer": tokenizer_name},
     )
-    if world_size > 1:  # leave together: a rank exiting while a peer's gloo connection is open can abort
-        from ds_grace.comm.collectives import shutdown_distributed
-
-        shutdown_distributed()
-    if trace is None:
+    if trace is None:  # not rank 0 (ds_grace.cli leaves the process group together once every rank returns)
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 import ds_grace
-from ds_grace.comm.collectives import shutdown_distributed, world
+from ds_grace.comm.collectives import end_process, shutdown_distributed, world
 from ds_grace.models import load_checkpoint
 from ds_grace.profiling import load_text_tokenizer
 
@@ -65,4 +65,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
