@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
         from ds_grace.inference import init_inference
 
         return init_inference
-    if name == "shutdown":  # every rank calls it at the end: the ranks leave the process group together
+    if name == "shutdown":  # every rank, last: leave the process group together (exit_code=N: then end)
         from ds_grace.comm.collectives import shutdown_distributed
 
         return shutdown_distributed

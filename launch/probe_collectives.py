@@ -308,4 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from ds_grace.comm.collectives import end_process
+
+    end_process(code)  # a rank: past the interpreter's teardown (see ds_grace.comm.collectives)
