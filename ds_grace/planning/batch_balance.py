@@ -29,8 +29,8 @@ SWAP_PASSES = 3  # rounds over every slot pair of every GPU pair
 
 
 def weight_matrix(layer: LayerPlan) -> np.ndarray:
-    """weight_RE: the WRR weight of expert e's instance on rank r (0: not hosted); for the "primary"
-    policy only the primary copies, weight 1."""
+    """weight_RE: the WRR weight of expert e's instance on rank r (0: not hosted), every copy; the
+    copies a policy routes to: ``routed_weights``."""
     weight_RE = np.zeros((layer.num_ranks, layer.num_experts))
     for rank, (experts, weights) in enumerate(zip(layer.slots, layer.slot_weights)):
         weight_RE[rank, list(experts)] = weights
