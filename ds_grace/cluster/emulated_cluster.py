@@ -62,6 +62,19 @@ STOP_GRACE_S = 5.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def running_in_group(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (not counting zombies: an exited process whose
+    parent is gone waits in the group until its new parent reaps it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended while being read
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 class EmulationUnavailable(RuntimeError):
     """This machine or user cannot build the emulated cluster; the message offers local ranks."""
 
@@ -279,6 +292,9 @@ class _Session:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+            # a rank's wrapper records its exit code after its launcher is gone: give it the same grace
+            while running_in_group(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         for proc in self.launchers:
             # ranks can outlive their launcher; the group id stays theirs while any member lives
             self._signal_group(proc.pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import LAUNCH_DIR, host_links_with_prefix, namespaces_with_prefix, requires_netns
 
-from ds_grace.cluster.emulated_cluster import ClusterRun, run_emulated, run_local_ranks
+from ds_grace.cluster.emulated_cluster import ClusterRun, run_emulated, run_local_ranks, running_in_group
 
 PROBE = LAUNCH_DIR / "probe_collectives.py"
 RATE_MBIT = 20.0
@@ -174,3 +174,21 @@ def test_local_ranks_fallback_runs_the_probe_with_the_declared_topology():
     assert [(r["nodes"], r["ranks_per_node"], r["node"]) for r in records] == [(2, 1, 0), (2, 1, 1)]
     assert all(r["uneven_all_to_all"]["correct"] for r in records)
     assert json.loads(json.dumps(run.to_dict()))["ok"] is True
+
+
+def test_running_in_group_counts_live_members_and_not_zombies():
+    """Stopping a node waits for its group's running processes (a rank's wrapper writes its exit code
+    after the launcher is gone), and an exited member that no one reaped yet does not hold it up."""
+    member = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert running_in_group(member.pid)
+        member.kill()
+        deadline = time.monotonic() + 10
+        while running_in_group(member.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running_in_group(member.pid)  # a zombie now: killed, not yet reaped
+        assert Path(f"/proc/{member.pid}").exists()
+    finally:
+        member.kill()
+        member.wait()
+    assert not running_in_group(member.pid)
