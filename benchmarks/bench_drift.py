@@ -13,6 +13,7 @@ fitted on the served trace, balancedness >= EPLB re-planned on the same windows,
 interval <= the budget.
 Prints a summary and writes benchmarks/results/bench_drift.json.
 Usage: python benchmarks/bench_drift.py [--pairs mixtral_gsm8k_to_humaneval ...] [--shapes 2x2 2x4]
+       [--window 4]
 """
 
 from __future__ import annotations
@@ -61,13 +62,19 @@ def pairs() -> dict[str, tuple[RoutingTrace, RoutingTrace, int]]:
     }
 
 
-def run_pair(profile: RoutingTrace, served: RoutingTrace, tokens: int, topology: Topology) -> dict:
+def run_pair(
+    profile: RoutingTrace, served: RoutingTrace, tokens: int, topology: Topology, *, window: int = 4
+) -> dict:
     slots = -(-profile.num_experts // topology.world_size) + 1
     budget_copies = int(BUDGET_SHARE * profile.num_layers * topology.world_size * slots)
     row: dict = {"slots_per_gpu": slots, "budget_expert_copies_per_interval": budget_copies}
     for mode in ONLINE_MODES:
         spec = DriftSpec(
-            tokens_per_forward=tokens, online=mode, max_bytes_per_interval=budget_copies, expert_nbytes=1
+            tokens_per_forward=tokens,
+            window=window,
+            online=mode,
+            max_bytes_per_interval=budget_copies,
+            expert_nbytes=1,
         )
         intervals = replay_drift(profile, served, topology=topology, spec=spec)
         settled = intervals[SETTLE:]
@@ -97,15 +104,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="*")
     parser.add_argument("--shapes", nargs="*", default=["2x2", "2x4"])
+    parser.add_argument("--window", type=int, default=4, help="intervals of history each re-plan sees")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_drift.json")
     args = parser.parse_args()
-    report: dict = {"budget_share_of_slots": BUDGET_SHARE, "settle_intervals": SETTLE, "rows": {}}
+    report: dict = {
+        "budget_share_of_slots": BUDGET_SHARE,
+        "settle_intervals": SETTLE,
+        "window": args.window,
+        "rows": {},
+    }
     for name, (profile, served, tokens) in pairs().items():
         if args.pairs and name not in args.pairs:
             continue
         for shape in args.shapes:
             nodes, gpus = (int(x) for x in shape.split("x"))
-            row = run_pair(profile, served, tokens, Topology(num_nodes=nodes, gpus_per_node=gpus))
+            topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
+            row = run_pair(profile, served, tokens, topology, window=args.window)
             report["rows"][f"{name}_{shape}"] = row
             for mode in ONLINE_MODES:
                 s = row[mode]["settled"]

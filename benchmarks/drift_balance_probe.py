@@ -1,4 +1,4 @@
-"""Why balance trails EPLB after a traffic shift: three probes on the drift replay (pure, no ranks).
+"""Why balance trails EPLB after a traffic shift: four probes on the drift replay (pure, no ranks).
 
 The drift target asks GRACE's re-grouped plan to balance each interval after the shift at least as well
 as EPLB re-planned on the same windows. These probes separate the instance choice from the placement,
@@ -18,9 +18,15 @@ fitted on the window that ends at interval i - 1; means from the 4th interval on
   while that lowers the mean over the window's intervals of max / mean GPU load; and the node's instances
   re-packed onto its GPUs ignoring co-activation, heaviest first onto the least loaded GPU with a free
   slot (EPLB's packing; the fresh layer is kept where the greedy runs out of room).
+- ``per_node``: a plan fitted on every window node by node, locality kept only between nodes: the
+  experts grouped into nodes by co-activation, each node topped up with the heaviest experts it lacks
+  (``ds_grace.planning.per_node.node_members``), then EPLB's intra-node step on each node (replicas to
+  the largest load per copy, packed by load, co-activation ignored) with each expert's load scaled by
+  the share of origins TAR sends to that node; served with TAR, against EPLB's plan of the same window.
 
 Prints one line per row and probe; writes benchmarks/results/drift_balance_probe.json.
 Usage: python benchmarks/drift_balance_probe.py [--pairs ...] [--shapes 2x2 2x4] [--swaps]
+       [--probes lp_routing fresh_wrr per_node] [--window 4]
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ds_grace.config import GraceConfig  # noqa: E402
 from ds_grace.files import write_text_atomic  # noqa: E402
 from ds_grace.online.drift import token_slice  # noqa: E402
 from ds_grace.online.regroup import regroup  # noqa: E402
+from ds_grace.planning.baselines import fill_node, layer_from_slots  # noqa: E402
 from ds_grace.planning.batch_balance import swapped as swap_slots  # noqa: E402
 from ds_grace.planning.build import build_plan  # noqa: E402
 from ds_grace.planning.metrics import (  # noqa: E402
@@ -52,12 +59,14 @@ from ds_grace.planning.metrics import (  # noqa: E402
     expert_loads,
     routing_probabilities,
 )
+from ds_grace.planning.per_node import node_members  # noqa: E402
 from ds_grace.planning.plan import GracePlan, LayerPlan, instance_table  # noqa: E402
+from ds_grace.planning.stats import affinity_matrices  # noqa: E402
 from ds_grace.topology import Topology  # noqa: E402
 from ds_grace.trace import RoutingTrace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WINDOW = 4
+PROBES = ("lp_routing", "fresh_wrr", "per_node")
 GPU_COST = 0.01  # cost of a cross-GPU route, in cross-node routes
 
 
@@ -161,21 +170,51 @@ def repacked(layer: LayerPlan, topology: Topology, loads_E: np.ndarray) -> Layer
     return LayerPlan.from_lists(slots=slots, slot_weights=weights, primary=primary)
 
 
+def node_fitted(
+    loads_E: np.ndarray, topology: Topology, slots_per_gpu: int, affinity_EE: np.ndarray
+) -> LayerPlan:
+    """The ``per_node`` probe's layer: co-activation groups per node, EPLB's intra-node step inside."""
+    members = node_members(loads_E, affinity_EE, topology, slots_per_gpu)
+    holders_E = np.zeros(len(loads_E))
+    for experts in members:
+        holders_E[experts] += 1
+    slots: list[list[int]] = [[] for _ in range(topology.world_size)]
+    nodes, gpus = topology.num_nodes, topology.gpus_per_node
+    for node, experts in enumerate(members):
+        # TAR: a node's own origins, plus an even part of the origins on nodes without the expert
+        share = (1 + (nodes - holders_E[experts]) / holders_E[experts]) / nodes
+        weight = loads_E[experts] * share + loads_E.sum() * 1e-9 + 1e-12
+        fill_node(slots, experts, weight, first_rank=node * gpus, gpus=gpus, slots_per_gpu=slots_per_gpu)
+    return layer_from_slots(slots, len(loads_E))
+
+
 def replay(
-    served: RoutingTrace, per: int, fit: Callable[[RoutingTrace, int], Callable[[RoutingTrace], dict]]
+    served: RoutingTrace,
+    per: int,
+    fit: Callable[[RoutingTrace, int], Callable[[RoutingTrace], dict]],
+    window: int,
 ):
     """Mean from SETTLE on of scorer(next interval), the scorer fitted on each window."""
     rows, scorer, index = [], None, 0
     while (tokens := token_slice(served, index * per, (index + 1) * per)) is not None:
         if scorer is not None and index >= SETTLE:
             rows.append(scorer(tokens))
-        window = token_slice(served, max(0, index + 1 - WINDOW) * per, (index + 1) * per)
-        scorer = fit(window, index)
+        recent = token_slice(served, max(0, index + 1 - window) * per, (index + 1) * per)
+        scorer = fit(recent, index)
         index += 1
     return {key: round(float(np.mean([row[key] for row in rows])), 4) for key in rows[0]}
 
 
-def probe_row(profile: RoutingTrace, served: RoutingTrace, per: int, topology: Topology, swaps: bool) -> dict:
+def probe_row(
+    profile: RoutingTrace,
+    served: RoutingTrace,
+    per: int,
+    topology: Topology,
+    *,
+    swaps: bool,
+    probes: tuple[str, ...] = PROBES,
+    window: int = 4,
+) -> dict:
     cfg = GraceConfig()
     slots = -(-profile.num_experts // topology.world_size) + 1
     budget = int(BUDGET_SHARE * profile.num_layers * topology.world_size * slots)
@@ -238,7 +277,28 @@ def probe_row(profile: RoutingTrace, served: RoutingTrace, per: int, topology: T
 
         return score
 
-    return {"lp_routing": replay(served, per, fit_lp), "fresh_wrr": replay(served, per, fit_fresh)}
+    def fit_per_node(window: RoutingTrace, _: int) -> Callable[[RoutingTrace], dict]:
+        window_LE, affinity = expert_loads(window), affinity_matrices(window)
+        layers = tuple(node_fitted(window_LE[i], topology, slots, affinity[i]) for i in range(len(window_LE)))
+        fitted = GracePlan(topology=topology, layers=layers, policy="grace", meta={"routing_policy": "tar"})
+        fresh = build_plan(window, topology=topology, config=cfg)
+        eplb = build_plan(window, topology=topology, config=cfg, policy="eplb")
+
+        def score(tokens: RoutingTrace) -> dict:
+            row = {}
+            for key, plan, policy in (
+                ("per_node", fitted, "tar"),
+                ("fresh", fresh, "tar"),
+                ("eplb", eplb, "wrr"),
+            ):
+                prob = [routing_probabilities(layer, topology, policy) for layer in plan.layers]
+                row[f"{key}_copies"], row[f"{key}_balancedness"] = scored(tokens, topology, prob)
+            return row
+
+        return score
+
+    fits = {"lp_routing": fit_lp, "fresh_wrr": fit_fresh, "per_node": fit_per_node}
+    return {probe: replay(served, per, fits[probe], window) for probe in probes}
 
 
 def main() -> None:
@@ -246,15 +306,26 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="*")
     parser.add_argument("--shapes", nargs="*", default=["2x2", "2x4"])
     parser.add_argument("--swaps", action="store_true")
+    parser.add_argument("--probes", nargs="*", choices=PROBES, default=list(PROBES))
+    parser.add_argument("--window", type=int, default=4, help="intervals each fit sees")
     parser.add_argument("--out", type=Path, default=RESULTS / "drift_balance_probe.json")
     args = parser.parse_args()
-    report: dict = {"rows": {}}
+    report: dict = {"window": args.window, "rows": {}}
     for name, (profile, served, per) in pairs().items():
         if args.pairs and name not in args.pairs:
             continue
         for shape in args.shapes:
             nodes, gpus = (int(x) for x in shape.split("x"))
-            row = probe_row(profile, served, per, Topology(num_nodes=nodes, gpus_per_node=gpus), args.swaps)
+            topology = Topology(num_nodes=nodes, gpus_per_node=gpus)
+            row = probe_row(
+                profile,
+                served,
+                per,
+                topology,
+                swaps=args.swaps,
+                probes=tuple(args.probes),
+                window=args.window,
+            )
             report["rows"][f"{name}_{shape}"] = row
             for probe, values in row.items():
                 print(f"{name:34s} {shape} {probe:10s} {json.dumps(values)}", flush=True)

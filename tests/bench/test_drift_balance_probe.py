@@ -1,13 +1,15 @@
 """The drift-balance probes (benchmarks/drift_balance_probe.py): the linear-program instance choice is a
-valid choice at the lowest max GPU load, and the re-arrangements inside nodes keep every node's experts."""
+valid choice at the lowest max GPU load, the re-arrangements inside nodes keep every node's experts, and the
+node-by-node fit holds the grouping's experts on each node in S slots per GPU."""
 
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from benchmarks.drift_balance_probe import lp_routing, repacked, swap_within_nodes
+from benchmarks.drift_balance_probe import lp_routing, node_fitted, repacked, swap_within_nodes
 from ds_grace.planning.metrics import routing_probabilities
+from ds_grace.planning.per_node import node_members
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.topology import Topology
 
@@ -53,3 +55,17 @@ def test_rearrangements_inside_nodes_keep_every_nodes_experts():
         assert _node_experts(layer) == _node_experts(LAYER)
         assert [len(s) for s in layer.slots] == [len(s) for s in LAYER.slots]
     assert repacked(LAYER, TOPOLOGY, LOADS_E) != LAYER  # load-only packing moves experts here
+
+
+def test_node_fitted_holds_each_nodes_grouped_experts_in_s_slots_per_gpu():
+    rng = np.random.default_rng(0)
+    loads_E = rng.integers(5, 50, size=10).astype(np.float64)
+    affinity_EE = rng.random((10, 10))
+    affinity_EE = affinity_EE + affinity_EE.T
+    layer = node_fitted(loads_E, TOPOLOGY, 3, affinity_EE)
+    layer.validate()
+    assert [len(s) for s in layer.slots] == [3, 3, 3, 3]
+    members = node_members(loads_E, affinity_EE, TOPOLOGY, 3)
+    for node in range(2):
+        held = {e for r in (2 * node, 2 * node + 1) for e in layer.slots[r]}
+        assert held == set(members[node].tolist())
