@@ -119,15 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(importlib.import_module(f"ds_grace.commands.{args._module}").run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - input errors and lost ranks become one line, bugs re-raise
-        code = exit_code_for(exc)
-        if in_multi_rank_group():  # one rank's error: no barrier, the others may never reach it
-            from ds_grace.comm.collectives import end_process
+        return finish_rank(exit_code_for(exc), failed=True)
+    return finish_rank(code)  # a rank of a launch (ds-grace profile) ends here
 
+
+def finish_rank(code: int, *, failed: bool = False) -> int:
+    """How a command ends. In a rank of a multi-rank group the process ends here with `code`, past the
+    interpreter's teardown (``end_process``): after leaving the group together (barrier, destroy), or at
+    once when `failed` (one rank's error: the others may never reach the barrier). Elsewhere returns
+    `code`."""
+    if in_multi_rank_group():
+        from ds_grace.comm.collectives import end_process, shutdown_distributed
+
+        if failed:
             end_process(code)
-        return code
-    if in_multi_rank_group():  # a rank of a launch (ds-grace profile): leave together, end past teardown
-        from ds_grace.comm.collectives import shutdown_distributed
-
         shutdown_distributed(exit_code=code)
     return code
 

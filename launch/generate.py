@@ -407,8 +407,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     """main() with its failures reported: before the start-up handshake a failure is published to the
     other ranks (ds_grace.comm.rendezvous), which stop within seconds naming this rank; an input error is
     one `error:` line and exit code 2, a lost rank one line and exit code 1; a bug keeps its traceback."""
-    from ds_grace.cli import in_multi_rank_group, is_input_error
-    from ds_grace.comm.collectives import end_process, lost_rank_report, shutdown_distributed
+    from ds_grace.cli import finish_rank, is_input_error
+    from ds_grace.comm.collectives import lost_rank_report, shutdown_distributed
     from ds_grace.comm.rendezvous import join_startup
 
     startup = None
@@ -425,16 +425,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
                 text = f"{exc.filename}: {exc.strerror}"
             print(f"error: {_error_prefix()}{text}", file=sys.stderr, flush=True)
-            if in_multi_rank_group():  # one rank's error: no barrier, the others may never reach it
-                end_process(EXIT_INPUT_ERROR)
-            return EXIT_INPUT_ERROR
+            return finish_rank(EXIT_INPUT_ERROR, failed=True)
         report = lost_rank_report(exc)
         if report is None:
             raise
         print(f"error: {_error_prefix()}{report}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # with a broken process group the interpreter's teardown would abort in gloo's threads
-    shutdown_distributed(exit_code=code if in_multi_rank_group() else None)  # a rank ends past teardown
+    finish_rank(code)  # a rank of a multi-rank group ends here, past the interpreter's teardown
+    shutdown_distributed()
     return code
 
 

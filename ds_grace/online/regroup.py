@@ -130,20 +130,6 @@ def layer_objective(
     )
 
 
-def layer_cost(
-    window: RoutingTrace,
-    layer_index: int,
-    layer: LayerPlan,
-    topology: Topology,
-    policy: RoutingPolicy,
-    *,
-    batch_tokens: int | None = None,
-) -> float:
-    """copies / K + (1 - batch balancedness) of `layer` on the window (``layer_objective``)."""
-    objective = layer_objective(window, layer_index, topology, policy, batch_tokens=batch_tokens)
-    return objective.cost(routed_weights(layer, policy))
-
-
 def candidate_moves(
     live: GracePlan,
     window: RoutingTrace,

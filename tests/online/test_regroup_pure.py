@@ -15,11 +15,12 @@ from ds_grace.online.regroup import (
     added_instances,
     full_nodes,
     keeps_full_nodes,
-    layer_cost,
+    layer_objective,
     node_parts,
     regroup,
     relabel_onto,
 )
+from ds_grace.planning.batch_balance import routed_weights
 from ds_grace.planning.build import build_plan
 from ds_grace.planning.plan import GracePlan, LayerPlan
 from ds_grace.topology import Topology
@@ -32,6 +33,12 @@ PROFILE = synthetic(
 SERVED = synthetic(
     num_layers=2, num_experts=16, top_k=2, num_tokens=3000, skew=0.8, co_activation=0.8, seed=7
 )
+
+
+def layer_cost(window, index, layer, topology, policy, *, batch_tokens=None) -> float:
+    """copies / K + (1 - batch balancedness) of `layer` on the window: what a move's gain lowers."""
+    objective = layer_objective(window, index, topology, policy, batch_tokens=batch_tokens)
+    return objective.cost(routed_weights(layer, policy))
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,35 @@ def test_cli_looks_for_a_process_group_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_finish_rank_leaves_together_on_success_and_at_once_on_a_failure(monkeypatch):
+    from ds_grace import cli
+    from ds_grace.comm import collectives
+
+    calls: list[tuple[str, int | None]] = []
+
+    class Ended(Exception):
+        pass
+
+    def end_process(code: int) -> None:
+        calls.append(("end_process", code))
+        raise Ended
+
+    def shutdown_distributed(exit_code: int | None = None) -> None:
+        calls.append(("shutdown_distributed", exit_code))
+        raise Ended
+
+    monkeypatch.setattr(collectives, "end_process", end_process)
+    monkeypatch.setattr(collectives, "shutdown_distributed", shutdown_distributed)
+    monkeypatch.setattr(cli, "in_multi_rank_group", lambda: False)
+    assert cli.finish_rank(2, failed=True) == 2 and cli.finish_rank(0) == 0
+    assert calls == []  # a single process returns its code: nothing to leave
+    monkeypatch.setattr(cli, "in_multi_rank_group", lambda: True)
+    for code, failed, expected in ((0, False, ("shutdown_distributed", 0)), (2, True, ("end_process", 2))):
+        calls.clear()
+        try:
+            cli.finish_rank(code, failed=failed)
+        except Ended:
+            pass
+        assert calls == [expected]
