@@ -132,31 +132,49 @@ def route_codes(rank_TK: torch.Tensor, slot_TK: torch.Tensor, slot_stride: int) 
     return (slot_TK + 1).add_(rank_TK, alpha=slot_stride).clamp_(min=0).to(torch.int32)
 
 
-def check_topk_ids(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids") -> None:
-    """Raise ValueError unless topk_ids is a [T, K] integer tensor with ids in [-1, num_experts).
+def screen_topk_ids(
+    topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal paths' id check, without a host read: (ids_TK, id_range_2).
 
-    -1 marks a route that is not taken (e.g. a masked token); it is skipped, not computed.
+    id_range_2 is the lowest and highest id on the device; it travels in the header round to every rank
+    (``ds_grace.comm.all_to_all``), and each checks every rank's range after the round's one read
+    (``id_range_error``), so that all raise together and none waits for a rank that stopped. ids_TK
+    is topk_ids_TK clamped into [-1, num_experts) so that the steps before the header stay in bounds;
+    nothing is dispatched from a forward whose range is bad. The form (2-D, integers) is checked here.
     """
+    _check_id_form(topk_ids_TK, name)
+    if not topk_ids_TK.numel():
+        return topk_ids_TK, torch.full((2,), -1, dtype=torch.int64, device=topk_ids_TK.device)
+    id_range_2 = torch.stack(torch.aminmax(topk_ids_TK))
+    return topk_ids_TK.clamp(-1, num_experts - 1), id_range_2
+
+
+def id_range_error(range_R2: np.ndarray, num_experts: int, *, name: str = "topk_ids") -> ValueError | None:
+    """The error for the first rank whose id range (row r of range_R2: lowest, highest) leaves
+    [-1, num_experts), or None when every rank's ids are valid (-1 marks a route that is not taken)."""
+    bad_R = (range_R2[:, 0] < -1) | (range_R2[:, 1] >= num_experts)
+    if not bad_R.any():
+        return None
+    rank = int(np.flatnonzero(bad_R)[0])
+    low, high = (int(v) for v in range_R2[rank])
+    return ValueError(
+        f"{name} holds expert id {low if low < -1 else high} on EP rank {rank}; ids must be in "
+        f"[0, {num_experts}) or -1 (no route)"
+    )
+
+
+def _check_id_form(topk_ids_TK: torch.Tensor, name: str) -> None:
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"{name} (shape {tuple(topk_ids_TK.shape)}) must be 2-D [tokens, k]")
     if topk_ids_TK.dtype.is_floating_point or topk_ids_TK.dtype == torch.bool:
         raise ValueError(f"{name} (dtype {topk_ids_TK.dtype}) must be an integer tensor")
-    if topk_ids_TK.numel():
-        low, high = torch.stack(torch.aminmax(topk_ids_TK)).tolist()  # one host read
-        if low < -1 or high >= num_experts:
-            bad = low if low < -1 else high
-            raise ValueError(
-                f"{name} holds expert id {bad}; ids must be in [0, {num_experts}) or -1 (no route)"
-            )
 
 
 def check_topk_ids_async(topk_ids_TK: torch.Tensor, num_experts: int, *, name: str = "topk_ids") -> None:
-    """check_topk_ids without a host read: the id range is asserted on the device (an error on the
-    CPU at once, a device-side assert on an accelerator). For the static low-latency path."""
-    if topk_ids_TK.dim() != 2:
-        raise ValueError(f"{name} (shape {tuple(topk_ids_TK.shape)}) must be 2-D [tokens, k]")
-    if topk_ids_TK.dtype.is_floating_point or topk_ids_TK.dtype == torch.bool:
-        raise ValueError(f"{name} (dtype {topk_ids_TK.dtype}) must be an integer tensor")
+    """The low-latency path's id check: the range is asserted on the device (an error on the CPU at
+    once, a device-side assert on an accelerator); no header round there carries it (static shapes)."""
+    _check_id_form(topk_ids_TK, name)
     in_range = ((topk_ids_TK >= -1) & (topk_ids_TK < num_experts)).all()
     torch._assert_async(in_range, f"{name} holds an expert id outside [0, {num_experts}) and -1 (no route)")
 

@@ -51,10 +51,13 @@ def dispatch_row_bytes(k: int, hidden: int, dtype: torch.dtype) -> int:
     return (raw + 7) // 8 * 8
 
 
+ID_RANGE_COLUMNS = 2  # the sender's lowest and highest expert id this forward
+
+
 def header_columns(*, gpus_per_node: int, slot_stride: int, extra: int, hierarchical: bool = True) -> int:
     """Columns of one header row: flat rows, (hierarchical) relay rows and rows per GPU via the relay,
-    routes per slot, then `extra` columns of the path policy."""
-    return 1 + (1 + gpus_per_node if hierarchical else 0) + slot_stride + extra
+    routes per slot, the sender's expert id range, then `extra` columns of the path policy."""
+    return 1 + (1 + gpus_per_node if hierarchical else 0) + slot_stride + ID_RANGE_COLUMNS + extra
 
 
 def header_row_bytes(*, gpus_per_node: int, slot_stride: int, extra: int, hierarchical: bool = True) -> int:
@@ -84,13 +87,19 @@ class Header:
         """The path policy's columns of every rank (received_RC[r]: rank r's)."""
         return self.received_RC[:, self.column("extra")]
 
+    def id_ranges(self) -> np.ndarray:
+        """range_R2: every rank's lowest and highest expert id this forward (received_RC[r]: rank r's)."""
+        return self.received_RC[:, self.column("ids")]
+
 
 @functools.lru_cache(maxsize=64)
 def _header_slices(gpus_per_node: int, slot_stride: int) -> dict[str, slice]:
     """The header's columns by name (``header_columns``); gpus_per_node 0: no hierarchical columns."""
     hier = 1 + gpus_per_node if gpus_per_node else 0
+    ids = 1 + hier + slot_stride
     return {"flat": slice(0, 1), "relay": slice(1, 2), "via": slice(2, 1 + hier),
-            "slots": slice(1 + hier, 1 + hier + slot_stride), "extra": slice(1 + hier + slot_stride, None)}  # fmt: skip
+            "slots": slice(1 + hier, ids), "ids": slice(ids, ids + ID_RANGE_COLUMNS),
+            "extra": slice(ids + ID_RANGE_COLUMNS, None)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -158,13 +167,16 @@ class DispatchExecutor:
     def exchange_header(
         self,
         code_TK: torch.Tensor,
+        id_range_2: torch.Tensor,
         extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
         hierarchical: bool = True,
     ) -> Header:
         """Round 1 (one fixed-size all-to-all over the EP group) and its one host read.
 
-        extra(member_TR) gives the columns this rank sends every peer alike (the path policy's);
-        without `hierarchical` the header carries the flat path's columns only."""
+        id_range_2 (this rank's lowest and highest expert id, on the device) goes to every peer, so that
+        every rank can check every rank's ids after the read (``Header.id_ranges``) instead of reading
+        its own before the round. extra(member_TR) gives the columns this rank sends every peer alike
+        (the path policy's); without `hierarchical` the header carries the flat path's columns only."""
         topology, world = self.topology, self.topology.world_size
         nodes, gpus, stride = topology.num_nodes, topology.gpus_per_node, self.slot_stride
         tokens = code_TK.shape[0]
@@ -184,7 +196,7 @@ class DispatchExecutor:
             reached_TN, counts_RC = member_TR[:, :0], member_TR.sum(0, keepdim=True).t()
         # bucket 0 holds the routes not taken (code 0)
         slots_RS = torch.bincount(code_TK.reshape(-1), minlength=world * stride + 1)[1:].view(world, stride)
-        parts = [counts_RC, slots_RS]
+        parts = [counts_RC, slots_RS, id_range_2.to(torch.int64).expand(world, ID_RANGE_COLUMNS)]
         if extra is not None:
             parts.append(extra(member_TR).to(torch.int64).expand(world, -1))
         sent_RC = torch.cat(parts, dim=1)

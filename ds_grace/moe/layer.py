@@ -39,7 +39,14 @@ from ds_grace.config import GraceConfig
 from ds_grace.moe.experts import GraceExperts, copy_slot_modules
 from ds_grace.moe.gate import GraceGate
 from ds_grace.planning.plan import LayerPlan, RoutingPolicy
-from ds_grace.routing import RouteTable, check_topk_ids, check_topk_ids_async, choose_codes, slot_stride
+from ds_grace.routing import (
+    RouteTable,
+    check_topk_ids_async,
+    choose_codes,
+    id_range_error,
+    screen_topk_ids,
+    slot_stride,
+)
 from ds_grace.topology import Topology
 
 _POLICIES = ("tar", "wrr", "primary")
@@ -235,31 +242,38 @@ class GraceMOELayer(MOELayer):
         """
         rows_per_peer = self.low_latency_tokens if low_latency_tokens is None else low_latency_tokens
         self._check_inputs(x_TD, topk_ids_TK, topk_weights_TK, rows_per_peer=rows_per_peer)
-        if self.route_observer is not None:
+        ids_TK = topk_ids_TK.to(x_TD.device)
+        if rows_per_peer is None:  # the ids' range travels in the header round: every rank checks it there
+            ids_TK, id_range_2 = screen_topk_ids(ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
+        elif self.route_observer is not None:
             self.route_observer(topk_ids_TK)
-        low_latency = rows_per_peer is not None
-        table = self.route_table(x_TD.device, low_latency=low_latency)
-        code_TK = choose_codes(
-            table, topk_ids_TK.to(x_TD.device), origin_rank=self.ep_index, route_offset=route_offset
-        )
+        table = self.route_table(x_TD.device, low_latency=rows_per_peer is not None)
+        code_TK = choose_codes(table, ids_TK, origin_rank=self.ep_index, route_offset=route_offset)
         layout = RowLayout(k=int(code_TK.shape[1]), hidden=int(x_TD.shape[1]), dtype=x_TD.dtype)
         rows_TW = layout.pack(x_TD, code_TK, topk_weights_TK.to(x_TD.device, torch.float32))
         executor = self.executor()
-        if low_latency:
-            assert rows_per_peer is not None  # low_latency implies a row count
-            x_VD, meta = executor.dispatch_low_latency(rows_TW, rows_per_peer=rows_per_peer, layout=layout)
-            self.last_path = "low-latency"
-            self.path_counts[self.last_path] += 1
-            assert meta.slot_VK is not None and meta.weight_VK is not None  # a low-latency meta
-            return executor.combine_low_latency(
-                self.experts.forward_routes(x_VD, meta.slot_VK, meta.weight_VK), meta
-            )
-        return self._forward_normal(executor, rows_TW, code_TK, layout=layout)
+        if rows_per_peer is None:
+            return self._forward_normal(executor, rows_TW, code_TK, id_range_2, topk_ids_TK, layout=layout)
+        x_VD, meta = executor.dispatch_low_latency(rows_TW, rows_per_peer=rows_per_peer, layout=layout)
+        self.last_path = "low-latency"
+        self.path_counts[self.last_path] += 1
+        assert meta.slot_VK is not None and meta.weight_VK is not None  # a low-latency meta
+        return executor.combine_low_latency(
+            self.experts.forward_routes(x_VD, meta.slot_VK, meta.weight_VK), meta
+        )
 
     def _forward_normal(
-        self, executor: DispatchExecutor, rows_TW: torch.Tensor, code_TK: torch.Tensor, *, layout: RowLayout
+        self,
+        executor: DispatchExecutor,
+        rows_TW: torch.Tensor,
+        code_TK: torch.Tensor,
+        id_range_2: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        *,
+        layout: RowLayout,
     ) -> torch.Tensor:
-        """The header round, the path chosen from it, dispatch, the experts (once each), combine."""
+        """The header round (every rank's ids checked from it), the path chosen from it, dispatch, the
+        experts (once each), combine; the route observer sees the ids once they are known valid."""
         policy = self.path_policy
         start = time.perf_counter()
         first_stages = ()
@@ -269,7 +283,10 @@ class GraceMOELayer(MOELayer):
         columns = (
             (lambda member_TR: policy.header_columns(member_TR, self.ep_index)) if policy.adaptive else None
         )
-        header = executor.exchange_header(code_TK, columns, hierarchical=policy.mode != "flat")
+        header = executor.exchange_header(code_TK, id_range_2, columns, hierarchical=policy.mode != "flat")
+        error = id_range_error(header.id_ranges(), self.layer_plan.num_experts, name="topk_ids_TK")
+        if error is not None:  # every rank read the same ranges: all raise here, none waits
+            raise error
         path = policy.decide(
             header.extra(),
             dispatch_row_bytes=layout.width,
@@ -285,6 +302,8 @@ class GraceMOELayer(MOELayer):
         self.last_path = path
         self.path_counts[path] += 1
         policy.observe(path, measured_s=time.perf_counter() - start - experts_s)
+        if self.route_observer is not None:
+            self.route_observer(topk_ids_TK)
         return y_TD
 
     def _check_inputs(
@@ -295,7 +314,8 @@ class GraceMOELayer(MOELayer):
         *,
         rows_per_peer: int | None,
     ) -> None:
-        """Every check before the first collective: shapes, ids, the low-latency promise."""
+        """Every check before the first collective: shapes and the low-latency promise (with the ids
+        on that path; on the normal paths the header round carries their range, ``screen_topk_ids``)."""
         if x_TD.dim() != 2:
             raise ValueError(f"x_TD (shape {tuple(x_TD.shape)}) must be 2-D [tokens, hidden]")
         if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
@@ -308,7 +328,6 @@ class GraceMOELayer(MOELayer):
                 f"({tuple(topk_ids_TK.shape)})"
             )
         if rows_per_peer is None:
-            check_topk_ids(topk_ids_TK, self.layer_plan.num_experts, name="topk_ids_TK")
             return
         bound = self.options.low_latency_max_tokens
         if not 1 <= rows_per_peer <= bound:

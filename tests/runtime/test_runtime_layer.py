@@ -217,7 +217,9 @@ def test_forward_routed_input_errors():
         [_expert() for _ in range(EXPERTS)], hidden_size=HIDDEN, k=2, layer_plan=ONE_RANK_PLAN, topology=ONE
     )
     x_TD = torch.randn(3, HIDDEN)
-    with pytest.raises(ValueError, match=r"topk_ids_TK holds expert id 8; ids must be in \[0, 8\) or -1"):
+    with pytest.raises(
+        ValueError, match=r"topk_ids_TK holds expert id 8 on EP rank 0; ids must be in \[0, 8\) or -1"
+    ):
         grace.forward_routed(x_TD, torch.tensor([[0, 8]] * 3), torch.ones(3, 2))
     with pytest.raises(
         ValueError, match=r"topk_weights_TK \(shape \(3, 1\)\) must match topk_ids_TK \(\(3, 2\)\)"

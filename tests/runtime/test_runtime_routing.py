@@ -9,11 +9,12 @@ import torch
 from ds_grace.planning.plan import LayerPlan
 from ds_grace.routing import (
     RouteTable,
-    check_topk_ids,
     choose_codes,
     choose_instances,
+    id_range_error,
     route_ordinals,
     sampled_instances,
+    screen_topk_ids,
 )
 from ds_grace.topology import Topology
 
@@ -107,15 +108,22 @@ def test_route_ordinals_count_per_expert_in_token_major_order():
     assert route_ordinals(ids, 3).tolist() == [[0, 0], [1, 0], [1, 0], [2, 2]]
 
 
-def test_check_topk_ids_messages():
-    with pytest.raises(ValueError, match=r"topk_ids holds expert id 4; ids must be in \[0, 4\) or -1"):
-        check_topk_ids(torch.tensor([[0, 4]]), 4)
-    with pytest.raises(ValueError, match=r"topk_ids holds expert id -2"):
-        check_topk_ids(torch.tensor([[-2, 1]]), 4)
+def test_screen_topk_ids_clamps_reports_the_range_and_checks_the_form():
+    ids_TK, range_2 = screen_topk_ids(torch.tensor([[0, 4], [-2, 1]]), 4)
+    assert ids_TK.tolist() == [[0, 3], [-1, 1]] and range_2.tolist() == [-2, 4]
+    ids_TK, range_2 = screen_topk_ids(torch.zeros(0, 2, dtype=torch.long), 4)
+    assert ids_TK.shape == (0, 2) and range_2.tolist() == [-1, -1]  # no tokens: a valid range
     with pytest.raises(ValueError, match=r"topk_ids \(dtype torch.float32\) must be an integer tensor"):
-        check_topk_ids(torch.zeros(2, 1), 4)
+        screen_topk_ids(torch.zeros(2, 1), 4)
     with pytest.raises(ValueError, match=r"topk_ids \(shape \(3,\)\) must be 2-D"):
-        check_topk_ids(torch.zeros(3, dtype=torch.long), 4)
+        screen_topk_ids(torch.zeros(3, dtype=torch.long), 4)
+
+
+def test_id_range_error_names_the_first_bad_rank_and_its_id():
+    assert id_range_error(np.array([[-1, 3], [0, 0]]), 4) is None
+    error = id_range_error(np.array([[0, 3], [0, 4], [-2, 1]]), 4)
+    assert str(error) == "topk_ids holds expert id 4 on EP rank 1; ids must be in [0, 4) or -1 (no route)"
+    assert "expert id -2 on EP rank 0;" in str(id_range_error(np.array([[-2, 9]]), 4))
 
 
 def test_route_table_rejects_a_plan_for_another_topology():

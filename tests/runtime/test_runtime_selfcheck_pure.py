@@ -17,9 +17,10 @@ SLOTS = [torch.tensor([[0, 1], [0, 0], [1, -1], [0, 1]]), *[torch.zeros(0, 2, dt
 HIDDEN = 4
 ROW = dispatch_row_bytes(2, HIDDEN, torch.float32)  # 8 * k + 4 * hidden = 32
 BACK = HIDDEN * 4
-# one header row per peer: flat rows, relay rows, rows via the relay per GPU (2), routes per slot (2)
-HEADER = 8 * (2 + 2 + 2)
-FLAT_HEADER = 8 * (1 + 2)  # flat rows, routes per slot
+# one header row per peer: flat rows, relay rows, rows via the relay per GPU (2), routes per slot (2),
+# the sender's expert id range (2)
+HEADER = 8 * (2 + 2 + 2 + 2)
+FLAT_HEADER = 8 * (1 + 2 + 2)  # flat rows, routes per slot, id range
 
 
 def _expect(ep_index: int, *, hierarchical: bool, dedup: bool = True) -> dict:

@@ -55,7 +55,8 @@ def _rank(ctx: RankContext) -> dict:
             x_VD, meta = executor.dispatch_low_latency(rows_TW, rows_per_peer=ROWS_PER_PEER, layout=layout)
             executor.combine_low_latency(x_VD, meta)
         else:
-            header = executor.exchange_header(code_TK, hierarchical=path == "hierarchical")
+            id_range_2 = torch.tensor([0, 0])  # the ids are not checked here, only carried
+            header = executor.exchange_header(code_TK, id_range_2, hierarchical=path == "hierarchical")
             x_QD, meta = executor.dispatch(rows_TW, path=path, header=header, layout=layout)
             executor.combine(x_QD, meta)
         out[path] = counters.snapshot()["stages"]
