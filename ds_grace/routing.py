@@ -153,15 +153,13 @@ def screen_topk_ids(
 def id_range_error(range_R2: np.ndarray, num_experts: int, *, name: str = "topk_ids") -> ValueError | None:
     """The error for the first rank whose id range (row r of range_R2: lowest, highest) leaves
     [-1, num_experts), or None when every rank's ids are valid (-1 marks a route that is not taken)."""
-    bad_R = (range_R2[:, 0] < -1) | (range_R2[:, 1] >= num_experts)
-    if not bad_R.any():
-        return None
-    rank = int(np.flatnonzero(bad_R)[0])
-    low, high = (int(v) for v in range_R2[rank])
-    return ValueError(
-        f"{name} holds expert id {low if low < -1 else high} on EP rank {rank}; ids must be in "
-        f"[0, {num_experts}) or -1 (no route)"
-    )
+    for rank, (low, high) in enumerate(range_R2.tolist()):  # a few ranks: faster than numpy's reductions
+        if low < -1 or high >= num_experts:
+            return ValueError(
+                f"{name} holds expert id {low if low < -1 else high} on EP rank {rank}; ids must be in "
+                f"[0, {num_experts}) or -1 (no route)"
+            )
+    return None
 
 
 def _check_id_form(topk_ids_TK: torch.Tensor, name: str) -> None:
