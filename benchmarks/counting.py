@@ -1,9 +1,11 @@
 """Count what one MoE layer forward costs the host: host reads, non-view aten ops, collectives.
 
 A host read is anything that makes the host wait for the device on an accelerator: ``.tolist()``,
-scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), and ops whose output shape
+scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), ops whose output shape
 depends on the data (``nonzero``, ``unique``, ``masked_select``, ``bincount`` without a fixed
-``minlength``). Aten ops are counted below every Python call by a TorchDispatchMode; view ops (no
+``minlength``), and uploads: a tensor made from host data (``torch.tensor``: aten ``lift_fresh``,
+counted on any device, since on an accelerator it is a copy the host waits for) or a copy to an
+accelerator from memory that is not pinned or not non-blocking. Aten ops are counted below every Python call by a TorchDispatchMode; view ops (no
 kernel launch) are left out, and so are the experts' own ops (their GEMMs and activations): a
 forward hook on each expert module marks its span, and so does every call of the slots' stacked
 form (ds_grace.moe.grouped.StackedSlots). Collectives are the torch.distributed calls.
@@ -78,6 +80,10 @@ class _OpCounter(TorchDispatchMode):
             self.counts.host_reads["bincount without minlength"] += 1
         elif name in ("_to_copy", "copy_") and _to_host(args, kwargs):
             self.counts.host_reads["copy to host"] += 1
+        elif name == "lift_fresh" or (
+            name in ("_to_copy", "copy_") and _synchronous_upload(name, args, kwargs)
+        ):
+            self.counts.host_reads["upload"] += 1
         if not func.is_view and self.expert_depth == 0:
             self.counts.aten_ops[name] += 1
         return func(*args, **kwargs)
@@ -91,6 +97,24 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
         and source.device.type not in ("cpu", "meta")
         and (device is not None and torch.device(device).type == "cpu")
     )
+
+
+def _synchronous_upload(name: str, args: tuple, kwargs: dict) -> bool:
+    """A copy from host memory to an accelerator that the host waits for (not pinned and non-blocking):
+    ``_to_copy(src, device=..., non_blocking=...)`` or ``copy_(dst, src, non_blocking)``."""
+    if name == "copy_":
+        if len(args) < 2:
+            return False
+        source, target = args[1], args[0].device
+        non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking"))
+    else:
+        source = args[0] if args else None
+        device = kwargs.get("device")
+        target = torch.device(device) if device is not None else None
+        non_blocking = bool(kwargs.get("non_blocking"))
+    if not isinstance(source, torch.Tensor) or source.device.type != "cpu" or target is None:
+        return False
+    return target.type not in ("cpu", "meta") and not (source.is_pinned() and non_blocking)
 
 
 @contextmanager

@@ -91,7 +91,7 @@ def rank_summary(member_TR: torch.Tensor, *, ep_index: int, topology: Topology) 
     flat_N[topology.node_of(ep_index)] -= member_TR[:, ep_index].sum()
     reached_TN = member_TNG.any(dim=2)
     stage1_N = reached_TN.sum(0)
-    stage1_N[topology.node_of(ep_index)] = 0
+    stage1_N[topology.node_of(ep_index)].zero_()  # a fill: no host value is uploaded
     local = topology.local_rank_of(ep_index)
     stage2_N = member_TNG.sum(dim=(0, 2)) - member_TNG[:, :, local].sum(0)
     return torch.cat([flat_N, stage1_N, stage2_N]).to(torch.int64)
@@ -303,6 +303,7 @@ class PathPolicy:
         self.last_costs_s: tuple[float, float] | None = None
         self.last_corrected_s: tuple[float, float] | None = None
         self.last_explored = False
+        self._state_host: torch.Tensor | None = None  # staging for the feedback columns (pinned for CUDA)
 
     @property
     def adaptive(self) -> bool:
@@ -318,7 +319,17 @@ class PathPolicy:
         flat_us, hier_us = self.feedback.as_micros()
         measured = self.feedback.measured()
         state = [flat_us, hier_us, int(self.feedback.explore_due()), int(measured[0]) | int(measured[1]) << 1]
-        return torch.cat([summary, torch.tensor(state, dtype=torch.int64, device=summary.device)])
+        return torch.cat([summary, self._staged(state, summary.device)])
+
+    def _staged(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """`values` on `device` without a synchronous upload: written into a host buffer this policy owns
+        (pinned for CUDA) and copied without blocking. The header round's host read, later in the same
+        forward, waits for that copy, so the next forward's write cannot overtake it."""
+        if self._state_host is None or len(self._state_host) != len(values):
+            pinned = device.type == "cuda"
+            self._state_host = torch.zeros(len(values), dtype=torch.int64, pin_memory=pinned)
+        self._state_host.numpy()[:] = values
+        return self._state_host.to(device, non_blocking=True)
 
     def decide(self, columns_RC: np.ndarray, *, dispatch_row_bytes: int, combine_row_bytes: int) -> str:
         """The path of this forward, from every rank's header columns (identical on every rank)."""

@@ -40,14 +40,16 @@ class GraceExperts(Experts):
         tag_expert_parameters(self.deepspeed_experts, expert_group_name)
         self._stacked: StackedSlots | None = None
         self._stack_refused = False  # the slots' form has no stacked version
+        self._slot_ids: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # arange(slots), per device
 
     def forward(  # type: ignore[override]
         self, x_QD: torch.Tensor, slot_splits: Sequence[int], *, slot_Q: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run each slot's expert once on its contiguous block of rows (rows grouped by slot).
 
-        slot_Q (optional, on the device): each row's slot, which the stacked form's biases need (derived
-        from slot_splits there if not given)."""
+        slot_Q (optional, on the device): each row's slot, ascending. The stacked form takes its group
+        ends from it on the device; without it they are uploaded from slot_splits (on an accelerator a
+        synchronous copy: the runtime always passes it)."""
         if len(slot_splits) != self.num_local_experts or sum(slot_splits) != x_QD.shape[0]:
             raise ValueError(
                 f"slot_splits ({list(slot_splits)}) must have one entry per slot ({self.num_local_experts}) "
@@ -60,8 +62,7 @@ class GraceExperts(Experts):
             and rows
             and grouped_pays_off(x_QD.device, rows=rows, slots=self.num_local_experts)
         ):
-            ends = list(itertools.accumulate(slot_splits))
-            return stacked(x_QD, torch.tensor(ends, dtype=torch.int32, device=x_QD.device), slot_Q=slot_Q)
+            return stacked(x_QD, self._group_ends(slot_splits, slot_Q, x_QD.device), slot_Q=slot_Q)
         out_QD = torch.empty_like(x_QD)
         start = 0
         for slot_rows, expert in zip(slot_splits, self.deepspeed_experts):
@@ -69,6 +70,20 @@ class GraceExperts(Experts):
                 out_QD[start : start + slot_rows] = _tensor_output(expert(x_QD[start : start + slot_rows]))
             start += slot_rows
         return out_QD
+
+    def _group_ends(
+        self, slot_splits: Sequence[int], slot_Q: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """ends_S (int32, on `device`): the row after each slot's block."""
+        if slot_Q is None:
+            ends = list(itertools.accumulate(slot_splits))
+            return torch.tensor(ends, dtype=torch.int32, device=device)
+        key = (slot_Q.device, slot_Q.dtype)
+        if key not in self._slot_ids:
+            self._slot_ids[key] = torch.arange(
+                self.num_local_experts, device=slot_Q.device, dtype=slot_Q.dtype
+            )
+        return torch.searchsorted(slot_Q, self._slot_ids[key], right=True, out_int32=True)
 
     def forward_routes(
         self, x_VD: torch.Tensor, slot_VK: torch.Tensor, weight_VK: torch.Tensor
@@ -120,6 +135,7 @@ class GraceExperts(Experts):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         state["_stacked"], state["_stack_refused"] = None, False  # a copy stacks its own parameters
+        state["_slot_ids"] = {}
         return state
 
 

@@ -54,6 +54,9 @@ def test_grouped_form_equals_each_slot_module_and_shares_their_storage(form):
         out = experts(x_QD, splits)
         assert experts.stacked_slots(x_QD) is not None
         torch.testing.assert_close(out, _loop(reference, x_QD, splits))
+        # with each row's slot (as the runtime passes it) the group ends come from it on the device
+        slot_Q = torch.repeat_interleave(torch.arange(SLOTS), torch.tensor(splits))
+        torch.testing.assert_close(experts(x_QD, splits, slot_Q=slot_Q), out)
         # the low-latency form: routes of 6 rows, -1 (slot count) where a route is not local
         slot_VK = torch.tensor([[0, 2], [SLOTS, 1], [3, SLOTS], [SLOTS, SLOTS], [2, 0], [1, 3]])
         weight_VK = torch.rand(6, 2)

@@ -259,3 +259,22 @@ def test_path_policy_is_owned_by_its_layer_and_resets_explicitly() -> None:
     columns = torch.stack([first.header_columns(member_TR, rank) for rank in range(4)]).numpy()
     path = first.decide(columns, dispatch_row_bytes=64, combine_row_bytes=32)
     assert path in ("flat", "hierarchical") and first.last_costs_s is not None
+
+
+def test_header_columns_stage_the_feedback_without_an_upload() -> None:
+    """The feedback columns come from a host buffer the policy owns (pinned for CUDA, copied without
+    blocking): each call's columns hold that call's values, and nothing is made from host data."""
+    from benchmarks.counting import count_hot_path
+
+    model = PathModel(alpha_ep_s=0.0, alpha_intra_s=0.0, inter_s_per_byte=1e-9, intra_s_per_byte=1e-9)
+    policy = PathPolicy("auto", topology=TOPO, model=lambda: model)
+    member_TR = torch.tensor([[True, False, True, False], [False, True, False, True]])
+    with count_hot_path() as counts:
+        before = policy.header_columns(member_TR, 0)
+    assert counts.num_host_reads == 0
+    policy.feedback.update(hierarchical=False, measured_s=0.02, predicted_s=0.01)
+    after = policy.header_columns(member_TR, 0)
+    width = 3 * TOPO.num_nodes
+    assert before[width:].tolist() == [0, 0, 0, 0]  # unchanged by the next call's write
+    assert after[width:].tolist()[0] == policy.feedback.as_micros()[0] != 0
+    assert after[width:].tolist()[3] == 1  # the flat path measured
