@@ -1,14 +1,16 @@
 """Count what one MoE layer forward costs the host: host reads, non-view aten ops, collectives.
 
 A host read is anything that makes the host wait for the device on an accelerator: ``.tolist()``,
-scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), ops whose output shape
-depends on the data (``nonzero``, ``unique``, ``masked_select``, ``bincount`` without a fixed
-``minlength``), and uploads: a tensor made from host data (``torch.tensor``: aten ``lift_fresh``,
-counted on any device, since on an accelerator it is a copy the host waits for) or a copy to an
-accelerator from memory that is not pinned or not non-blocking. Aten ops are counted below every Python call by a TorchDispatchMode; view ops (no
-kernel launch) are left out, and so are the experts' own ops (their GEMMs and activations): a
-forward hook on each expert module marks its span, and so does every call of the slots' stacked
-form (ds_grace.moe.grouped.StackedSlots). Collectives are the torch.distributed calls.
+scalar reads (``.item()``, ``int(t)``: aten ``_local_scalar_dense``), ops whose output shape depends
+on the data (``nonzero``, ``unique``, ``masked_select``), ``bincount`` (on CUDA it reads the input's
+min and max back to size its output, even with ``minlength``), boolean mask indexing (``x[mask]``: a
+``nonzero`` inside the op), and uploads: a tensor made from host data (``torch.tensor``: aten
+``lift_fresh``, counted on any device, since on an accelerator it is a copy the host waits for) or a
+copy to an accelerator from memory that is not pinned or not non-blocking. Aten ops are counted below
+every Python call by a TorchDispatchMode; view ops (no kernel launch) are left out, and so are the
+experts' own ops (their GEMMs and activations): a forward hook on each expert module marks its span,
+and so does every call of the slots' stacked form (ds_grace.moe.grouped.StackedSlots). Collectives
+are the torch.distributed calls.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ class _OpCounter(TorchDispatchMode):
             self.counts.host_reads["scalar read"] += 1
         elif name in _DATA_DEPENDENT:
             self.counts.host_reads[name] += 1
-        elif name == "bincount" and not (len(args) > 2 and args[2]) and not kwargs.get("minlength"):
-            self.counts.host_reads["bincount without minlength"] += 1
+        elif name == "bincount":  # CUDA's reads the input's min and max back, minlength or not
+            self.counts.host_reads["bincount"] += 1
+        elif name in ("index", "index_put_", "index_put") and _bool_index(args):
+            self.counts.host_reads["boolean mask index"] += 1  # a nonzero inside the op
         elif name in ("_to_copy", "copy_") and _to_host(args, kwargs):
             self.counts.host_reads["copy to host"] += 1
         elif name == "lift_fresh" or (
@@ -97,6 +101,12 @@ def _to_host(args: tuple, kwargs: dict) -> bool:
         and source.device.type not in ("cpu", "meta")
         and (device is not None and torch.device(device).type == "cpu")
     )
+
+
+def _bool_index(args: tuple) -> bool:
+    """Whether aten index / index_put is indexed by a boolean mask (converted with nonzero inside)."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
 def _synchronous_upload(name: str, args: tuple, kwargs: dict) -> bool:

@@ -177,19 +177,6 @@ def check_topk_ids_async(topk_ids_TK: torch.Tensor, num_experts: int, *, name: s
     torch._assert_async(in_range, f"{name} holds an expert id outside [0, {num_experts}) and -1 (no route)")
 
 
-def route_ordinals(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """ordinal_TK: position of each route among this batch's routes to the same expert (token-major)."""
-    flat_ids = topk_ids_TK.reshape(-1).long()
-    buckets = torch.where(flat_ids >= 0, flat_ids, torch.full_like(flat_ids, num_experts))
-    order = torch.argsort(buckets, stable=True)
-    counts = torch.bincount(buckets, minlength=num_experts + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    positions = torch.arange(flat_ids.numel(), device=flat_ids.device)
-    ordinal = torch.empty_like(flat_ids)
-    ordinal[order] = positions - starts[buckets[order]]
-    return ordinal.view(topk_ids_TK.shape)
-
-
 def choose_instances(
     table: RouteTable,
     topk_ids_TK: torch.Tensor,
@@ -235,8 +222,8 @@ def sampled_instances(
     ids_TK = topk_ids_TK.long()
     valid_TK = ids_TK >= 0
     experts_Q1 = ids_TK.clamp(min=0).reshape(-1, 1)
-    # the ordinal of each route among this batch's routes to its expert (route_ordinals): its place in
-    # the stable sort by expert minus where its expert's run starts (O(routes) memory, no host read)
+    # the ordinal of each route among this batch's routes to its expert (token-major): its place in the
+    # stable sort by expert minus where its expert's run starts (O(routes) memory, no host read)
     sorted_Q, order_Q = torch.sort(ids_TK.reshape(-1), stable=True)
     ordinal_Q = torch.arange(sorted_Q.shape[0], device=ids_TK.device) - torch.searchsorted(sorted_Q, sorted_Q)
     ordinal_Q1 = torch.empty_like(ordinal_Q).scatter_(0, order_Q, ordinal_Q).view(-1, 1).add_(route_offset)

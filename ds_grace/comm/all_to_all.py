@@ -39,7 +39,15 @@ import torch
 
 from ds_grace.comm.counters import TrafficCounters
 from ds_grace.comm.groups import GraceGroups
-from ds_grace.comm.schedule import Hop, PathName, code_peer_lookup, membership, path_hops, rows_by_peer
+from ds_grace.comm.schedule import (
+    Hop,
+    PathName,
+    code_peer_lookup,
+    membership,
+    path_hops,
+    rows_by_peer,
+    value_counts,
+)
 from ds_grace.comm.transport import SparseTransport, Transport
 
 _COUNT_BYTES = 8
@@ -195,7 +203,7 @@ class DispatchExecutor:
         else:
             reached_TN, counts_RC = member_TR[:, :0], member_TR.sum(0, keepdim=True).t()
         # bucket 0 holds the routes not taken (code 0)
-        slots_RS = torch.bincount(code_TK.reshape(-1), minlength=world * stride + 1)[1:].view(world, stride)
+        slots_RS = value_counts(code_TK, world * stride + 1)[1:].view(world, stride)
         parts = [counts_RC, slots_RS, id_range_2.to(torch.int64).expand(world, ID_RANGE_COLUMNS)]
         if extra is not None:
             parts.append(extra(member_TR).to(torch.int64).expand(world, -1))

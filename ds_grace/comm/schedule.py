@@ -75,6 +75,16 @@ def membership(code_VK: torch.Tensor, peer_of_code_C: torch.Tensor, num_peers: i
     return member_VP.scatter_(1, peer_VK, True)[:, :num_peers]
 
 
+def value_counts(values: torch.Tensor, length: int) -> torch.Tensor:
+    """counts_L[v]: how many entries of `values` (integers in [0, length)) equal v, int64, on their device.
+
+    torch.bincount reads the values' min and max back to the host on CUDA, minlength or not: a sync.
+    Adding ones at the values into a zero vector of fixed length needs no host value."""
+    flat = values.reshape(-1)
+    counts_L = torch.zeros(length, dtype=torch.int64, device=values.device)
+    return counts_L.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+
+
 def code_peer_lookup(hop: Hop, slot_stride: int, device: torch.device) -> torch.Tensor:
     """peer_of_code_C for ``membership``: the peer of `hop` each route code travels to, code c in
     [0, world x slot_stride] (destination (c - 1) // slot_stride), num_peers for code 0 and for the

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ds_grace.comm.schedule import value_counts
 from ds_grace.models.experts import GatedExpertMLP, TensorOutputExpert
 from ds_grace.models.routers import (
     RouterOutput,
@@ -220,7 +220,7 @@ class DeepSpeedMoEAdapter(MoEAdapter):
         del block.deepspeed_moe.experts
 
     def pack_output(self, y: Tensor, routing: RouterOutput, num_experts: int) -> Any:
-        exp_counts_E = torch.bincount(routing.topk_ids_TK.reshape(-1), minlength=num_experts)
+        exp_counts_E = value_counts(routing.topk_ids_TK, num_experts)  # no host read (bincount reads)
         return y, deepspeed_l_aux(routing.logits_TE, routing.topk_ids_TK), exp_counts_E
 
 

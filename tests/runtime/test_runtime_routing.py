@@ -12,7 +12,6 @@ from ds_grace.routing import (
     choose_codes,
     choose_instances,
     id_range_error,
-    route_ordinals,
     sampled_instances,
     screen_topk_ids,
 )
@@ -101,11 +100,6 @@ def test_route_offset_moves_along_the_sequence():
     full, _ = choose_instances(table, _all_tokens_choose(1, 16), origin_rank=0)
     shifted, _ = choose_instances(table, ids, origin_rank=0, route_offset=8)
     assert torch.equal(shifted, full[8:])
-
-
-def test_route_ordinals_count_per_expert_in_token_major_order():
-    ids = torch.tensor([[2, 0], [0, 1], [2, -1], [0, 2]])
-    assert route_ordinals(ids, 3).tolist() == [[0, 0], [1, 0], [1, 0], [2, 2]]
 
 
 def test_screen_topk_ids_clamps_reports_the_range_and_checks_the_form():
