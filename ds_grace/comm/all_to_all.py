@@ -407,10 +407,7 @@ class DispatchExecutor:
         slots = self.num_local_slots
         slot_VK = self._slot_lookup(received_VW.device)[view.code]
         if self.counters is not None:
-            routes_S = slot_VK.new_zeros(slots + 1).index_add_(
-                0, slot_VK.reshape(-1), torch.ones_like(slot_VK).view(-1)
-            )
-            self.counters.record_expert_rows(routes_S[:slots])  # static shape: no bincount
+            self.counters.record_expert_rows(value_counts(slot_VK, slots + 1)[:slots])
         meta = DispatchMeta(
             path="low-latency", stages=(), num_tokens=tokens, num_received_rows=int(received_VW.shape[0]),
             out_dtype=layout.dtype, slot_VK=slot_VK, weight_VK=view.weight, rows_per_peer=rows_per_peer,

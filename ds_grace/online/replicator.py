@@ -51,6 +51,7 @@ from ds_grace.comm.migration import (
     raise_on_hash_mismatch,
     start_transfers,
 )
+from ds_grace.comm.schedule import value_counts
 from ds_grace.config import (
     GraceConfig,
     GroupingConfig,
@@ -189,18 +190,29 @@ class OnlineReplicator:
     # ---- monitor ----
 
     def _observer(self, index: int) -> Callable[[torch.Tensor], None]:
+        """The layer's route observer: counts and samples stay on the ids' device (no host read per
+        forward); the boundary reads them once per interval, for its all-gather."""
+
         def observe(topk_ids_TK: torch.Tensor) -> None:
-            ids = topk_ids_TK.reshape(-1)
-            ids = ids[ids >= 0].to("cpu", torch.int64)
-            self._counts_LE[index] += torch.bincount(ids, minlength=self.num_experts)
+            self._on_device(topk_ids_TK.device)
+            ids = topk_ids_TK.reshape(-1).long()
+            no_route = self.num_experts  # -1 routes go to a bucket past the experts
+            counts_E1 = value_counts(torch.where(ids >= 0, ids, no_route), self.num_experts + 1)
+            self._counts_LE[index] += counts_E1[: self.num_experts]
             room = self.config.sample_tokens - self._sampled_L[index] if self.config.regroup else 0
             if room > 0:  # shapes only: the first rows of the forward, as they are (-1 routes included)
-                rows = topk_ids_TK[:room].to("cpu", torch.int64)
+                rows = topk_ids_TK[:room]
                 start = self._sampled_L[index]
                 self._sample_LTK[index, start : start + rows.shape[0]] = rows
                 self._sampled_L[index] += rows.shape[0]
 
         return observe
+
+    def _on_device(self, device: torch.device) -> None:
+        """Keep the interval's counts and samples on `device` (moved there once, when the layers are)."""
+        if self._counts_LE.device != device:
+            self._counts_LE = self._counts_LE.to(device)
+            self._sample_LTK = self._sample_LTK.to(device)
 
     @property
     def plan(self) -> GracePlan:
@@ -271,7 +283,7 @@ class OnlineReplicator:
         self._intervals.append(record)
 
     def _local_fields(self) -> torch.Tensor:
-        counts = self._counts_LE.reshape(-1).clone()
+        counts = self._counts_LE.reshape(-1).to("cpu", copy=True)  # the interval's one read
         self._counts_LE.zero_()
         routes = []
         for index, layer in enumerate(self.layers):
@@ -280,7 +292,7 @@ class OnlineReplicator:
             routes.append(total - seen if total >= seen else total)  # counters may have been reset
             self._routes_seen[index] = total
         pending = self._pending["plan"].content_hash if self._pending is not None else None
-        sample = self._sample_LTK.reshape(-1).clone()
+        sample = self._sample_LTK.reshape(-1).to("cpu", copy=True)
         self._sample_LTK.fill_(-1)
         self._sampled_L = [0] * self.num_layers
         return torch.cat(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.counting import count_hot_path
 from ds_grace.comm.migration import PlanMismatchError, hash_words, raise_on_hash_mismatch, words_hash
 from ds_grace.config import parse_grace_block
 from ds_grace.online import (
@@ -181,6 +182,9 @@ def test_replicator_monitor_counts_and_metrics_on_one_rank():
         layer.forward_routed(x_TD, ids_TK, torch.ones(3, 2))
         replicator.step()
     assert replicator.window_loads().tolist() == [[6, 8, 4, 4]]  # last 2 intervals of 2 forwards
+    with count_hot_path() as counts:  # the monitor keeps its counts on the device between boundaries
+        layer.deepspeed_moe.route_observer(batches[0])
+    assert counts.num_host_reads == 0, counts.host_reads
     metrics = replicator.metrics()
     assert [r["step"] for r in metrics["intervals"]] == [2, 4, 6]
     assert metrics["intervals"][0]["balancedness"] == [1.0] and metrics["migrations"] == []
