@@ -62,6 +62,13 @@ class GraceGate(TopKGate):
         return topk_routing(logits_TE, self.k, used_token_T=used_token_T)
 
 
+def one_hot(ids_T: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """F.one_hot(ids_T, num_classes) (int64) without its range check, which reads the ids' min and max
+    back to the host on CPU (CUDA's relies on a device assert): the ids here come from argmax."""
+    mask_TE = torch.zeros(ids_T.shape[0], num_classes, dtype=torch.int64, device=ids_T.device)
+    return mask_TE.scatter_(1, ids_T.unsqueeze(1), 1)
+
+
 def topk_routing(logits_TE: torch.Tensor, k: int, *, used_token_T: torch.Tensor | None = None) -> GateOutput:
     """DeepSpeed's eval routing of fp32 logits (see module docstring).
 
@@ -71,7 +78,7 @@ def topk_routing(logits_TE: torch.Tensor, k: int, *, used_token_T: torch.Tensor 
     gates_TE = F.softmax(logits_TE, dim=1)
     if k == 1:
         ids_T = torch.argmax(gates_TE, dim=1)
-        mask_TE = F.one_hot(ids_T, num_classes=num_experts)
+        mask_TE = one_hot(ids_T, num_experts)
         if used_token_T is not None:
             mask_TE = torch.einsum("s,se->se", used_token_T, mask_TE)
             ids_T = torch.where(mask_TE.sum(dim=1) > 0, ids_T, -1)
@@ -81,9 +88,9 @@ def topk_routing(logits_TE: torch.Tensor, k: int, *, used_token_T: torch.Tensor 
         ids_TK, weights_TK = ids_T.unsqueeze(1), weights_T.unsqueeze(1)
     elif k == 2:
         first_T = torch.argmax(gates_TE, dim=1)
-        mask1_TE = F.one_hot(first_T, num_classes=num_experts)
+        mask1_TE = one_hot(first_T, num_experts)
         second_T = torch.argmax(logits_TE.masked_fill(mask1_TE.bool(), float("-inf")), dim=1)
-        mask2_TE = F.one_hot(second_T, num_classes=num_experts)
+        mask2_TE = one_hot(second_T, num_experts)
         exp_counts = (mask1_TE + mask2_TE).sum(dim=0)
         l_aux = torch.mean(gates_TE.mean(dim=0) * mask1_TE.float().mean(dim=0)) * num_experts * num_experts
         gate1_T = torch.einsum("se,se->s", gates_TE, mask1_TE.float())

@@ -176,3 +176,25 @@ def test_expert_modules_are_independent_copies(tmp_path):
     with torch.no_grad():
         experts[2].down_proj.zero_()
     assert fused.down_proj[2].abs().sum() > 0
+
+
+class _NoExperts(torch.nn.Module):
+    def forward_routed(self, x_TD, topk_ids_TK, topk_weights_TK):
+        return torch.zeros_like(x_TD)
+
+
+def test_router_shared_experts_and_outputs_read_nothing_back(models):
+    """Around the routed experts (GraceMoE's own count is tests/runtime/test_runtime_paths_multirank.py), a
+    block's forward reads nothing back from the device: router, shared experts, packed outputs."""
+    from benchmarks.counting import count_hot_path
+
+    _, _, converted, blocks = models
+    block = blocks[0]
+    experts, block.routed_experts = block.routed_experts, _NoExperts()
+    try:
+        x = torch.randn(1, 5, converted.config.hidden_size)
+        with torch.no_grad(), count_hot_path() as counts:
+            block(x)
+    finally:
+        block.routed_experts = experts
+    assert counts.num_host_reads == 0, counts.host_reads

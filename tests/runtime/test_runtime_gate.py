@@ -64,3 +64,14 @@ def test_gate_k_must_fit():
         GraceGate(HIDDEN, EXPERTS, 9)
     with pytest.raises(ValueError, match=r"k \(0\) must be an integer in \[1, num_experts=8\]"):
         GraceGate(HIDDEN, EXPERTS, 0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gate_reads_nothing_back_from_the_device(k):
+    from benchmarks.counting import count_hot_path
+
+    gate = GraceGate(model_dim=16, num_experts=8, k=k)
+    x_TD = torch.randn(5, 16)
+    with torch.no_grad(), count_hot_path() as counts:
+        gate(x_TD)
+    assert counts.num_host_reads == 0, counts.host_reads

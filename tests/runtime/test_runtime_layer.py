@@ -293,3 +293,18 @@ def test_low_latency_forwards_keep_a_bounded_count_of_device_row_counts():
             layer.forward_routed(torch.randn(3, HIDDEN), ids_TK, torch.rand(3, 2), low_latency_tokens=4)
             assert len(layer.comm_counters._pending_rows) < PENDING_ROWS_FOLD
     assert sum(layer.comm_counters.expert_rows) == 5 * forwards
+
+
+def test_a_whole_layer_forward_reads_the_host_once_the_header():
+    """Gate included (GraceMoE.forward): on the normal path the header round's read is the only one."""
+    from benchmarks.counting import count_hot_path
+
+    grace = GraceMoE.from_experts(
+        [_expert() for _ in range(EXPERTS)], hidden_size=HIDDEN, k=2, layer_plan=ONE_RANK_PLAN, topology=ONE
+    ).eval()
+    x_BTD = torch.randn(2, 3, HIDDEN)
+    with torch.no_grad():
+        grace(x_BTD)  # the device tables are built on the first forward
+        with count_hot_path(list(grace.deepspeed_moe.experts.deepspeed_experts)) as counts:
+            grace(x_BTD)
+    assert counts.host_reads == {"tolist": 1}
