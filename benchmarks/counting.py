@@ -82,7 +82,7 @@ class _OpCounter(TorchDispatchMode):
             self.counts.host_reads["bincount"] += 1
         elif name in ("index", "index_put_", "index_put") and _bool_index(args):
             self.counts.host_reads["boolean mask index"] += 1  # a nonzero inside the op
-        elif name in ("_to_copy", "copy_") and _to_host(args, kwargs):
+        elif name in ("_to_copy", "copy_") and _to_host(name, args, kwargs):
             self.counts.host_reads["copy to host"] += 1
         elif name == "lift_fresh" or (
             name in ("_to_copy", "copy_") and _synchronous_upload(name, args, kwargs)
@@ -93,38 +93,46 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _to_host(args: tuple, kwargs: dict) -> bool:
-    source = args[-1] if args else None
-    device = kwargs.get("device")
-    return (
-        isinstance(source, torch.Tensor)
-        and source.device.type not in ("cpu", "meta")
-        and (device is not None and torch.device(device).type == "cpu")
-    )
-
-
 def _bool_index(args: tuple) -> bool:
     """Whether aten index / index_put is indexed by a boolean mask (converted with nonzero inside)."""
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
-def _synchronous_upload(name: str, args: tuple, kwargs: dict) -> bool:
-    """A copy from host memory to an accelerator that the host waits for (not pinned and non-blocking):
-    ``_to_copy(src, device=..., non_blocking=...)`` or ``copy_(dst, src, non_blocking)``."""
+def _copy_ends(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.device, bool] | None:
+    """(source, target device, non_blocking) of ``_to_copy(src, device=..., non_blocking=...)`` or
+    ``copy_(dst, src, non_blocking)``; None for a copy that stays on its device."""
     if name == "copy_":
         if len(args) < 2:
-            return False
+            return None
         source, target = args[1], args[0].device
         non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking"))
     else:
-        source = args[0] if args else None
-        device = kwargs.get("device")
+        source, device = (args[0] if args else None), kwargs.get("device")
         target = torch.device(device) if device is not None else None
         non_blocking = bool(kwargs.get("non_blocking"))
-    if not isinstance(source, torch.Tensor) or source.device.type != "cpu" or target is None:
+    if not isinstance(source, torch.Tensor) or target is None:
+        return None
+    return source, target, non_blocking
+
+
+def _to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """A copy from an accelerator to host memory."""
+    ends = _copy_ends(name, args, kwargs)
+    return ends is not None and ends[0].device.type not in ("cpu", "meta") and ends[1].type == "cpu"
+
+
+def _synchronous_upload(name: str, args: tuple, kwargs: dict) -> bool:
+    """A copy from host memory to an accelerator that the host waits for (not pinned and non-blocking)."""
+    ends = _copy_ends(name, args, kwargs)
+    if ends is None:
         return False
-    return target.type not in ("cpu", "meta") and not (source.is_pinned() and non_blocking)
+    source, target, non_blocking = ends
+    return (
+        source.device.type == "cpu"
+        and target.type not in ("cpu", "meta")
+        and not (source.is_pinned() and non_blocking)
+    )
 
 
 @contextmanager
